@@ -1,0 +1,55 @@
+"""The method registry: names -> classes, validated at load time.
+
+Unknown names, duplicate registrations and unknown hyper-parameters are errors that list what is allowed.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from lvlm_cl.methods.base import Method, Task
+from lvlm_cl.methods.finetune import Finetune
+
+
+def _registry() -> dict[str, type[Method]]:
+    registry: dict[str, type[Method]] = {}
+    for cls in (Finetune,):
+        if not cls.name:
+            raise TypeError(f"{cls.__name__} has no registry name")
+        if cls.name in registry:
+            raise TypeError(f"method name {cls.name!r} registered twice ({registry[cls.name].__name__}, {cls.__name__})")
+        registry[cls.name] = cls
+    return registry
+
+
+def available() -> list[str]:
+    return sorted(_registry())
+
+
+def _lookup(name: str) -> type[Method]:
+    registry = _registry()
+    if name not in registry:
+        raise ValueError(f"unknown method {name!r}; available: {sorted(registry)}")
+    return registry[name]
+
+
+def check_methods(specs: Iterable) -> None:
+    """Validate names and hyper-parameters of ``MethodSpec``s without building anything."""
+    seen = set()
+    for spec in specs:
+        cls = _lookup(spec.name)
+        if spec.name in seen:
+            raise ValueError(f"method {spec.name!r} is listed twice")
+        seen.add(spec.name)
+        unknown = sorted(set(spec.args) - set(cls.defaults))
+        if unknown:
+            raise ValueError(f"method {spec.name!r} has no setting {unknown[0]!r}; its settings: {sorted(cls.defaults)}")
+
+
+def build_methods(specs: Iterable) -> list[Method]:
+    specs = list(specs)
+    check_methods(specs)
+    return [_lookup(s.name)(**s.args) for s in specs] or [Finetune()]
+
+
+__all__ = ["Method", "Task", "available", "build_methods", "check_methods"]

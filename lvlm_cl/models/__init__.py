@@ -1,0 +1,144 @@
+"""Build ``(model, processor)`` from the recipe's ``model`` section.
+
+Three sources, one path after loading: every model is a Hugging Face directory read with
+``from_pretrained`` (the built-in tiny LLaVA is written as one first), then frozen / LoRA-wrapped by the
+same code. Nothing keys off a model's name.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from lvlm_cl.models.tiny import TinyLlavaSize, build_tiny_llava, chat_template, save_model_dir
+
+BUILTIN_RANDOM = "builtin:tiny-llava-random"
+BUILTIN_PRETRAINED = "builtin:tiny-llava"
+
+
+class ModelError(ValueError):
+    """The model directory or its settings cannot be used; the message says what to do."""
+
+
+def parts(model) -> dict[str, torch.nn.Module]:
+    """The vision tower, projector and language model of a LLaVA-style model (transformers 5 layout)."""
+    inner = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
+    try:
+        return {"vision_tower": inner.vision_tower, "projector": inner.multi_modal_projector,
+                "language_model": inner.language_model}
+    except AttributeError as e:
+        raise ModelError(f"{type(model).__name__} is not a LLaVA-style model (vision_tower, multi_modal_projector, "
+                         f"language_model): {e}") from None
+
+
+def random_model_dir(size: TinyLlavaSize, seed: int, cache: Path) -> Path:
+    """The randomly initialised tiny LLaVA, written once per (size, seed) into the cache."""
+    import dataclasses
+    import hashlib
+    import json
+
+    key = hashlib.sha256(json.dumps([dataclasses.asdict(size), seed], sort_keys=True).encode()).hexdigest()[:12]
+    path = cache / "models" / f"tiny-llava-random-{key}"
+    if not (path / "config.json").is_file():
+        model, processor = build_tiny_llava(size, seed)
+        save_model_dir(model, processor, path)
+    return path
+
+
+def resolve_model_dir(model_cfg, seed: int, cache: Path) -> Path:
+    """The Hugging Face directory the recipe's ``model.path`` stands for (building it if it is built-in)."""
+    if model_cfg.path == BUILTIN_RANDOM:
+        return random_model_dir(model_cfg.tiny, seed, cache)
+    if model_cfg.path == BUILTIN_PRETRAINED:
+        from lvlm_cl.pretrain import pretrained_tiny_dir
+
+        return pretrained_tiny_dir(model_cfg, cache)
+    if model_cfg.path.startswith("builtin:"):
+        raise ModelError(f"model.path: unknown built-in model {model_cfg.path!r}; "
+                         f"available: {[BUILTIN_PRETRAINED, BUILTIN_RANDOM]}")
+    path = Path(model_cfg.path).expanduser()
+    if not path.is_dir():
+        raise ModelError(f"model.path: {path} is not a directory (expected a local Hugging Face model directory, "
+                         f"or {BUILTIN_PRETRAINED!r})")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model.path: {path} has no config.json; is it a Hugging Face model directory?")
+    return path
+
+
+def load_processor(path_or_builtin: str, chat_template_name: str | None = None, cache: Path | None = None):
+    """The processor alone (for data_tools token counts): a directory or a built-in name."""
+    from transformers import AutoProcessor
+
+    if path_or_builtin.startswith("builtin:"):
+        _, processor = build_tiny_llava(TinyLlavaSize(), 0)
+    else:
+        processor = AutoProcessor.from_pretrained(path_or_builtin)
+    _set_template(processor, chat_template_name, path_or_builtin)
+    return processor
+
+
+def _set_template(processor, name: str | None, where: str) -> None:
+    if name:
+        processor.chat_template = (Path(name).read_text(encoding="utf-8") if name.endswith(".jinja")
+                                   else chat_template(name))
+    template = processor.chat_template or ""
+    if "generation" not in template:
+        raise ModelError(f"{where}: the processor's chat template has no {{% generation %}} markers, so assistant "
+                         "tokens cannot be masked for training. Set model.chat_template: llava15 (LLaVA-1.5 format) "
+                         "or a .jinja file with those markers.")
+
+
+def load_model_dir(path: Path, model_cfg=None, *, dtype=torch.float32):
+    """``from_pretrained`` for model and processor (the one loading path for every source)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+    _set_template(processor, getattr(model_cfg, "chat_template", None), str(path))
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+def apply_training_setup(model, model_cfg):
+    """Freeze parts and wrap LoRA adapters as the recipe says; returns the model to train."""
+    for name, module in parts(model).items():
+        frozen = getattr(model_cfg, f"freeze_{name}")
+        for p in module.parameters():
+            p.requires_grad_(not frozen)
+    # lm_head is tied to the input embeddings in the tiny model; otherwise it follows the language model.
+    for p in model.lm_head.parameters():
+        p.requires_grad_(not model_cfg.freeze_language_model)
+    if model_cfg.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lora = model_cfg.lora
+        names = [n for n, _ in model.named_modules()]
+        targets = lora.target_modules
+        matched = ([n for n in names if re.fullmatch(targets, n)] if isinstance(targets, str)
+                   else [n for n in names if any(n.endswith(t) for t in targets)])
+        if not matched:
+            raise ModelError(f"model.lora.target_modules {targets!r} matches no module of the model")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                 target_modules=targets, modules_to_save=lora.modules_to_save or None))
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ModelError("nothing trains: every part is frozen and no LoRA is set (check the recipe's model section)")
+    return model
+
+
+def trainable_state_dict(model) -> dict[str, torch.Tensor]:
+    """The parameters that train, by name: what a task checkpoint stores."""
+    return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def count_parameters(model) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+__all__ = ["BUILTIN_PRETRAINED", "BUILTIN_RANDOM", "ModelError", "apply_training_setup", "count_parameters",
+           "load_model_dir", "load_processor", "parts", "resolve_model_dir", "trainable_state_dict"]

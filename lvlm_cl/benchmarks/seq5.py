@@ -1,0 +1,227 @@
+"""seq5: five continual instruction-tuning tasks modelled on CoIN's task types, small enough for CPU.
+
+In training order (``TASKS``):
+
+=========== ======================= ================= =====================================
+task        modelled on (CoIN)      metric            answer
+=========== ======================= ================= =====================================
+digits      ImageNet classification contains          "7"
+scienceqa   ScienceQA               multiple_choice   "C"
+vqa         VQAv2 / GQA             vqa               "3", "red", "circle"
+ocr         OCR-VQA / TextVQA       vqa               "fish"
+grounding   Grounding (RefCOCO)     iou               "[0.25, 0.50, 0.50, 0.75]"
+=========== ======================= ================= =====================================
+
+Every task draws its instruction from ≥3 paraphrases per sample and has its own answer format. The
+visual skills (colour, shape, position, digits, letters) are the ones ``pretrain`` teaches, so each task
+is mostly a new *format* for known skills, as CoIN's tasks are for a pretrained LLaVA.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Iterator
+
+import numpy as np
+
+from lvlm_cl.benchmarks import GenerationRequest, Sample, TaskDef, per_split
+from lvlm_cl.benchmarks.render import (PALETTE, SHAPES, TEXT_COLOURS, cell_box, fit_font_size,
+                                       format_box, render_scene, render_sklearn_digit, render_text,
+                                       sample_scene)
+
+DEFAULT_TRAIN_SIZE = 1200
+DEFAULT_TEST_SIZE = 250
+
+# LLaVA-1.5's answer-format suffixes (its ScienceQA and VQAv2/TextVQA prompts).
+MULTIPLE_CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
+SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
+OPTION_LETTERS = "ABCD"
+
+# 24 common 3–4-letter words: no colour, shape or number words, disjoint from pretrain's list.
+OCR_WORDS: tuple[str, ...] = (
+    "cat", "dog", "sun", "car", "bus", "hat", "cup", "box", "key", "pen", "map", "egg",
+    "fish", "bird", "tree", "book", "door", "ship", "cake", "moon", "star", "bell", "ring", "frog",
+)
+# The OCR font is the largest size ≤ this fraction of the image at which every word fits the width
+# with a margin (32 px → size 10, widest word 26 px). Jitter: at most this fraction of the image.
+OCR_MAX_FONT_FRACTION = 0.45
+OCR_MAX_JITTER_FRACTION = 1 / 16
+VQA_OBJECT_COUNTS = (1, 2, 3, 4)
+GROUNDING_OBJECT_COUNTS = (2, 3)
+DIGITS_PARTITION_STREAM = 3  # the train/test partition of sklearn's digits has its own random stream
+
+DIGIT_QUESTIONS = (
+    "What digit is shown in the image?",
+    "Which handwritten digit is this?",
+    "Identify the number written in this picture.",
+    "What number between 0 and 9 is drawn here?",
+)
+SCIENCEQA_QUESTIONS = {
+    "colour": (
+        "What is the color of the shape in the image?",
+        "Which color is the object shown?",
+        "What color does the figure in this picture have?",
+    ),
+    "shape": (
+        "What is the shape of the object in the image?",
+        "Which shape is shown?",
+        "What kind of figure is drawn in this picture?",
+    ),
+}
+VQA_QUESTIONS = {
+    "count": (
+        "How many shapes are there?",
+        "How many objects are in the image?",
+        "Count the shapes in this picture.",
+    ),
+    "colour_of_shape": (
+        "What color is the {shape}?",
+        "Which color does the {shape} have?",
+        "What is the color of the {shape}?",
+    ),
+    "shape_of_colour": (
+        "What shape is the {colour} object?",
+        "Which shape is {colour}?",
+        "What is the shape of the {colour} object?",
+    ),
+}
+OCR_QUESTIONS = (
+    "What word is written in the image?",
+    "Read the text in the image.",
+    "What does the text in this image say?",
+)
+GROUNDING_QUESTIONS = (
+    "Give the bounding box of the {colour} shape.",
+    "Where is the {colour} object? Answer with a bounding box.",
+    "Locate the {colour} shape and output its box coordinates.",
+)
+
+
+def _pick(rng: np.random.Generator, options):
+    return options[int(rng.integers(len(options)))]
+
+
+# --- digits -------------------------------------------------------------------------------------
+
+def stratified_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """All indices, each class shuffled, then interleaved class by class: every prefix is stratified."""
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    longest = max(len(p) for p in per_class)
+    return np.array([int(p[r]) for r in range(longest) for p in per_class if r < len(p)])
+
+
+def generate_digits(request: GenerationRequest) -> dict[str, Iterator[Sample]]:
+    """scikit-learn's 1797 real handwritten digits, split stratified; train capped by what is left."""
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+
+    data = load_digits()
+    if request.test_size >= len(data.target):
+        raise ValueError(f"digits has {len(data.target)} images; test_size {request.test_size} leaves "
+                         "none for training")
+    partition = request.rng(DIGITS_PARTITION_STREAM)
+    order = stratified_order(data.target, partition)
+    split_indices = {
+        "test": order[:request.test_size],
+        # A prefix of the interleaved order is stratified; shuffle it so classes do not come round-robin.
+        "train": partition.permutation(order[request.test_size:request.test_size + request.train_size]),
+    }
+    return {split: _digit_samples(data, idx, request.image_size, request.split_rng(split))
+            for split, idx in split_indices.items()}
+
+
+def _digit_samples(data, indices: np.ndarray, image_size: int,
+                   rng: np.random.Generator) -> Iterator[Sample]:
+    for i in indices:
+        yield Sample(render_sklearn_digit(data.images[i], image_size), _pick(rng, DIGIT_QUESTIONS),
+                     str(int(data.target[i])))
+
+
+# --- scienceqa ----------------------------------------------------------------------------------
+
+def scienceqa_sample(rng: np.random.Generator, image_size: int) -> Sample:
+    """One coloured shape; a 4-option question about its colour or its shape; answer = the letter."""
+    obj = sample_scene(rng, 1)[0]
+    attribute = _pick(rng, ("colour", "shape"))
+    values, correct = (list(PALETTE), obj.colour) if attribute == "colour" else (list(SHAPES), obj.shape)
+    distractors = [v for v in values if v != correct]
+    options = [correct] + [distractors[int(i)] for i in rng.choice(len(distractors), 3, replace=False)]
+    options = [options[int(i)] for i in rng.permutation(len(options))]
+    lines = [_pick(rng, SCIENCEQA_QUESTIONS[attribute])]
+    lines += [f"{letter}. {value}" for letter, value in zip(OPTION_LETTERS, options)]
+    lines.append(MULTIPLE_CHOICE_SUFFIX)
+    return Sample(render_scene([obj], image_size), "\n".join(lines), OPTION_LETTERS[options.index(correct)])
+
+
+# --- vqa ----------------------------------------------------------------------------------------
+
+def vqa_sample(rng: np.random.Generator, image_size: int) -> Sample:
+    """A scene of 1–4 shapes; a count, colour-of-shape or shape-of-colour question (uniformly)."""
+    kind = _pick(rng, tuple(VQA_QUESTIONS))
+    while True:  # a colour-of-shape question needs a shape that occurs once: redraw the rare misses
+        objects = sample_scene(rng, _pick(rng, VQA_OBJECT_COUNTS))
+        if kind == "count":
+            question, answer = _pick(rng, VQA_QUESTIONS[kind]), str(len(objects))
+        elif kind == "colour_of_shape":
+            shapes = [o.shape for o in objects]
+            unique = [o for o in objects if shapes.count(o.shape) == 1]
+            if not unique:
+                continue
+            target = _pick(rng, unique)
+            question, answer = _pick(rng, VQA_QUESTIONS[kind]).format(shape=target.shape), target.colour
+        else:
+            target = _pick(rng, objects)  # colours are distinct within a scene
+            question, answer = _pick(rng, VQA_QUESTIONS[kind]).format(colour=target.colour), target.shape
+        return Sample(render_scene(objects, image_size), f"{question}\n{SHORT_ANSWER_SUFFIX}", answer)
+
+
+# --- ocr ----------------------------------------------------------------------------------------
+
+def ocr_font_size(image_size: int) -> int:
+    """The one font size for every OCR word at this image size (largest that fits with a margin)."""
+    return fit_font_size(OCR_WORDS, image_size, max_size=round(image_size * OCR_MAX_FONT_FRACTION))
+
+
+def ocr_sample(rng: np.random.Generator, image_size: int, font_size: int) -> Sample:
+    """One word from ``OCR_WORDS`` in a dark colour, slightly jittered; answer = the word."""
+    word = _pick(rng, OCR_WORDS)
+    colour = _pick(rng, TEXT_COLOURS)
+    jitter = max(1, round(image_size * OCR_MAX_JITTER_FRACTION))
+    image = render_text(word, image_size, font_size, colour, rng, max_jitter=jitter)
+    return Sample(image, f"{_pick(rng, OCR_QUESTIONS)}\n{SHORT_ANSWER_SUFFIX}", word)
+
+
+def generate_ocr(request: GenerationRequest) -> dict[str, Iterator[Sample]]:
+    size = ocr_font_size(request.image_size)
+    return per_split(request, partial(ocr_sample, image_size=request.image_size, font_size=size))
+
+
+# --- grounding ----------------------------------------------------------------------------------
+
+def grounding_sample(rng: np.random.Generator, image_size: int) -> Sample:
+    """2–3 shapes of distinct colours; answer = the named one's cell as a normalised box."""
+    objects = sample_scene(rng, _pick(rng, GROUNDING_OBJECT_COUNTS))
+    target = _pick(rng, objects)
+    question = _pick(rng, GROUNDING_QUESTIONS).format(colour=target.colour)
+    return Sample(render_scene(objects, image_size), question, format_box(cell_box(target.row, target.col)))
+
+
+def _synthetic(sample: Callable[..., Sample]
+               ) -> Callable[[GenerationRequest], dict[str, Iterator[Sample]]]:
+    """A task generator drawing ``sample(rng, image_size)`` independently per split."""
+    def generate(request: GenerationRequest) -> dict[str, Iterator[Sample]]:
+        return per_split(request, partial(sample, image_size=request.image_size))
+    return generate
+
+
+TASKS: tuple[TaskDef, ...] = (
+    TaskDef("digits", 0, "contains", "Classify real handwritten digits (scikit-learn, 8x8 upscaled); "
+            "answer the numeral. Modelled on CoIN's ImageNet.", generate_digits),
+    TaskDef("scienceqa", 1, "multiple_choice", "Four-option question about the colour or shape of one "
+            "object; answer the letter. Modelled on CoIN's ScienceQA.", _synthetic(scienceqa_sample)),
+    TaskDef("vqa", 2, "vqa", "Short-answer questions about a scene of 1-4 shapes: count, colour, shape. "
+            "Modelled on CoIN's VQAv2/GQA.", _synthetic(vqa_sample)),
+    TaskDef("ocr", 3, "vqa", "Read one printed word; answer it in lower case. Modelled on CoIN's "
+            "OCR-VQA/TextVQA.", generate_ocr),
+    TaskDef("grounding", 4, "iou", "Output the normalised bounding box of the object of a named colour. "
+            "Modelled on CoIN's Grounding.", _synthetic(grounding_sample)),
+)

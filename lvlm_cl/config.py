@@ -1,0 +1,299 @@
+"""The recipe: one YAML file = one experiment, read into typed dataclasses.
+
+Every key is typed and documented here; an unknown key or a wrong type is a ``ConfigError`` naming the
+file and the key path (``trainer.lr``). ``key=value`` overrides (values parsed as YAML) are applied on top,
+so ``trainer.steps_per_task=50 model.tiny.text_layers=4`` works from the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from lvlm_cl.models.tiny import TinyLlavaSize
+
+
+class ConfigError(ValueError):
+    """A recipe problem; the message names the file and the key."""
+
+
+@dataclass
+class LoraSettings:
+    """LoRA through peft's public API (``peft.LoraConfig``)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    # A regex over full module names (peft matches it with re.fullmatch) or a list of name suffixes.
+    target_modules: Union[str, list[str]] = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    # Modules trained in full beside the adapters, e.g. ["multi_modal_projector"].
+    modules_to_save: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelConfig:
+    """Which model to tune and which of its parts train."""
+
+    # "builtin:tiny-llava" (the pretrained tiny base, built by recipes/pretrain_tiny.yaml on first use),
+    # "builtin:tiny-llava-random" (randomly initialised), or a local Hugging Face directory.
+    path: str = "builtin:tiny-llava"
+    tiny: TinyLlavaSize = field(default_factory=TinyLlavaSize)
+    # Recipe that builds the builtin:tiny-llava base (relative to the repository or absolute).
+    pretrain_recipe: str = "recipes/pretrain_tiny.yaml"
+    # Chat template: None = the processor's own (must have {% generation %} markers), or a built-in
+    # name ("llava15") or a .jinja file path.
+    chat_template: Union[str, None] = None
+    max_length: int = 256
+    freeze_vision_tower: bool = True
+    freeze_projector: bool = False
+    freeze_language_model: bool = False
+    lora: Union[LoraSettings, None] = None
+
+
+@dataclass
+class TaskConfig:
+    """One task of the sequence, from canonical JSONL files (see docs/data.md)."""
+
+    name: str
+    train: str
+    eval: str
+    metric: str
+    image_root: Union[str, None] = None
+
+
+@dataclass
+class BenchmarkConfig:
+    """A built-in offline benchmark (lvlm_cl.benchmarks), generated on first use and cached."""
+
+    name: str = "seq5"
+    seed: int = 0
+    train_size: Union[int, None] = None
+    test_size: Union[int, None] = None
+    # Use only these tasks, in this order (None = all, in the benchmark's order).
+    tasks: Union[list[str], None] = None
+
+
+@dataclass
+class MethodSpec:
+    """A continual-learning method and its hyper-parameters (validated by the method registry)."""
+
+    name: str
+    args: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainerConfig:
+    steps_per_task: Union[int, None] = 300   # optimizer steps per task; or set epochs_per_task
+    epochs_per_task: Union[float, None] = None
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    batch_size: int = 32           # per process, per micro-step
+    grad_accum: int = 1
+    max_grad_norm: Union[float, None] = 1.0
+    eval_batch_size: int = 64
+    max_new_tokens: int = 16
+    eval_max_samples: Union[int, None] = None  # per task; None = the whole test split
+    log_every: int = 20
+
+
+@dataclass
+class RunConfig:
+    """A whole experiment."""
+
+    output_dir: str
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    benchmark: Union[BenchmarkConfig, None] = None
+    tasks: list[TaskConfig] = field(default_factory=list)
+    methods: list[MethodSpec] = field(default_factory=list)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # Where benchmarks and the pretrained tiny base are cached ("" = $LVLM_CL_CACHE or ~/.cache/lvlm_cl).
+    cache_dir: str = ""
+    # Trackers for accelerate (e.g. ["tensorboard"]); [] = stdout only.
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    # Evaluate every task before any training (the matrix's first row, needed for FWT).
+    eval_before_training: bool = True
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp, key: str, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in args:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, key, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: key {key!r}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: key {key!r}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: key {key!r}: expected a list, got {type(value).__name__} {value!r}")
+        return [_convert(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: key {key!r}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if tp is MethodSpec:
+            return _method_spec(value, key, where)
+        if tp is BenchmarkConfig and isinstance(value, str):
+            value = {"name": value}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: key {key!r}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where=where, prefix=key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: key {key!r}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: key {key!r}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: key {key!r}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: key {key!r}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: key {key!r}: unsupported type {tp}")  # a schema bug, not a user error
+
+
+def _method_spec(value: Any, key: str, where: str) -> MethodSpec:
+    # A method is written as a bare name ("replay") or a mapping {name: replay, memory_fraction: 0.05}.
+    if isinstance(value, str):
+        return MethodSpec(name=value)
+    if isinstance(value, dict) and isinstance(value.get("name"), str):
+        args = {k: v for k, v in value.items() if k != "name"}
+        if "args" in args and len(args) == 1 and isinstance(args["args"], dict):
+            args = args["args"]
+        return MethodSpec(name=value["name"], args=args)
+    raise ConfigError(f"{where}: key {key!r}: a method is a name or a mapping with 'name', got {value!r}")
+
+
+def from_dict(cls, data: dict, *, where: str = "<recipe>", prefix: str = ""):
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        name = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{where}: unknown key {name!r}; allowed here: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _convert(value, hints[name], f"{prefix}.{name}" if prefix else name, where)
+    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        name = f"{prefix}.{missing[0]}" if prefix else missing[0]
+        raise ConfigError(f"{where}: missing required key {name!r}")
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    """The resolved config as plain data (what is saved next to the results)."""
+    out = dataclasses.asdict(cfg)
+    out["methods"] = [{"name": m.name, **m.args} for m in cfg.methods]
+    return out
+
+
+def apply_override(data: dict, assignment: str, where: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"{where}: override {assignment!r} is not of the form key=value")
+    key, raw = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: override {assignment!r}: value is not valid YAML ({e})") from None
+    parts = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: override {key!r}: {'.'.join(parts[:i + 1])!r} is not a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
+    """Read a recipe file, apply ``key=value`` overrides, validate, and return a ``RunConfig``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of keys, got {type(data).__name__}")
+    for o in overrides:
+        apply_override(data, o, f"{path} (command line)")
+    cfg = from_dict(RunConfig, data, where=str(path))
+    validate(cfg, str(path))
+    return cfg
+
+
+def validate(cfg: RunConfig, where: str) -> None:
+    """Cross-key checks that types alone cannot express; method and metric names are checked here too."""
+    from lvlm_cl.evaluation.scorers import check_metric
+    from lvlm_cl.methods import check_methods
+
+    if (cfg.benchmark is None) == (not cfg.tasks):
+        raise ConfigError(f"{where}: give exactly one of 'benchmark' (a built-in name) or 'tasks' (a list)")
+    names = [t.name for t in cfg.tasks]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: task names must be unique, got {names}")
+    for i, t in enumerate(cfg.tasks):
+        try:
+            check_metric(t.metric)
+        except ValueError as e:
+            raise ConfigError(f"{where}: key 'tasks[{i}].metric': {e}") from None
+    tr = cfg.trainer
+    if (tr.steps_per_task is None) == (tr.epochs_per_task is None):
+        raise ConfigError(f"{where}: set exactly one of 'trainer.steps_per_task' or 'trainer.epochs_per_task'")
+    for key in ("batch_size", "grad_accum", "eval_batch_size", "max_new_tokens", "log_every"):
+        if getattr(tr, key) < 1:
+            raise ConfigError(f"{where}: key 'trainer.{key}' must be at least 1, got {getattr(tr, key)}")
+    if tr.steps_per_task is not None and tr.steps_per_task < 1:
+        raise ConfigError(f"{where}: key 'trainer.steps_per_task' must be at least 1")
+    if tr.lr <= 0:
+        raise ConfigError(f"{where}: key 'trainer.lr' must be positive, got {tr.lr}")
+    if cfg.model.max_length < 8:
+        raise ConfigError(f"{where}: key 'model.max_length' is too small ({cfg.model.max_length})")
+    try:
+        check_methods(cfg.methods)
+    except ValueError as e:
+        raise ConfigError(f"{where}: key 'methods': {e}") from None
+
+
+def cache_dir(cfg: RunConfig) -> Path:
+    root = cfg.cache_dir or os.environ.get("LVLM_CL_CACHE") or "~/.cache/lvlm_cl"
+    return Path(root).expanduser()

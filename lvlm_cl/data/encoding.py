@@ -1,0 +1,135 @@
+"""Formatting and label masking, in one place that fails loudly.
+
+A canonical record becomes model inputs through the processor's chat template:
+``processor.apply_chat_template(..., return_assistant_tokens_mask=True)`` renders the conversation,
+expands every ``<image>`` into the vision tower's patch tokens, and marks the assistant tokens. Labels are
+the input ids at assistant positions and -100 everywhere else (system and user turns, image tokens,
+padding). Anything that does not add up raises ``EncodingError`` naming the record; nothing is truncated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from lvlm_cl.data.records import RecordError
+
+IGNORE_INDEX = -100
+
+
+class EncodingError(RecordError):
+    """A record cannot be encoded faithfully (too long, no assistant tokens, template without masks...)."""
+
+
+def load_image(path: str) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _conversation(record: dict, upto: int | None = None) -> list[dict]:
+    """The record's messages with its images attached to the image parts, in order."""
+    images = iter(record.get("images", []))
+    conv = []
+    for turn in record["messages"][:upto]:
+        parts = []
+        for part in turn["content"]:
+            if part["type"] == "image":
+                parts.append({"type": "image", "image": load_image(next(images))})
+            else:
+                parts.append({"type": "text", "text": part["text"]})
+        conv.append({"role": turn["role"], "content": parts})
+    return conv
+
+
+def image_token_id(processor) -> int:
+    return processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+
+
+@dataclass
+class Encoded:
+    input_ids: torch.Tensor          # (L,)
+    labels: torch.Tensor             # (L,) -100 outside assistant tokens; empty for prompts
+    pixel_values: torch.Tensor | None  # (n_images, C, H, W)
+
+
+def encode_record(processor, record: dict, max_length: int) -> Encoded:
+    """Training encoding with assistant-only labels."""
+    out = processor.apply_chat_template(_conversation(record), tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True, return_tensors="pt")
+    ids = out["input_ids"][0]
+    if "assistant_masks" not in out:
+        raise EncodingError("the chat template gives no assistant mask: it needs {% generation %} markers "
+                            "(set model.chat_template: llava15, or a .jinja file with those markers)",
+                            record_id=record["id"])
+    mask = torch.as_tensor(out["assistant_masks"][0]).bool()
+    if mask.shape != ids.shape:
+        raise EncodingError(f"assistant mask length {mask.numel()} != token count {ids.numel()}", record_id=record["id"])
+    _check(processor, record, ids, max_length, mask)
+    labels = torch.where(mask, ids, torch.full_like(ids, IGNORE_INDEX))
+    return Encoded(ids, labels, out.get("pixel_values"))
+
+
+def encode_prompt(processor, record: dict, max_length: int) -> Encoded:
+    """Generation encoding: every turn but the last assistant answer, then the generation prompt."""
+    out = processor.apply_chat_template(_conversation(record, upto=-1), tokenize=True, return_dict=True,
+                                        add_generation_prompt=True, return_tensors="pt")
+    ids = out["input_ids"][0]
+    _check(processor, record, ids, max_length, None)
+    return Encoded(ids, torch.empty(0, dtype=torch.long), out.get("pixel_values"))
+
+
+def _check(processor, record: dict, ids: torch.Tensor, max_length: int, mask: torch.Tensor | None) -> None:
+    rid = record["id"]
+    if ids.numel() > max_length:
+        raise EncodingError(f"{ids.numel()} tokens (images expanded) exceed model.max_length={max_length}; "
+                            "truncating would cut the answer or image tokens. Shorten the sample or raise "
+                            "model.max_length", record_id=rid, field="messages")
+    is_image = ids == image_token_id(processor)
+    n_images = len(record.get("images", []))
+    if n_images and not is_image.any():
+        raise EncodingError("the record has images but the encoded text has no image tokens", record_id=rid,
+                            field="images")
+    if mask is not None:
+        if not mask.any():
+            raise EncodingError("no assistant tokens to learn from (empty assistant mask)", record_id=rid,
+                                field="messages")
+        if (mask & is_image).any():
+            raise EncodingError("assistant mask covers image tokens: the chat template is inconsistent",
+                                record_id=rid, field="messages")
+
+
+def count_tokens(processor, record: dict) -> int:
+    """Sequence length of a record after image-token expansion (for data_tools validate/stats)."""
+    out = processor.apply_chat_template(_conversation(record), tokenize=True, return_dict=True, return_tensors="pt")
+    return int(out["input_ids"].shape[-1])
+
+
+def collate_train(items: Sequence[Encoded], pad_id: int) -> dict:
+    """Right-padded batch for training."""
+    n = max(it.input_ids.numel() for it in items)
+    ids = torch.full((len(items), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), n), IGNORE_INDEX, dtype=torch.long)
+    attn = torch.zeros((len(items), n), dtype=torch.long)
+    for i, it in enumerate(items):
+        L = it.input_ids.numel()
+        ids[i, :L], labels[i, :L], attn[i, :L] = it.input_ids, it.labels, 1
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels, **_pixels(items)}
+
+
+def collate_prompts(items: Sequence[Encoded], pad_id: int) -> dict:
+    """Left-padded batch for generation (new tokens then line up at the right)."""
+    n = max(it.input_ids.numel() for it in items)
+    ids = torch.full((len(items), n), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(items), n), dtype=torch.long)
+    for i, it in enumerate(items):
+        L = it.input_ids.numel()
+        ids[i, n - L:], attn[i, n - L:] = it.input_ids, 1
+    return {"input_ids": ids, "attention_mask": attn, **_pixels(items)}
+
+
+def _pixels(items: Sequence[Encoded]) -> dict:
+    pix = [it.pixel_values for it in items if it.pixel_values is not None]
+    return {"pixel_values": torch.cat(pix, dim=0)} if pix else {}

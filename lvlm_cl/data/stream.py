@@ -1,0 +1,39 @@
+"""The task stream of a recipe: a built-in benchmark or the user's files, loaded and validated up front."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lvlm_cl.data.records import load_records
+from lvlm_cl.methods.base import Task
+
+
+def task_files(cfg, cache: Path) -> list[tuple[str, str, str, str, str | None]]:
+    """(name, train path, eval path, metric, image_root) for every task, in stream order."""
+    if cfg.benchmark is None:
+        return [(t.name, t.train, t.eval, t.metric, t.image_root) for t in cfg.tasks]
+    from lvlm_cl import benchmarks
+
+    b = cfg.benchmark
+    specs = benchmarks.materialize(b.name, cache / "benchmarks", seed=b.seed, image_size=cfg.model.tiny.image_size,
+                                   train_size=b.train_size, test_size=b.test_size)
+    by_name = {s.name: s for s in specs}
+    if b.tasks is not None:
+        unknown = [n for n in b.tasks if n not in by_name]
+        if unknown:
+            raise ValueError(f"benchmark.tasks: {unknown[0]!r} is not a task of {b.name!r}; tasks: {list(by_name)}")
+        specs = [by_name[n] for n in b.tasks]
+    return [(s.name, str(s.train), str(s.test), s.metric, None) for s in specs]
+
+
+def build_stream(cfg, cache: Path) -> list[Task]:
+    """Every task's records, validated with their images opened, before any training time is spent."""
+    stream = []
+    for index, (name, train, test, metric, image_root) in enumerate(task_files(cfg, cache)):
+        train_records = load_records(train, image_root=image_root, check_images=True, task=name)
+        test_records = load_records(test, image_root=image_root, check_images=True, task=name)
+        # The recipe's task name wins: records may come from a file converted under another name.
+        for r in train_records + test_records:
+            r["task"] = name
+        stream.append(Task(index, name, metric, train_records, test_records))
+    return stream

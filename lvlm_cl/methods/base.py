@@ -1,0 +1,66 @@
+"""The contract between the training loop and a continual-learning method.
+
+A method is one class in one file, registered under one name. The loop calls these hooks, and only
+these, in this order for every task of the stream:
+
+    setup(model, stream)                               once, before the first task
+    before_task(task, model, train_data) -> train_data  may change the task's training records
+    loss(model, batch, outputs, task) -> loss          every micro-step: the loss to optimise
+    after_backward(model, task)                        after each backward pass, before the optimizer step
+    after_task(task, model, train_data)                after the task's last step, before evaluation
+    state_dict() / load_state_dict(state)              everything the method needs to resume
+
+A hook gets what it needs through its arguments and returns a batch, data or a loss; it does not reach
+into the loop. Methods compose as a list in the recipe (``methods: [replay, task_prompts]``): each hook
+runs for every method in list order, ``before_task`` and ``loss`` chained through their return values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task of the stream, as every hook sees it."""
+
+    index: int                 # 0-based position in the stream
+    name: str
+    metric: str
+    train_records: list        # canonical records (dicts) with absolute image paths
+    test_records: list
+
+
+class Method:
+    """Base class: every hook does nothing. Subclasses set ``name`` and declare hyper-parameters as
+    ``defaults`` (name -> default value); the registry rejects any other key."""
+
+    name: ClassVar[str] = ""
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **hparams: Any):
+        self.hparams = {**self.defaults, **hparams}
+
+    def setup(self, model: torch.nn.Module, stream: list[Task]) -> None:
+        pass
+
+    def before_task(self, task: Task, model: torch.nn.Module, train_data: list) -> list:
+        return train_data
+
+    def loss(self, model: torch.nn.Module, batch: dict, outputs: Any, task: Task) -> torch.Tensor:
+        return outputs.loss
+
+    def after_backward(self, model: torch.nn.Module, task: Task) -> None:
+        pass
+
+    def after_task(self, task: Task, model: torch.nn.Module, train_data: list) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -1,0 +1,238 @@
+"""Train a LLaVA-style model on a sequence of instruction tasks, evaluating every task after each one.
+
+    accelerate launch lvlm_cl/train.py recipes/seq5.yaml [key=value ...] [--overwrite]
+
+Reads top to bottom: recipe -> model -> task stream -> methods -> for each task: method hooks, the
+training loop, a checkpoint, evaluation on every task, the report. Running the same command again
+resumes after the last finished task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (accelerate launch lvlm_cl/train.py): make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from tqdm.auto import tqdm
+
+from lvlm_cl.checkpoint import (RunState, load_task_checkpoint, prepare_run_dir, restore_trainable,
+                                save_task_checkpoint)
+from lvlm_cl.config import RunConfig, cache_dir, load_recipe, to_dict
+from lvlm_cl.data.dataset import EncodingCache, StepBatchOrder, TrainDataset
+from lvlm_cl.data.encoding import collate_train
+from lvlm_cl.data.records import final_answer, user_text
+from lvlm_cl.data.stream import build_stream
+from lvlm_cl.evaluation import cl_metrics_partial, score_many, write_predictions, write_report
+from lvlm_cl.evaluation.generate import generate_answers
+from lvlm_cl.io import atomic_write_json
+from lvlm_cl.methods import build_methods
+from lvlm_cl.models import (BUILTIN_PRETRAINED, BUILTIN_RANDOM, apply_training_setup, count_parameters,
+                            load_model_dir, resolve_model_dir, trainable_state_dict)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", help="recipe YAML (see recipes/)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.lr=1e-4")
+    parser.add_argument("--overwrite", action="store_true", help="start over in an output folder holding another run")
+    args = parser.parse_args(argv)
+    cfg = load_recipe(args.recipe, args.overrides)
+    run(cfg, overwrite=args.overwrite)
+    return 0
+
+
+def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
+    """Train the whole stream (or what is left of it) and return ``(model, processor, run_state)``."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    run_dir = Path(cfg.output_dir)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.trainer.grad_accum,
+                              log_with=cfg.report_to or None, project_dir=str(run_dir / "logs"))
+    log = _logger(accelerator)
+    if accelerator.is_main_process:
+        prepare_run_dir(run_dir, to_dict(cfg), overwrite=overwrite)
+        atomic_write_json(run_dir / "versions.json", _versions())
+    accelerator.wait_for_everyone()
+    set_seed(cfg.seed)
+    cache = cache_dir(cfg)
+
+    # The model: every source is a Hugging Face directory, loaded the same way.
+    model_dir = resolve_model_dir(cfg.model, cfg.seed, cache)
+    model, processor = load_model_dir(model_dir, cfg.model)
+    if cfg.model.path in (BUILTIN_PRETRAINED, BUILTIN_RANDOM) and accelerator.is_main_process \
+            and not (run_dir / "base_model").exists():
+        shutil.copytree(model_dir, run_dir / "base_model")
+    model = apply_training_setup(model, cfg.model)
+
+    # The stream: every task's data validated (images opened) before any training time is spent.
+    stream = build_stream(cfg, cache)
+    names = [t.name for t in stream]
+    log(f"stream: {len(stream)} tasks: " + ", ".join(f"{t.name} ({len(t.train_records)} train / "
+                                                      f"{len(t.test_records)} test, {t.metric})" for t in stream))
+    encodings = EncodingCache(processor, cfg.model.max_length)
+    methods = build_methods(cfg.methods)
+    for m in methods:
+        m.setup(model, stream)
+
+    state = RunState.load(run_dir) or RunState(tasks=names)
+    if state.tasks != names:
+        raise RuntimeError(f"{run_dir}/run_state.json is for tasks {state.tasks}, the recipe has {names}")
+    if state.trained:
+        last = stream[state.trained - 1]
+        tensors, methods_state, _ = load_task_checkpoint(run_dir, last.index, last.name)
+        # Methods first: they may add modules (prompts, adapters) whose parameters the checkpoint holds.
+        for m in methods:
+            m.load_state_dict(methods_state.get(m.name, {}))
+        restore_trainable(model, tensors, str(run_dir))
+        log(f"resuming after task {state.trained}/{len(stream)} ({last.name})")
+
+    model = accelerator.prepare(model)
+    trainable, total = count_parameters(model)
+    log(f"model: {model_dir} | {trainable:,} trainable of {total:,} parameters | methods: "
+        f"{[m.name for m in methods]} | batch {cfg.trainer.batch_size} x accumulation {cfg.trainer.grad_accum} "
+        f"x {accelerator.num_processes} processes = {cfg.trainer.batch_size * cfg.trainer.grad_accum * accelerator.num_processes}")
+    if cfg.report_to:
+        accelerator.init_trackers("lvlm_cl", config={"seed": cfg.seed, "lr": cfg.trainer.lr})
+
+    if cfg.eval_before_training and state.initial is None:
+        state.initial = evaluate_stream(accelerator, model, processor, stream, encodings, cfg, run_dir,
+                                        "before", progress)
+        _save_progress(accelerator, run_dir, state, stream)
+
+    for task in stream[len(state.rows):]:
+        if task.index >= state.trained:
+            started = time.time()
+            train_data = task.train_records
+            for m in methods:
+                train_data = m.before_task(task, accelerator.unwrap_model(model), train_data)
+            train_task(accelerator, model, methods, task, train_data, encodings, cfg, log, progress)
+            for m in methods:
+                m.after_task(task, accelerator.unwrap_model(model), train_data)
+            state.extra.setdefault("train_seconds", {})[task.name] = round(time.time() - started, 2)
+            if accelerator.is_main_process:
+                save_task_checkpoint(run_dir, task.index, task.name, trainable_state_dict(accelerator.unwrap_model(model)),
+                                     {m.name: m.state_dict() for m in methods},
+                                     {"train_samples": len(train_data)})
+            state.trained = task.index + 1
+            _save_progress(accelerator, run_dir, state, stream)
+        started = time.time()
+        row = evaluate_stream(accelerator, model, processor, stream, encodings, cfg, run_dir,
+                              f"after-{task.index:02d}-{task.name}", progress)
+        state.extra.setdefault("eval_seconds", {})[task.name] = round(time.time() - started, 2)
+        state.rows.append(row)
+        _save_progress(accelerator, run_dir, state, stream)
+        metrics = cl_metrics_partial(state.rows, state.initial, len(stream))
+        log(f"after {task.name}: " + " ".join(f"{n}={s:.1f}" for n, s in zip(names, row)) + " | "
+            + " ".join(f"{k}={v:.2f}" for k, v in metrics.items() if v is not None))
+    accelerator.end_training()
+    return accelerator.unwrap_model(model), processor, state
+
+
+def train_task(accelerator, model, methods, task, train_data, encodings, cfg, log, progress) -> None:
+    """The loop for one task: AdamW over whatever requires grad, a fresh optimizer per task."""
+    from transformers import get_scheduler
+
+    tr = cfg.trainer
+    world = accelerator.num_processes
+    samples_per_step = tr.batch_size * tr.grad_accum * world
+    steps = tr.steps_per_task or max(1, math.ceil(tr.epochs_per_task * len(train_data) / samples_per_step))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay)
+    scheduler = get_scheduler(tr.lr_schedule, optimizer, num_warmup_steps=tr.warmup_steps, num_training_steps=steps)
+    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    order = StepBatchOrder(len(train_data), tr.batch_size * world, steps * tr.grad_accum,
+                           seed=cfg.seed * 1000 + task.index, rank=accelerator.process_index, world=world)
+    pad_id = encodings.processor.tokenizer.pad_token_id
+    loader = torch.utils.data.DataLoader(TrainDataset(train_data, encodings), batch_sampler=order,
+                                         collate_fn=lambda items: collate_train(items, pad_id))
+    model.train()
+    bar = tqdm(total=steps, desc=f"task {task.index + 1} {task.name}", disable=not (progress and accelerator.is_main_process))
+    step, running, started = 0, [], time.time()
+    for batch in loader:
+        with accelerator.accumulate(model):
+            outputs = model(**batch)
+            loss = outputs.loss
+            for m in methods:
+                loss = loss + m.loss(model, batch, outputs, task)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"task {task.name!r}: loss became {loss.item()} at step {step}; the last "
+                                         "task checkpoint is kept. Lower trainer.lr or check the data.")
+            accelerator.backward(loss)
+            for m in methods:
+                m.after_backward(model, task)
+            if accelerator.sync_gradients and tr.max_grad_norm:
+                accelerator.clip_grad_norm_(params, tr.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        running.append(loss.detach().item())
+        if accelerator.sync_gradients:
+            step += 1
+            bar.update(1)
+            if step % tr.log_every == 0 or step == steps:
+                mean = sum(running) / len(running)
+                running = []
+                bar.set_postfix(loss=f"{mean:.4f}")
+                accelerator.log({f"train/loss/{task.name}": mean, "train/lr": scheduler.get_last_lr()[0]},
+                                step=task.index * 100_000 + step)
+                if not progress:
+                    log(f"task {task.name} step {step}/{steps} loss {mean:.4f} ({step / (time.time() - started):.1f} steps/s)")
+    bar.close()
+
+
+def evaluate_stream(accelerator, model, processor, stream, encodings, cfg, run_dir: Path, stage: str,
+                    progress: bool) -> list[float]:
+    """Score on every task's test split (percent); predictions are written per task."""
+    tr = cfg.trainer
+    unwrapped = accelerator.unwrap_model(model)
+    row = []
+    for task in stream:
+        records = task.test_records[:tr.eval_max_samples] if tr.eval_max_samples else task.test_records
+        predictions = generate_answers(unwrapped, processor, records, encodings, batch_size=tr.eval_batch_size,
+                                       max_new_tokens=tr.max_new_tokens, desc=f"eval {stage} {task.name}",
+                                       progress=progress and accelerator.is_main_process)
+        answers = [final_answer(r) for r in records]
+        scores = score_many(task.metric, predictions, answers)
+        row.append(100.0 * sum(scores) / len(scores))
+        if accelerator.is_main_process:
+            write_predictions(run_dir / "predictions" / stage / f"{task.name}.jsonl",
+                              [{"id": r["id"], "prompt": user_text(r), "prediction": p, "answer": a, "correct": s}
+                               for r, p, a, s in zip(records, predictions, answers, scores)])
+    return row
+
+
+def _save_progress(accelerator, run_dir: Path, state: RunState, stream) -> None:
+    if not accelerator.is_main_process:
+        return
+    state.save(run_dir)
+    if state.rows or state.initial is not None:
+        write_report(run_dir, [t.name for t in stream], state.rows, state.initial, extra=state.extra or None)
+
+
+def _logger(accelerator):
+    def log(message: str) -> None:
+        if accelerator.is_main_process:
+            print(f"[lvlm_cl {time.strftime('%H:%M:%S')}] {message}", flush=True)
+    return log
+
+
+def _versions() -> dict:
+    import accelerate
+    import peft
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "accelerate": accelerate.__version__}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
