@@ -175,6 +175,11 @@ def _convert(value: Any, tp, key: str, where: str) -> Any:
             raise ConfigError(f"{where}: key {key!r}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads "1e-4" as a string; accept numeric literals
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: key {key!r}: expected a number, got {value!r}")
         return float(value)

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType, ModuleType
@@ -138,7 +139,9 @@ def materialize(name: str, cache_dir: str | Path, *, seed: int = 0, image_size: 
     if (final / MANIFEST).is_file():
         return _read_manifest(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    # Hidden and suffixed, so never mistaken for a result; unique, so concurrent processes do not collide.
+    tmp = final.parent / f".{final.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()
     try:
         _generate(name, module.TASKS, tmp, seed=seed, image_size=image_size, n_train=n_train,
                   n_test=n_test, progress=progress)

@@ -22,8 +22,8 @@ from PIL import Image
 
 from lvlm_cl.benchmarks import GenerationRequest, Sample, TaskDef, per_split
 from lvlm_cl.benchmarks.render import (CORNER_NAMES, GRID, MIN_FONT_SIZE, PALETTE, SHAPES, TEXT_COLOURS,
-                                       SceneObject, fit_font_size, render_scene, render_text,
-                                       sample_scene)
+                                       SceneObject, fit_font_size, indefinite_article, render_scene,
+                                       render_text, sample_scene)
 
 DEFAULT_TRAIN_SIZE = 4000
 DEFAULT_TEST_SIZE = 200
@@ -46,8 +46,8 @@ WORD_FONT_SHRINK = 2
 
 CAPTION_QUESTIONS = ("Describe the image.", "Write a short caption.", "What is in this picture?")
 INSTRUCT_QUESTIONS = {
-    "has_colour": ("Is there a {colour} shape in the image?", "Do you see anything {colour}?",
-                   "Does the image contain a {colour} object?"),
+    "has_colour": ("Is there {a} {colour} shape in the image?", "Do you see anything {colour}?",
+                   "Does the image contain {a} {colour} object?"),
     "has_shape": ("Is there a {shape} in the image?", "Do you see a {shape}?",
                   "Does the image contain a {shape}?"),
     "has_text": ("Is there text in the image?", "Does the image contain any writing?",
@@ -56,6 +56,10 @@ INSTRUCT_QUESTIONS = {
                    "Can you see a number in the picture?"),
     "is_number": ("Is the number {digit} shown in the image?", "Does the picture show the number {digit}?"),
     "is_word": ('Is the word "{word}" written in the image?', 'Does the picture say "{word}"?'),
+    "parity": ("Is the number shown even or odd?", "Is the number in the image odd or even?",
+               "Tell me whether the number in the picture is even or odd."),
+    "spell": ("Spell the word in the image.", "Spell out the written text letter by letter.",
+              "Which letters are written in the picture, in order?"),
     "list_colours": ("List the colors you see.", "Which colors appear in the image?",
                      "Name all the colors in the picture."),
     "list_shapes": ("List the shapes you see.", "Which shapes appear in the image?",
@@ -65,12 +69,14 @@ INSTRUCT_QUESTIONS = {
     "cell": ("What is in row {row}, column {col}?", "What do you see at row {row}, column {col}?",
              "What is at row {row}, column {col} of the grid?"),
 }
-# Which instruct questions make sense for which kind of image (chosen uniformly among them).
+# Which instruct questions make sense for which kind of image, with their relative weights. Scenes
+# favour the questions that teach position and listing (the skills grounding and vqa build on) over the
+# trivial "no" of has_text / has_number.
 INSTRUCT_TYPES = {
-    "scene": ("has_colour", "has_shape", "has_text", "has_number", "list_colours", "list_shapes",
-              "corner", "cell"),
-    "digit": ("has_number", "is_number"),
-    "word": ("has_text", "has_number", "is_word"),
+    "scene": {"has_colour": 2, "has_shape": 2, "has_text": 1, "has_number": 1, "list_colours": 2,
+              "list_shapes": 1, "corner": 2, "cell": 3},
+    "digit": {"has_number": 1, "is_number": 2, "parity": 2},
+    "word": {"has_text": 1, "has_number": 1, "is_word": 2, "spell": 2},
 }
 
 
@@ -134,7 +140,9 @@ def caption_sample(rng: np.random.Generator, image_size: int, word_sizes: dict[s
 
 def instruct_sample(rng: np.random.Generator, image_size: int, word_sizes: dict[str, int]) -> Sample:
     picture = sample_picture(rng, image_size, word_sizes)
-    kind = _pick(rng, INSTRUCT_TYPES[picture.kind])
+    types = INSTRUCT_TYPES[picture.kind]
+    weights = np.array(list(types.values()), dtype=float)
+    kind = list(types)[int(rng.choice(len(types), p=weights / weights.sum()))]
     question, answer = _INSTRUCT_BUILDERS[kind](rng, picture)
     return Sample(picture.image, question, answer)
 
@@ -157,7 +165,7 @@ def _present_or_absent(rng: np.random.Generator, present: list, universe) -> tup
 
 def _has_colour(rng, picture):
     colour, present = _present_or_absent(rng, [o.colour for o in picture.objects], list(PALETTE))
-    return _ask(rng, "has_colour", colour=colour), _yes_no(present)
+    return _ask(rng, "has_colour", a=indefinite_article(colour), colour=colour), _yes_no(present)
 
 
 def _has_shape(rng, picture):
@@ -181,6 +189,14 @@ def _is_number(rng, picture):
 def _is_word(rng, picture):
     word, present = _present_or_absent(rng, [picture.word], WORDS)
     return _ask(rng, "is_word", word=word), _yes_no(present)
+
+
+def _parity(rng, picture):
+    return _ask(rng, "parity"), "even" if picture.digit % 2 == 0 else "odd"
+
+
+def _spell(rng, picture):
+    return _ask(rng, "spell"), "-".join(picture.word)  # "l-a-m-p": letters, not seq5's whole-word answer
 
 
 def _list_colours(rng, picture):
@@ -215,7 +231,8 @@ def _cell(rng, picture):
 
 _INSTRUCT_BUILDERS: dict[str, Callable[[np.random.Generator, Picture], tuple[str, str]]] = {
     "has_colour": _has_colour, "has_shape": _has_shape, "has_text": _has_text, "has_number": _has_number,
-    "is_number": _is_number, "is_word": _is_word, "list_colours": _list_colours,
+    "is_number": _is_number, "is_word": _is_word, "parity": _parity, "spell": _spell,
+    "list_colours": _list_colours,
     "list_shapes": _list_shapes, "corner": _corner, "cell": _cell,
 }
 

@@ -52,8 +52,13 @@ class SceneObject:
     colour: str
 
     def phrase(self) -> str:
-        """``"a red circle"``: the words captions and position answers use."""
-        return f"a {self.colour} {self.shape}"
+        """``"a red circle"``, ``"an orange cross"``: the words captions and position answers use."""
+        return f"{indefinite_article(self.colour)} {self.colour} {self.shape}"
+
+
+def indefinite_article(word: str) -> str:
+    """Return "an" before a vowel letter, else "a" (enough for the palette and shape names)."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 def check_image_size(image_size: int) -> None:

@@ -9,6 +9,8 @@ padding). Anything that does not add up raises ``EncodingError`` naming the reco
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -18,6 +20,11 @@ from PIL import Image
 from lvlm_cl.data.records import RecordError
 
 IGNORE_INDEX = -100
+
+
+def has_generation_markers(template: str | None) -> bool:
+    """Whether a chat template marks assistant spans ({% generation %}), which assistant masks need."""
+    return bool(re.search(r"\{%-?\s*generation\s*-?%\}", template or ""))
 
 
 class EncodingError(RecordError):
@@ -57,13 +64,15 @@ class Encoded:
 
 def encode_record(processor, record: dict, max_length: int) -> Encoded:
     """Training encoding with assistant-only labels."""
+    if not has_generation_markers(processor.chat_template):
+        raise EncodingError("the chat template has no {% generation %} markers, so assistant tokens cannot be "
+                            "masked (set model.chat_template: llava15, or a .jinja file with those markers)",
+                            record_id=record["id"])
     out = processor.apply_chat_template(_conversation(record), tokenize=True, return_dict=True,
                                         return_assistant_tokens_mask=True, return_tensors="pt")
     ids = out["input_ids"][0]
     if "assistant_masks" not in out:
-        raise EncodingError("the chat template gives no assistant mask: it needs {% generation %} markers "
-                            "(set model.chat_template: llava15, or a .jinja file with those markers)",
-                            record_id=record["id"])
+        raise EncodingError("the processor returned no assistant mask", record_id=record["id"])
     mask = torch.as_tensor(out["assistant_masks"][0]).bool()
     if mask.shape != ids.shape:
         raise EncodingError(f"assistant mask length {mask.numel()} != token count {ids.numel()}", record_id=record["id"])

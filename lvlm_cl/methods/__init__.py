@@ -9,11 +9,12 @@ from typing import Iterable
 
 from lvlm_cl.methods.base import Method, Task
 from lvlm_cl.methods.finetune import Finetune
+from lvlm_cl.methods.multitask import Multitask
 
 
 def _registry() -> dict[str, type[Method]]:
     registry: dict[str, type[Method]] = {}
-    for cls in (Finetune,):
+    for cls in (Finetune, Multitask):
         if not cls.name:
             raise TypeError(f"{cls.__name__} has no registry name")
         if cls.name in registry:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from lvlm_cl.data.encoding import has_generation_markers
 from lvlm_cl.models.tiny import TinyLlavaSize, build_tiny_llava, chat_template, save_model_dir
 
 BUILTIN_RANDOM = "builtin:tiny-llava-random"
@@ -83,8 +84,7 @@ def _set_template(processor, name: str | None, where: str) -> None:
     if name:
         processor.chat_template = (Path(name).read_text(encoding="utf-8") if name.endswith(".jinja")
                                    else chat_template(name))
-    template = processor.chat_template or ""
-    if "generation" not in template:
+    if not has_generation_markers(processor.chat_template):
         raise ModelError(f"{where}: the processor's chat template has no {{% generation %}} markers, so assistant "
                          "tokens cannot be masked for training. Set model.chat_template: llava15 (LLaVA-1.5 format) "
                          "or a .jinja file with those markers.")

@@ -1,0 +1,80 @@
+"""Shared fixtures: a tiny processor and two small tasks written as canonical JSONL with real PNGs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20)}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # Tests never touch the user's cache; one cache per session keeps built models reusable.
+    monkeypatch.setenv("LVLM_CL_CACHE", str(tmp_path_factory.getbasetemp() / "lvlm_cl_cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_processor():
+    from lvlm_cl.models.tiny import TinyLlavaSize, build_tiny_llava
+
+    _, processor = build_tiny_llava(TinyLlavaSize(), seed=0)
+    return processor
+
+
+def record(rid: str, image: str | None, question: str, answer: str, task: str = "t") -> dict:
+    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
+    return {"id": rid, "task": task, "images": [image] if image else [],
+            "messages": [{"role": "user", "content": content},
+                         {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}
+
+
+def write_colour_tasks(root: Path, n_train: int = 48, n_test: int = 12) -> dict[str, tuple[Path, Path]]:
+    """Two tasks on plain-colour images: name the colour; say whether it is warm or cold."""
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    names = list(COLOURS)
+    tasks = {}
+    for task, question, answer_of in [
+        ("colour", "What color is the image?", lambda c: c),
+        ("warmth", "Is this color warm or cold?", lambda c: "warm" if c in ("red", "yellow") else "cold"),
+    ]:
+        paths = []
+        for split, n in (("train", n_train), ("test", n_test)):
+            recs = []
+            for i in range(n):
+                c = names[i % len(names)]
+                img = f"img/{task}-{split}-{i}.png"
+                Image.new("RGB", (32, 32), COLOURS[c]).save(root / img)
+                recs.append(record(f"{task}-{split}-{i}", img, question, answer_of(c), task))
+            path = root / f"{task}.{split}.jsonl"
+            path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+            paths.append(path)
+        tasks[task] = tuple(paths)
+    return tasks
+
+
+@pytest.fixture
+def colour_tasks(tmp_path):
+    return write_colour_tasks(tmp_path / "data")
+
+
+SMALL_MODEL = ["model.path=builtin:tiny-llava-random", "model.freeze_vision_tower=false",
+               "model.tiny.text_hidden=64", "model.tiny.vision_hidden=64", "model.tiny.text_intermediate=128"]
+
+
+def write_recipe(path: Path, tasks: dict, output_dir: Path, **trainer) -> Path:
+    import yaml
+
+    recipe = {
+        "output_dir": str(output_dir),
+        "model": {"path": "builtin:tiny-llava-random"},
+        "tasks": [{"name": n, "train": str(tr), "eval": str(te), "metric": "exact_match"} for n, (tr, te) in tasks.items()],
+        "trainer": {"steps_per_task": 30, "batch_size": 8, "eval_batch_size": 16, "max_new_tokens": 4,
+                    "log_every": 10, **trainer},
+        "report_to": [],
+    }
+    path.write_text(yaml.safe_dump(recipe))
+    return path
