@@ -86,9 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--image-root", help="folder image paths start from (default: the file's folder)")
     p.add_argument("--no-check-images", dest="check_images", action="store_false")
-    p.add_argument("--model", help="built-in model name or model folder: check token lengths")
+    p.add_argument("--model", help="model folder or built-in name (builtin:tiny-llava): check token lengths")
     p.add_argument("--max-length", type=_positive_int,
-                   help="maximum sequence length (default: the tokenizer's model_max_length)")
+                   help="maximum sequence length (default: the tokenizer's model_max_length, else the "
+                        "recipe default model.max_length)")
 
     p = sub.add_parser("split", help="deterministic train/eval split",
                        description="Write FILE.train.jsonl and FILE.eval.jsonl; every record goes to exactly one.")
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Summarise a canonical JSONL file.")
     p.add_argument("file")
     p.add_argument("--image-root", help="folder image paths start from (default: the file's folder)")
-    p.add_argument("--model", help="built-in model name or model folder: token lengths")
+    p.add_argument("--model", help="model folder or built-in name (builtin:tiny-llava): token lengths")
     p.add_argument("--max-length", type=_positive_int)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser

@@ -46,8 +46,7 @@ def file_stats(path: str | Path, *, image_root: str | Path | None = None,
         lengths = [tokens.count(r) for r in records]
         stats["tokens"] = _spread(lengths)
         stats["max_length"] = tokens.max_length
-        stats["over_max_length"] = (sum(1 for n in lengths if n > tokens.max_length)
-                                    if tokens.max_length is not None else None)
+        stats["over_max_length"] = sum(1 for n in lengths if n > tokens.max_length)
     return stats
 
 
@@ -72,7 +71,6 @@ def format_stats(stats: dict) -> str:
     ]
     if "tokens" in stats:
         rows.append(("tokens", _fmt(stats["tokens"])))
-        if stats["max_length"] is not None:
-            rows.append(("over max length", f"{stats['over_max_length']} (max length {stats['max_length']})"))
+        rows.append(("over max length", f"{stats['over_max_length']} (max length {stats['max_length']})"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

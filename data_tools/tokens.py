@@ -1,12 +1,14 @@
 """Token lengths of canonical records with a model's processor (for ``validate`` and ``stats``).
 
 The count is the length after image-token expansion, the length the trainer sees: a sample longer than
-the maximum would be truncated and could lose image tokens, which the model cannot recover from.
+the recipe's ``model.max_length`` would be refused at training time (truncating it would cut the answer or
+image tokens), so ``validate --model`` reports it before a run starts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from lvlm_cl.data.records import RecordError
@@ -18,26 +20,33 @@ _NO_LIMIT = 10**8
 @dataclass
 class TokenCounter:
     count: Callable[[dict], int]   # record with absolute image paths -> number of tokens
-    max_length: int | None
+    max_length: int
+
+
+def default_max_length(processor) -> int:
+    """The tokenizer's ``model_max_length`` when it is a real limit, else the recipe default ``model.max_length``."""
+    from lvlm_cl.config import ModelConfig
+
+    tokenizer = getattr(processor, "tokenizer", processor)
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if isinstance(limit, int) and 0 < limit < _NO_LIMIT else ModelConfig().max_length
 
 
 def load_token_counter(model: str, max_length: int | None = None) -> TokenCounter:
-    """A counter for ``model`` (a built-in name or a local Hugging Face folder).
-
-    ``max_length`` defaults to the tokenizer's ``model_max_length`` when that is a real limit.
-    """
+    """A counter for ``model``: a built-in name (``builtin:tiny-llava``) or a local Hugging Face folder."""
     try:
         from lvlm_cl.data.encoding import count_tokens
         from lvlm_cl.models import load_processor
     except ImportError as e:
         raise RecordError(f"--model needs lvlm_cl.data.encoding.count_tokens and lvlm_cl.models.load_processor, "
                           f"which are not available in this installation ({e})") from None
+    if not model.startswith("builtin:") and not Path(model).is_dir():
+        # Checked here: from_pretrained would otherwise try the network for a while before failing.
+        raise RecordError(f"--model {model!r}: expected a local model folder or a built-in name "
+                          f"such as 'builtin:tiny-llava'")
     try:
         processor = load_processor(model)
     except (OSError, ValueError, KeyError) as e:
-        raise RecordError(f"cannot load a processor from {model!r}: {e}") from None
-    if max_length is None:
-        tokenizer = getattr(processor, "tokenizer", processor)
-        limit = getattr(tokenizer, "model_max_length", None)
-        max_length = int(limit) if isinstance(limit, int) and 0 < limit < _NO_LIMIT else None
-    return TokenCounter(lambda record: int(count_tokens(processor, record)), max_length)
+        raise RecordError(f"--model {model!r}: cannot load a processor: {e}") from None
+    return TokenCounter(lambda record: int(count_tokens(processor, record)),
+                        max_length if max_length is not None else default_max_length(processor))

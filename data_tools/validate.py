@@ -88,7 +88,7 @@ def validate_file(path: str | Path, *, image_root: str | Path | None = None, che
             except Exception as e:  # the processor raises many types; each is a problem of this record
                 problem(f"cannot be encoded by the model's processor ({type(e).__name__}: {e})", "messages", rid)
                 continue
-            if tokens.max_length is not None and n > tokens.max_length:
+            if n > tokens.max_length:
                 problem(f"{n} tokens after image expansion, more than the maximum length {tokens.max_length}; "
                         f"truncation would cut the sample (and possibly its image tokens): shorten it or raise "
                         f"the maximum length", "messages", rid)

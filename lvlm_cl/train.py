@@ -74,7 +74,8 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
     model = apply_training_setup(model, cfg.model)
 
     # The stream: every task's data validated (images opened) before any training time is spent.
-    stream = build_stream(cfg, cache)
+    with accelerator.main_process_first():  # one process generates a missing benchmark, the others read it
+        stream = build_stream(cfg, cache)
     names = [t.name for t in stream]
     log(f"stream: {len(stream)} tasks: " + ", ".join(f"{t.name} ({len(t.train_records)} train / "
                                                       f"{len(t.test_records)} test, {t.metric})" for t in stream))
@@ -226,12 +227,15 @@ def _logger(accelerator):
 
 
 def _versions() -> dict:
-    import accelerate
-    import peft
-    import transformers
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "accelerate": accelerate.__version__}
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "accelerate", "deepspeed", "lvlm-cl"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
 
 
 if __name__ == "__main__":

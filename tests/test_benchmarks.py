@@ -255,15 +255,19 @@ def test_vqa_answers_match_the_scene(small):
         elif answer in PALETTE:
             kinds.add("colour")
             shape = next(s for s in SHAPES if s in question)
-            hits = [(rw, c) for rw, c in cells if _matches_drawn_object(_only_cell(image, rw, c), rw, c, shape, None)]
+            hits = [cell for cell in cells if _cell_shows(image, cell, shape, None)]
             assert len(hits) == 1, r["id"]  # the named shape occurs exactly once
-            assert _matches_drawn_object(_only_cell(image, *hits[0]), *hits[0], shape, answer), r["id"]
+            assert _cell_shows(image, hits[0], shape, answer), r["id"]
         else:
             kinds.add("shape")
             assert answer in SHAPES
             colour = next(c for c in PALETTE if c in question)
-            assert any(_matches_drawn_object(_only_cell(image, rw, c), rw, c, answer, colour) for rw, c in cells)
+            assert any(_cell_shows(image, cell, answer, colour) for cell in cells), r["id"]
     assert kinds == {"count", "colour", "shape"}
+
+
+def _cell_shows(image: np.ndarray, cell: tuple[int, int], shape: str | None, colour: str | None) -> bool:
+    return _matches_drawn_object(_only_cell(image, *cell), *cell, shape, colour)
 
 
 def _only_cell(image: np.ndarray, row: int, col: int) -> np.ndarray:
@@ -349,10 +353,25 @@ def test_pretrain_captions_list_objects_in_row_major_order(small):
         assert len(phrases) == len(cells), r["id"]
         for phrase, (row, col) in zip(phrases, cells):
             _, colour, shape = phrase.split()
-            assert _matches_drawn_object(_only_cell(image, row, col), row, col, shape, colour), r["id"]
+            assert _cell_shows(image, (row, col), shape, colour), r["id"]
 
 
 # --- defaults -------------------------------------------------------------------------------------
+
+def test_default_sizes(tmp_path, monkeypatch):
+    seen = {}
+
+    def capture(name, tasks, out, *, n_train, n_test, **kwargs):
+        seen[name] = (n_train, n_test)
+        raise RuntimeError("stop before generating")
+
+    monkeypatch.setattr(benchmarks, "_generate", capture)
+    for name in available():
+        with pytest.raises(RuntimeError, match="stop"):
+            materialize(name, tmp_path, progress=False)
+    assert seen == {"seq5": (1200, 250), "pretrain": (4000, 200)}
+    assert list(tmp_path.iterdir()) == []
+
 
 @pytest.mark.slow
 def test_defaults_generate_quickly_with_documented_counts(tmp_path):

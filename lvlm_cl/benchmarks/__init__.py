@@ -33,6 +33,11 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
+
+from lvlm_cl.benchmarks.render import check_image_size
+from lvlm_cl.data.records import check_record, write_jsonl
+from lvlm_cl.io import atomic_replace_dir, atomic_write_json
 
 GENERATOR_VERSION = 1
 METRICS = ("exact_match", "vqa", "multiple_choice", "contains", "iou")
@@ -148,7 +153,6 @@ def materialize(name: str, cache_dir: str | Path, *, seed: int = 0, image_size: 
         if (final / MANIFEST).is_file():
             shutil.rmtree(tmp)  # another process finished the same generation first; keep theirs
         else:
-            from lvlm_cl.io import atomic_replace_dir
             atomic_replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -170,8 +174,6 @@ def _load_benchmark(name: str) -> ModuleType:
 
 
 def _check_arguments(seed: int, image_size: int, n_train: int, n_test: int) -> None:
-    from lvlm_cl.benchmarks.render import check_image_size
-
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     check_image_size(image_size)
@@ -183,10 +185,6 @@ def _check_arguments(seed: int, image_size: int, n_train: int, n_test: int) -> N
 def _generate(name: str, tasks: Iterable[TaskDef], out: Path, *, seed: int, image_size: int,
               n_train: int, n_test: int, progress: bool) -> None:
     """Write every task's splits and images into ``out``, then the manifest (last)."""
-    from tqdm.auto import tqdm
-
-    from lvlm_cl.io import atomic_write_json
-
     tasks = list(tasks)
     entries = []
     with tqdm(total=len(tasks) * (n_train + n_test), desc=f"generating {name}", unit="img",
@@ -207,8 +205,6 @@ def _generate(name: str, tasks: Iterable[TaskDef], out: Path, *, seed: int, imag
 
 def _write_split(task_dir: Path, task: str, split: str, samples: Iterable[Sample], image_size: int,
                  advance: Callable[[int], object]) -> int:
-    from lvlm_cl.data.records import check_record, write_jsonl
-
     (task_dir / "images").mkdir(parents=True, exist_ok=True)
     records = []
     for k, sample in enumerate(samples):

@@ -9,6 +9,12 @@ format of known skills.
 
 Tasks, in order: ``caption`` (stage 1, exact_match) and ``instruct`` (stage 2, vqa). Both draw the same
 three kinds of image: scenes of 1–4 shapes on the 4×4 grid, printed digits, rendered words.
+
+- caption: "Describe the image." -> "a red circle and an orange cross" | "the number 7" | 'the word "lamp"'
+- instruct: yes/no ("Is there a green shape in the image?", "Is there text in the image?"), listing
+  ("List the colors you see." -> "red, blue"), by position ("What is in the top left corner?",
+  "What is in row 2, column 3?" -> "a red circle" | "nothing"), parity of a digit ("even"/"odd") and
+  spelling of a word ("l-a-m-p").
 """
 
 from __future__ import annotations
@@ -248,6 +254,6 @@ def _with_word_sizes(sample: Callable[..., Sample]
 TASKS: tuple[TaskDef, ...] = (
     TaskDef("caption", 10, "exact_match", "Stage-1 alignment: caption scenes of shapes, printed digits "
             "and rendered words.", _with_word_sizes(caption_sample)),
-    TaskDef("instruct", 11, "vqa", "Stage-2 instruction tuning: yes/no, listing and by-position questions "
-            "about the same kinds of image.", _with_word_sizes(instruct_sample)),
+    TaskDef("instruct", 11, "vqa", "Stage-2 instruction tuning: yes/no, listing, by-position, parity and "
+            "spelling questions about the same kinds of image.", _with_word_sizes(instruct_sample)),
 )

@@ -1,0 +1,76 @@
+"""End to end: a two-task run on the tiny model writes consistent files, and resumes."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from conftest import SMALL_MODEL, write_recipe
+from lvlm_cl.config import load_recipe
+from lvlm_cl.evaluation import cl_metrics
+from lvlm_cl.train import main, run
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_task_run_writes_consistent_results(tmp_path, colour_tasks):
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", colour_tasks, out, steps_per_task=25)
+    assert main([str(recipe), *SMALL_MODEL]) == 0
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tasks"] == ["colour", "warmth"] and metrics["num_completed"] == 2
+    matrix, initial = metrics["matrix"], metrics["initial"]
+    assert len(matrix) == 2 and all(len(r) == 2 for r in matrix) and len(initial) == 2
+    # The metrics in the file are the metrics of the matrix in the file.
+    expected = cl_metrics(matrix, initial)
+    for key, value in expected.items():
+        assert metrics["metrics"][key] == pytest.approx(value), key
+
+    # Each matrix cell is the mean of the `correct` column of its predictions file.
+    for t, stage in enumerate(["after-00-colour", "after-01-warmth"]):
+        for i, task in enumerate(["colour", "warmth"]):
+            rows = [json.loads(l) for l in (out / "predictions" / stage / f"{task}.jsonl").read_text().splitlines()]
+            assert len(rows) == 12 and {"id", "prompt", "prediction", "answer", "correct"} <= set(rows[0])
+            assert matrix[t][i] == pytest.approx(100 * sum(r["correct"] for r in rows) / len(rows))
+    before = [json.loads(l) for l in (out / "predictions" / "before" / "colour.jsonl").read_text().splitlines()]
+    assert initial[0] == pytest.approx(100 * sum(r["correct"] for r in before) / len(before))
+
+    report = (out / "report.md").read_text()
+    assert "colour" in report and "BWT" in report
+    with Image.open(out / "accuracy_matrix.png") as im:
+        assert im.size[0] > 100
+    for k, name in enumerate(["colour", "warmth"]):
+        ck = out / "checkpoints" / f"task-{k:02d}-{name}"
+        assert (ck / "meta.json").is_file() and (ck / "trainable.safetensors").stat().st_size > 0
+    resolved = json.loads((out / "config.json").read_text())
+    assert resolved["trainer"]["steps_per_task"] == 25 and resolved["model"]["tiny"]["text_hidden"] == 64
+    assert (out / "base_model" / "config.json").is_file()
+    assert json.loads((out / "versions.json").read_text())["torch"]
+
+
+def test_learns_the_first_task_and_forgets_it_with_plain_finetuning(tmp_path, colour_tasks):
+    # The loop really trains: colour is learnt, then warmth's answers overwrite it.
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", colour_tasks, out, steps_per_task=60, lr=1e-3)
+    model, _, state = run(load_recipe(recipe, SMALL_MODEL), progress=False)
+    assert state.rows[0][0] == 100.0            # colour right after training on it
+    assert state.rows[1][1] == 100.0            # warmth right after training on it
+    assert state.rows[1][0] < 50.0              # colour forgotten by plain fine-tuning
+
+
+def test_rerun_resumes_without_retraining_and_refuses_another_recipe(tmp_path, colour_tasks, capsys):
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", colour_tasks, out, steps_per_task=5)
+    main([str(recipe), *SMALL_MODEL])
+    first = (out / "metrics.json").read_text()
+    stamp = (out / "checkpoints" / "task-01-warmth" / "meta.json").stat().st_mtime_ns
+    main([str(recipe), *SMALL_MODEL])
+    assert (out / "metrics.json").read_text() == first
+    assert (out / "checkpoints" / "task-01-warmth" / "meta.json").stat().st_mtime_ns == stamp
+
+    from lvlm_cl.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="holds a different run"):
+        main([str(recipe), *SMALL_MODEL, "trainer.lr=0.001"])
+    assert main([str(recipe), *SMALL_MODEL, "trainer.lr=0.001", "--overwrite"]) == 0
