@@ -234,3 +234,6 @@ def main(argv: list[str] | None = None) -> int:
     except RecordError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # an output that cannot be written, a folder where a file was expected, ...
+        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
+        return 1

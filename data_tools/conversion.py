@@ -214,11 +214,13 @@ def _finish(record: dict, fields: SourceFields, ctx: Context, seen: dict[str, st
         return problems
     if record["id"] in seen:
         return [Problem(fields.translate("id"), f"duplicate id (first seen at {seen[record['id']]})")]
+    written = []
     for k, (ref, dest) in enumerate(zip(refs, dests)):
         fld = fields.translate(f"images[{k}]")
         if dest is not None:
             try:
                 write_png(ref.data, dest)
+                written.append(dest)
             except Exception as e:  # PIL raises several types for undecodable data
                 problems.append(Problem(fld, f"image cannot be decoded ({type(e).__name__}: {e})"))
         elif ctx.check_images:
@@ -226,7 +228,10 @@ def _finish(record: dict, fields: SourceFields, ctx: Context, seen: dict[str, st
                 check_image(ref.path)
             except RecordError as e:
                 problems.append(Problem(fld, e.reason))
-    if not problems:
+    if problems:  # a rejected record leaves no image files behind
+        for dest in written:
+            dest.unlink(missing_ok=True)
+    else:
         seen[record["id"]] = loc
     return problems
 

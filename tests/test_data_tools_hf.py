@@ -47,8 +47,9 @@ def chat_dataset(with_corrupt: bool = False):
              {"role": "assistant", "content": [{"type": "text", "text": "4"}]}],
         ],
     }
-    if with_corrupt:
-        rows["images"][0] = [{"bytes": png_bytes("red")[:40], "path": None}]
+    if with_corrupt:  # r0: a good image, then a corrupt one
+        rows["images"][0] = [{"bytes": png_bytes("red"), "path": None}, {"bytes": png_bytes("red")[:40], "path": None}]
+        rows["messages"][0][0]["content"].insert(0, {"type": "image", "text": None})
     features = datasets.Features({
         "id": datasets.Value("string"),
         "images": datasets.List(datasets.Image()),
@@ -83,12 +84,14 @@ def test_corrupt_image_bytes_reject_the_row(tmp_path: Path, capsys):
     out = tmp_path / "out.jsonl"
     assert main(["convert", "--from", "hf", str(ds_dir), "--output", str(out)]) == 1
     err = capsys.readouterr().err
-    assert f"{ds_dir}, row 0, record 'r0', field 'images[0]': image cannot be decoded" in err
+    assert f"{ds_dir}, row 0, record 'r0', field 'images[1]': image cannot be decoded" in err
     assert main(["convert", "--from", "hf", str(ds_dir), "--output", str(out), "--skip-invalid"]) == 0
     assert [r["id"] for r in read_jsonl(out)] == ["r1", "r2"]
     reject = read_jsonl(tmp_path / "out.rejects.jsonl")[0]
-    assert reject["id"] == "r0" and reject["record"]["images"] == [{"bytes": "<40 bytes>", "path": None}]
+    assert reject["id"] == "r0" and reject["record"]["images"][1] == {"bytes": "<40 bytes>", "path": None}
+    # The rejected row's good image is not left behind; the kept rows' images are there.
     assert not (tmp_path / "images" / "vsft" / "r0_0.png").exists()
+    assert (tmp_path / "images" / "vsft" / "r1_0.png").is_file()
 
 
 def test_parquet_vqa_table_with_image_column(tmp_path: Path):

@@ -13,7 +13,7 @@ from data_tools.cli import main
 from data_tools.turns import IMAGE_TOKEN, parts_to_text, text_to_parts
 from lvlm_cl.data.records import record_problems
 
-SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Any text but surrogates (not encodable in UTF-8 files); must say something and hold no <image> token.
 chars = st.characters(exclude_categories=("Cs",))
