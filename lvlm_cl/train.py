@@ -163,7 +163,9 @@ def train_task(accelerator, model, methods, task, train_data, encodings, cfg, lo
             outputs = model(**batch)
             loss = outputs.loss
             for m in methods:
-                loss = loss + m.loss(model, batch, outputs, task)
+                term = m.loss(model, batch, outputs, task)
+                if term is not None:
+                    loss = loss + term
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"task {task.name!r}: loss became {loss.item()} at step {step}; the last "
                                          "task checkpoint is kept. Lower trainer.lr or check the data.")

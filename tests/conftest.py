@@ -25,6 +25,23 @@ def tiny_processor():
     return processor
 
 
+IMG = {"type": "image"}
+
+
+def text(t: str) -> dict:
+    return {"type": "text", "text": t}
+
+
+def png(path: Path, color: str = "red") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (16, 16), color).save(path)
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def record(rid: str, image: str | None, question: str, answer: str, task: str = "t") -> dict:
     content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
     return {"id": rid, "task": task, "images": [image] if image else [],

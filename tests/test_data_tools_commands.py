@@ -11,23 +11,9 @@ import pytest
 from PIL import Image
 
 from data_tools.cli import main
+from conftest import IMG, png, read_jsonl, text
 
 REPO = Path(__file__).resolve().parents[1]
-IMG = {"type": "image"}
-
-
-def text(t):
-    return {"type": "text", "text": t}
-
-
-def png(path: Path, color: str = "red") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (16, 16), color).save(path)
-    return path
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

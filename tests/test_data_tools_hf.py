@@ -10,18 +10,9 @@ import pytest
 from PIL import Image
 
 from data_tools.cli import main
+from conftest import IMG, read_jsonl, text
 
 datasets = pytest.importorskip("datasets")
-
-IMG = {"type": "image"}
-
-
-def text(t):
-    return {"type": "text", "text": t}
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def png_bytes(color: str) -> bytes:

@@ -12,14 +12,9 @@ from PIL import Image
 
 from data_tools.cli import main
 from lvlm_cl.data.records import load_records
+from conftest import IMG, png, read_jsonl, text
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def png(path: Path, color: str = "red") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (16, 16), color).save(path)
-    return path
 
 
 def truncated_png(path: Path) -> Path:
@@ -29,23 +24,12 @@ def truncated_png(path: Path) -> Path:
     return path
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def human(value):
     return {"from": "human", "value": value}
 
 
 def gpt(value):
     return {"from": "gpt", "value": value}
-
-
-def text(t):
-    return {"type": "text", "text": t}
-
-
-IMG = {"type": "image"}
 
 
 @pytest.fixture

@@ -5,14 +5,15 @@ these, in this order for every task of the stream:
 
     setup(model, stream)                               once, before the first task
     before_task(task, model, train_data) -> train_data  may change the task's training records
-    loss(model, batch, outputs, task) -> loss          every micro-step: the loss to optimise
+    loss(model, batch, outputs, task) -> term | None   every micro-step: a term added to outputs.loss
     after_backward(model, task)                        after each backward pass, before the optimizer step
     after_task(task, model, train_data)                after the task's last step, before evaluation
     state_dict() / load_state_dict(state)              everything the method needs to resume
 
 A hook gets what it needs through its arguments and returns a batch, data or a loss; it does not reach
 into the loop. Methods compose as a list in the recipe (``methods: [replay, task_prompts]``): each hook
-runs for every method in list order, ``before_task`` and ``loss`` chained through their return values.
+runs for every method in list order; ``before_task`` is chained through its return value and the
+``loss`` terms are summed with the language-modelling loss.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ class Method:
     def before_task(self, task: Task, model: torch.nn.Module, train_data: list) -> list:
         return train_data
 
-    def loss(self, model: torch.nn.Module, batch: dict, outputs: Any, task: Task) -> torch.Tensor:
-        return outputs.loss
+    def loss(self, model: torch.nn.Module, batch: dict, outputs: Any, task: Task) -> torch.Tensor | None:
+        """An extra term added to the language-modelling loss (``outputs.loss``); None adds nothing."""
+        return None
 
     def after_backward(self, model: torch.nn.Module, task: Task) -> None:
         pass
