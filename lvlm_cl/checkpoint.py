@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -33,6 +34,7 @@ class CheckpointError(RuntimeError):
 @dataclass
 class RunState:
     tasks: list[str]
+    data: str = ""                                          # data_fingerprint of the task files
     initial: list[float] | None = None
     rows: list[list[float]] = field(default_factory=list)   # rows[t] = scores on every task after task t
     trained: int = 0                                        # tasks whose checkpoint is written
@@ -53,20 +55,27 @@ class RunState:
 
 
 def prepare_run_dir(run_dir: Path, resolved_config: dict, *, overwrite: bool) -> None:
-    """Create the output folder; refuse one that holds a different run unless told to overwrite."""
+    """Create the output folder. ``overwrite`` starts over; otherwise a folder holding a different run is
+    refused (the same recipe resumes)."""
     cfg_path = run_dir / "config.json"
-    if cfg_path.is_file():
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    elif cfg_path.is_file():
         old = json.loads(cfg_path.read_text(encoding="utf-8"))
-        if old != resolved_config and not overwrite:
+        if old != resolved_config:
             changed = sorted(k for k in set(old) | set(resolved_config) if old.get(k) != resolved_config.get(k))
             raise CheckpointError(f"{run_dir} holds a different run (keys differ: {changed}); choose another "
                                   "output_dir, or pass --overwrite to start over")
-        if overwrite and old != resolved_config:
-            shutil.rmtree(run_dir)
-    elif overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(cfg_path, resolved_config)
+
+
+def data_fingerprint(paths: list[str]) -> str:
+    """A hash of the task files' bytes: a resumed run must see the data it started with."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(Path(p).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def task_dir(run_dir: Path, index: int, name: str) -> Path:

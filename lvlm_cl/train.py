@@ -23,8 +23,8 @@ if __package__ in (None, ""):  # run as a script (accelerate launch lvlm_cl/trai
 import torch
 from tqdm.auto import tqdm
 
-from lvlm_cl.checkpoint import (RunState, load_task_checkpoint, prepare_run_dir, restore_trainable,
-                                save_task_checkpoint)
+from lvlm_cl.checkpoint import (CheckpointError, RunState, data_fingerprint, load_task_checkpoint,
+                                prepare_run_dir, restore_trainable, save_task_checkpoint)
 from lvlm_cl.config import RunConfig, cache_dir, load_recipe, to_dict
 from lvlm_cl.data.dataset import EncodingCache, StepBatchOrder, TrainDataset
 from lvlm_cl.data.encoding import collate_train
@@ -75,7 +75,7 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
 
     # The stream: every task's data validated (images opened) before any training time is spent.
     with accelerator.main_process_first():  # one process generates a missing benchmark, the others read it
-        stream = build_stream(cfg, cache)
+        stream, files = build_stream(cfg, cache)
     names = [t.name for t in stream]
     log(f"stream: {len(stream)} tasks: " + ", ".join(f"{t.name} ({len(t.train_records)} train / "
                                                       f"{len(t.test_records)} test, {t.metric})" for t in stream))
@@ -84,9 +84,11 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
     for m in methods:
         m.setup(model, stream)
 
-    state = RunState.load(run_dir) or RunState(tasks=names)
-    if state.tasks != names:
-        raise RuntimeError(f"{run_dir}/run_state.json is for tasks {state.tasks}, the recipe has {names}")
+    fingerprint = data_fingerprint(files)
+    state = RunState.load(run_dir) or RunState(tasks=names, data=fingerprint)
+    if state.tasks != names or state.data != fingerprint:
+        raise CheckpointError(f"{run_dir} was started on other data (tasks {state.tasks}, fingerprint {state.data}; "
+                              f"now {names}, {fingerprint}): the task files changed. Pass --overwrite to start over.")
     if state.trained:
         last = stream[state.trained - 1]
         tensors, methods_state, _ = load_task_checkpoint(run_dir, last.index, last.name)
@@ -96,7 +98,6 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
         restore_trainable(model, tensors, str(run_dir))
         log(f"resuming after task {state.trained}/{len(stream)} ({last.name})")
 
-    model = accelerator.prepare(model)
     trainable, total = count_parameters(model)
     log(f"model: {model_dir} | {trainable:,} trainable of {total:,} parameters | methods: "
         f"{[m.name for m in methods]} | batch {cfg.trainer.batch_size} x accumulation {cfg.trainer.grad_accum} "
@@ -114,13 +115,13 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
             started = time.time()
             train_data = task.train_records
             for m in methods:
-                train_data = m.before_task(task, accelerator.unwrap_model(model), train_data)
+                train_data = m.before_task(task, model, train_data)
             train_task(accelerator, model, methods, task, train_data, encodings, cfg, log, progress)
             for m in methods:
-                m.after_task(task, accelerator.unwrap_model(model), train_data)
+                m.after_task(task, model, train_data)
             state.extra.setdefault("train_seconds", {})[task.name] = round(time.time() - started, 2)
             if accelerator.is_main_process:
-                save_task_checkpoint(run_dir, task.index, task.name, trainable_state_dict(accelerator.unwrap_model(model)),
+                save_task_checkpoint(run_dir, task.index, task.name, trainable_state_dict(model),
                                      {m.name: m.state_dict() for m in methods},
                                      {"train_samples": len(train_data)})
             state.trained = task.index + 1
@@ -135,11 +136,15 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
         log(f"after {task.name}: " + " ".join(f"{n}={s:.1f}" for n, s in zip(names, row)) + " | "
             + " ".join(f"{k}={v:.2f}" for k, v in metrics.items() if v is not None))
     accelerator.end_training()
-    return accelerator.unwrap_model(model), processor, state
+    return model, processor, state
 
 
 def train_task(accelerator, model, methods, task, train_data, encodings, cfg, log, progress) -> None:
-    """The loop for one task: AdamW over whatever requires grad, a fresh optimizer per task."""
+    """The loop for one task: AdamW over whatever requires grad, a fresh optimizer per task.
+
+    ``model`` is the plain model; it is wrapped by ``accelerator.prepare`` (DDP, DeepSpeed) for this task
+    only and released at the end, so no optimizer state outlives its task. Hooks see the plain model.
+    """
     from transformers import get_scheduler
 
     tr = cfg.trainer
@@ -149,18 +154,18 @@ def train_task(accelerator, model, methods, task, train_data, encodings, cfg, lo
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay)
     scheduler = get_scheduler(tr.lr_schedule, optimizer, num_warmup_steps=tr.warmup_steps, num_training_steps=steps)
-    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     order = StepBatchOrder(len(train_data), tr.batch_size * world, steps * tr.grad_accum,
                            seed=cfg.seed * 1000 + task.index, rank=accelerator.process_index, world=world)
     pad_id = encodings.processor.tokenizer.pad_token_id
     loader = torch.utils.data.DataLoader(TrainDataset(train_data, encodings), batch_sampler=order,
                                          collate_fn=lambda items: collate_train(items, pad_id))
-    model.train()
+    wrapped.train()
     bar = tqdm(total=steps, desc=f"task {task.index + 1} {task.name}", disable=not (progress and accelerator.is_main_process))
     step, running, started = 0, [], time.time()
     for batch in loader:
-        with accelerator.accumulate(model):
-            outputs = model(**batch)
+        with accelerator.accumulate(wrapped):
+            outputs = wrapped(**batch)
             loss = outputs.loss
             for m in methods:
                 term = m.loss(model, batch, outputs, task)
@@ -190,17 +195,17 @@ def train_task(accelerator, model, methods, task, train_data, encodings, cfg, lo
                 if not progress:
                     log(f"task {task.name} step {step}/{steps} loss {mean:.4f} ({step / (time.time() - started):.1f} steps/s)")
     bar.close()
+    accelerator.free_memory()
 
 
 def evaluate_stream(accelerator, model, processor, stream, encodings, cfg, run_dir: Path, stage: str,
                     progress: bool) -> list[float]:
     """Score on every task's test split (percent); predictions are written per task."""
     tr = cfg.trainer
-    unwrapped = accelerator.unwrap_model(model)
     row = []
     for task in stream:
         records = task.test_records[:tr.eval_max_samples] if tr.eval_max_samples else task.test_records
-        predictions = generate_answers(unwrapped, processor, records, encodings, batch_size=tr.eval_batch_size,
+        predictions = generate_answers(model, processor, records, encodings, batch_size=tr.eval_batch_size,
                                        max_new_tokens=tr.max_new_tokens, desc=f"eval {stage} {task.name}",
                                        progress=progress and accelerator.is_main_process)
         answers = [final_answer(r) for r in records]

@@ -74,3 +74,21 @@ def test_rerun_resumes_without_retraining_and_refuses_another_recipe(tmp_path, c
     with pytest.raises(CheckpointError, match="holds a different run"):
         main([str(recipe), *SMALL_MODEL, "trainer.lr=0.001"])
     assert main([str(recipe), *SMALL_MODEL, "trainer.lr=0.001", "--overwrite"]) == 0
+
+
+def test_overwrite_starts_over_and_changed_data_is_refused(tmp_path, colour_tasks):
+    from lvlm_cl.checkpoint import CheckpointError
+
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", colour_tasks, out, steps_per_task=2)
+    main([str(recipe), *SMALL_MODEL])
+    marker = out / "checkpoints" / "stale.txt"
+    marker.write_text("from the first run")
+    main([str(recipe), *SMALL_MODEL, "--overwrite"])              # same recipe, but told to start over
+    assert not marker.exists() and (out / "metrics.json").is_file()
+
+    train_file = colour_tasks["warmth"][0]                        # the same recipe on changed data
+    lines = train_file.read_text().splitlines()
+    train_file.write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(CheckpointError, match="task files changed"):
+        main([str(recipe), *SMALL_MODEL])

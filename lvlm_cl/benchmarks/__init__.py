@@ -39,7 +39,7 @@ from lvlm_cl.benchmarks.render import check_image_size
 from lvlm_cl.data.records import check_record, write_jsonl
 from lvlm_cl.io import atomic_replace_dir, atomic_write_json
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 6
 METRICS = ("exact_match", "vqa", "multiple_choice", "contains", "iou")
 SPLITS = ("train", "test")
 MANIFEST = "manifest.json"

@@ -72,9 +72,9 @@ def blank(image_size: int) -> Image.Image:
     return Image.new("RGB", (image_size, image_size), BACKGROUND)
 
 
-def cell_box(row: int, col: int) -> tuple[float, float, float, float]:
-    """The cell's normalised box ``(x1, y1, x2, y2)`` in [0, 1]."""
-    return (col / GRID, row / GRID, (col + 1) / GRID, (row + 1) / GRID)
+def cell_box(row: int, col: int, grid: int = GRID) -> tuple[float, float, float, float]:
+    """The cell's normalised box ``(x1, y1, x2, y2)`` in [0, 1] on a ``grid`` × ``grid`` layout."""
+    return (col / grid, row / grid, (col + 1) / grid, (row + 1) / grid)
 
 
 def format_box(box: Sequence[float]) -> str:
@@ -110,12 +110,12 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, 
         raise ValueError(f"unknown shape {shape!r}; expected one of {list(SHAPES)}")
 
 
-def render_scene(objects: Sequence[SceneObject], image_size: int) -> Image.Image:
-    """Draw each object filling most of its grid cell on the plain background."""
+def render_scene(objects: Sequence[SceneObject], image_size: int, grid: int = GRID) -> Image.Image:
+    """Draw each object filling most of its cell of a ``grid`` × ``grid`` layout on the plain background."""
     check_image_size(image_size)
     image = blank(image_size)
     draw = ImageDraw.Draw(image)
-    cell = image_size // GRID
+    cell = image_size // grid
     margin = max(1, round(cell * SHAPE_MARGIN_FRACTION))
     for obj in objects:
         x0, y0 = obj.col * cell + margin, obj.row * cell + margin
@@ -124,12 +124,12 @@ def render_scene(objects: Sequence[SceneObject], image_size: int) -> Image.Image
     return image
 
 
-def sample_scene(rng: np.random.Generator, n_objects: int) -> list[SceneObject]:
+def sample_scene(rng: np.random.Generator, n_objects: int, grid: int = GRID) -> list[SceneObject]:
     """``n_objects`` shapes in distinct cells with distinct colours (shapes may repeat), row-major order."""
-    cells = sorted(int(c) for c in rng.choice(GRID * GRID, size=n_objects, replace=False))
+    cells = sorted(int(c) for c in rng.choice(grid * grid, size=n_objects, replace=False))
     colours = [list(PALETTE)[int(i)] for i in rng.choice(len(PALETTE), size=n_objects, replace=False)]
     shapes = [SHAPES[int(i)] for i in rng.integers(len(SHAPES), size=n_objects)]
-    return [SceneObject(c // GRID, c % GRID, s, col) for c, s, col in zip(cells, shapes, colours)]
+    return [SceneObject(c // grid, c % grid, s, col) for c, s, col in zip(cells, shapes, colours)]
 
 
 def font(size: int) -> ImageFont.FreeTypeFont:

@@ -52,7 +52,8 @@ OCR_WORDS: tuple[str, ...] = (
 OCR_MAX_FONT_FRACTION = 0.45
 OCR_MAX_JITTER_FRACTION = 1 / 16
 VQA_OBJECT_COUNTS = (1, 2, 3, 4)
-GROUNDING_OBJECT_COUNTS = (2, 3)
+GROUNDING_OBJECT_COUNTS = (1,)
+GROUNDING_GRID = 2  # grounding scenes: a quadrant layout
 DIGITS_PARTITION_STREAM = 3  # the train/test partition of sklearn's digits has its own random stream
 
 DIGIT_QUESTIONS = (
@@ -208,11 +209,17 @@ def generate_ocr(request: GenerationRequest) -> dict[str, Iterator[Sample]]:
 # --- grounding ----------------------------------------------------------------------------------
 
 def grounding_sample(rng: np.random.Generator, image_size: int) -> Sample:
-    """2–3 shapes of distinct colours; answer = the named one's cell as a normalised box."""
-    objects = sample_scene(rng, _pick(rng, GROUNDING_OBJECT_COUNTS))
+    """One shape filling one quadrant; answer = its normalised box.
+
+    Measured on the tiny model (375 steps, alone): one shape on quadrants 100%; one shape on the 4 × 4
+    grid 70.8%; 2–3 shapes of distinct colours on quadrants 36% (34% after 750 steps) and on the 4 × 4
+    grid 12%: binding a colour to a position among distractors is beyond it, so the task is localisation.
+    """
+    objects = sample_scene(rng, _pick(rng, GROUNDING_OBJECT_COUNTS), grid=GROUNDING_GRID)
     target = _pick(rng, objects)
     question = _pick(rng, GROUNDING_QUESTIONS).format(colour=target.colour)
-    return Sample(render_scene(objects, image_size), question, format_box(cell_box(target.row, target.col)))
+    return Sample(render_scene(objects, image_size, grid=GROUNDING_GRID), question,
+                  format_box(cell_box(target.row, target.col, grid=GROUNDING_GRID)))
 
 
 def _synthetic(sample: Callable[..., Sample]

@@ -26,14 +26,16 @@ def task_files(cfg, cache: Path) -> list[tuple[str, str, str, str, str | None]]:
     return [(s.name, str(s.train), str(s.test), s.metric, None) for s in specs]
 
 
-def build_stream(cfg, cache: Path) -> list[Task]:
-    """Every task's records, validated with their images opened, before any training time is spent."""
-    stream = []
+def build_stream(cfg, cache: Path) -> tuple[list[Task], list[str]]:
+    """Every task's records, validated with their images opened, before any training time is spent;
+    and the task files read, in order (for the run's data fingerprint)."""
+    stream, files = [], []
     for index, (name, train, test, metric, image_root) in enumerate(task_files(cfg, cache)):
+        files += [train, test]
         train_records = load_records(train, image_root=image_root, check_images=True, task=name)
         test_records = load_records(test, image_root=image_root, check_images=True, task=name)
         # The recipe's task name wins: records may come from a file converted under another name.
         for r in train_records + test_records:
             r["task"] = name
         stream.append(Task(index, name, metric, train_records, test_records))
-    return stream
+    return stream, files
