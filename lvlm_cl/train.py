@@ -32,7 +32,7 @@ from lvlm_cl.data.records import final_answer, user_text
 from lvlm_cl.data.stream import build_stream
 from lvlm_cl.evaluation import cl_metrics_partial, score_many, write_predictions, write_report
 from lvlm_cl.evaluation.generate import generate_answers
-from lvlm_cl.io import atomic_write_json
+from lvlm_cl.io import atomic_replace_dir, atomic_write_json
 from lvlm_cl.methods import build_methods
 from lvlm_cl.models import (BUILTIN_PRETRAINED, BUILTIN_RANDOM, apply_training_setup, count_parameters,
                             load_model_dir, resolve_model_dir, trainable_state_dict)
@@ -70,7 +70,10 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
     model, processor = load_model_dir(model_dir, cfg.model)
     if cfg.model.path in (BUILTIN_PRETRAINED, BUILTIN_RANDOM) and accelerator.is_main_process \
             and not (run_dir / "base_model").exists():
-        shutil.copytree(model_dir, run_dir / "base_model")
+        tmp = run_dir / ".base_model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(model_dir, tmp)
+        atomic_replace_dir(tmp, run_dir / "base_model")
     model = apply_training_setup(model, cfg.model)
 
     # The stream: every task's data validated (images opened) before any training time is spent.
