@@ -88,3 +88,8 @@ def test_resolved_config_round_trips(tmp_path):
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(ConfigError, match="recipe not found"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+def test_bad_method_setting_value_fails_at_load_time(tmp_path):
+    with pytest.raises(ConfigError, match=r"methods.*replay.*replay_ratio"):
+        load_recipe(write(tmp_path, BASE + "methods:\n  - {name: replay, replay_ratio: 1.5}\n"))

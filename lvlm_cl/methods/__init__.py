@@ -10,11 +10,12 @@ from typing import Iterable
 from lvlm_cl.methods.base import Method, Task
 from lvlm_cl.methods.finetune import Finetune
 from lvlm_cl.methods.multitask import Multitask
+from lvlm_cl.methods.replay import Replay
 
 
 def _registry() -> dict[str, type[Method]]:
     registry: dict[str, type[Method]] = {}
-    for cls in (Finetune, Multitask):
+    for cls in (Finetune, Multitask, Replay):
         if not cls.name:
             raise TypeError(f"{cls.__name__} has no registry name")
         if cls.name in registry:
@@ -45,6 +46,10 @@ def check_methods(specs: Iterable) -> None:
         unknown = sorted(set(spec.args) - set(cls.defaults))
         if unknown:
             raise ValueError(f"method {spec.name!r} has no setting {unknown[0]!r}; its settings: {sorted(cls.defaults)}")
+        try:
+            cls(**spec.args)  # settings' values are checked by the constructor: fail at load time, not mid-run
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"method {spec.name!r}: {e}") from None
 
 
 def build_methods(specs: Iterable) -> list[Method]:
