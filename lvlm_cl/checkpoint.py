@@ -116,3 +116,15 @@ def restore_trainable(model, tensors: dict[str, torch.Tensor], where: str) -> No
     with torch.no_grad():
         for n, t in tensors.items():
             params[n].copy_(t)
+
+
+def restore_task(run_dir: Path, task, model, methods) -> dict:
+    """Put the model and the methods back as they were after ``task``; returns the checkpoint's meta.
+
+    Methods load first: they may add modules (prompts, adapters) whose parameters the checkpoint holds.
+    """
+    tensors, methods_state, meta = load_task_checkpoint(run_dir, task.index, task.name)
+    for m in methods:
+        m.load_state_dict(methods_state.get(m.name, {}))
+    restore_trainable(model, tensors, str(run_dir))
+    return meta

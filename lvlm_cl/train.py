@@ -23,8 +23,8 @@ if __package__ in (None, ""):  # run as a script (accelerate launch lvlm_cl/trai
 import torch
 from tqdm.auto import tqdm
 
-from lvlm_cl.checkpoint import (CheckpointError, RunState, data_fingerprint, load_task_checkpoint,
-                                prepare_run_dir, restore_trainable, save_task_checkpoint)
+from lvlm_cl.checkpoint import (CheckpointError, RunState, data_fingerprint, prepare_run_dir, restore_task,
+                                save_task_checkpoint)
 from lvlm_cl.config import RunConfig, cache_dir, load_recipe, to_dict
 from lvlm_cl.data.dataset import EncodingCache, StepBatchOrder, TrainDataset
 from lvlm_cl.data.encoding import collate_train
@@ -94,11 +94,7 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
                               f"now {names}, {fingerprint}): the task files changed. Pass --overwrite to start over.")
     if state.trained:
         last = stream[state.trained - 1]
-        tensors, methods_state, _ = load_task_checkpoint(run_dir, last.index, last.name)
-        # Methods first: they may add modules (prompts, adapters) whose parameters the checkpoint holds.
-        for m in methods:
-            m.load_state_dict(methods_state.get(m.name, {}))
-        restore_trainable(model, tensors, str(run_dir))
+        restore_task(run_dir, last, model, methods)
         log(f"resuming after task {state.trained}/{len(stream)} ({last.name})")
 
     trainable, total = count_parameters(model)

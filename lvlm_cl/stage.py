@@ -1,0 +1,63 @@
+"""A trained run, as it was after one of its tasks: model, processor, methods and task stream.
+
+    stage = load_stage("runs/seq5")            # after the last trained task
+    stage = load_stage("runs/seq5", index=1)   # after the second task
+
+Built the way the training loop builds them (same recipe, same base model, same methods), then the
+task's checkpoint is restored, so evaluation and chat see exactly what training left.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from lvlm_cl.checkpoint import CheckpointError, RunState, restore_task
+from lvlm_cl.config import RunConfig, cache_dir, from_dict
+from lvlm_cl.data.stream import build_stream
+from lvlm_cl.methods import build_methods
+from lvlm_cl.methods.base import Method, Task
+from lvlm_cl.models import apply_training_setup, load_model_dir, resolve_model_dir
+
+
+@dataclass
+class Stage:
+    model: object
+    processor: object
+    cfg: RunConfig
+    stream: list[Task]
+    methods: list[Method]
+    index: int                  # the task after which this stage was saved
+
+    @property
+    def task(self) -> Task:
+        return self.stream[self.index]
+
+
+def load_stage(run_dir: str | Path, index: int | None = None) -> Stage:
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{run_dir} is not a run folder (no config.json)")
+    cfg = from_dict(RunConfig, json.loads(cfg_path.read_text(encoding="utf-8")), where=str(cfg_path))
+    state = RunState.load(run_dir)
+    if state is None or state.trained == 0:
+        raise CheckpointError(f"{run_dir} has no trained task yet")
+    index = state.trained - 1 if index is None else index
+    if not 0 <= index < state.trained:
+        raise CheckpointError(f"{run_dir}: stage {index} does not exist; trained stages are 0..{state.trained - 1} "
+                              f"({', '.join(state.tasks[:state.trained])})")
+    cache = cache_dir(cfg)
+    # The run keeps a copy of a built-in base model; a local model directory is read where it is.
+    base = run_dir / "base_model"
+    model, processor = load_model_dir(base if base.is_dir() else resolve_model_dir(cfg.model, cfg.seed, cache),
+                                      cfg.model)
+    model = apply_training_setup(model, cfg.model)
+    stream, _ = build_stream(cfg, cache)
+    methods = build_methods(cfg.methods)
+    for m in methods:
+        m.setup(model, stream)
+    restore_task(run_dir, stream[index], model, methods)
+    model.eval()
+    return Stage(model, processor, cfg, stream, methods, index)
