@@ -8,14 +8,16 @@ from __future__ import annotations
 from typing import Iterable
 
 from lvlm_cl.methods.base import Method, Task
+from lvlm_cl.methods.ewc import EWC
 from lvlm_cl.methods.finetune import Finetune
+from lvlm_cl.methods.lwf import LwF
 from lvlm_cl.methods.multitask import Multitask
 from lvlm_cl.methods.replay import Replay
 
 
 def _registry() -> dict[str, type[Method]]:
     registry: dict[str, type[Method]] = {}
-    for cls in (Finetune, Multitask, Replay):
+    for cls in (Finetune, Multitask, Replay, EWC, LwF):
         if not cls.name:
             raise TypeError(f"{cls.__name__} has no registry name")
         if cls.name in registry:

@@ -1,0 +1,216 @@
+"""EWC: Elastic Weight Consolidation (Kirkpatrick et al., "Overcoming catastrophic forgetting in neural
+networks", PNAS 2017), with the online variant of Schwarz et al. 2018 ("Progress & Compress") as default.
+
+After each task the method stores, for every parameter that requires grad, a diagonal Fisher F and the
+parameter's value θ* at the end of the task; every later micro-step adds
+
+    λ/2 · Σ_params Σ F · (θ − θ*)²
+
+to the language-modelling loss, so parameters that mattered for earlier tasks are pulled back to where
+those tasks left them.
+
+    methods: [{name: ewc, lambda_: 100.0}]                        # online, gamma 1.0
+    methods: [{name: ewc, lambda_: 100.0, online: true, gamma: 0.9}]
+    methods: [{name: ewc, lambda_: 100.0, online: false}]          # one penalty per finished task
+
+Settings (``lambda_`` keeps the trailing underscore because ``lambda`` is a Python keyword):
+
+- ``lambda_`` (number >= 0, default 100.0): the penalty's weight λ; 0 keeps estimating F but adds nothing.
+- ``online`` (bool, default true): one running Fisher and one anchor, F ← γ·F_old + F_task, θ* ← the values
+  after the latest task (Schwarz et al.). false: one (F_t, θ*_t) pair kept per finished task and the
+  penalty summed over them (the original EWC; memory grows by two copies of the trainable parameters per
+  task).
+- ``gamma`` (number in (0, 1], default 1.0): decay of the old Fisher in the online variant; only with
+  ``online: true``.
+
+Which Fisher. The hooks never see the processor, so the method cannot re-encode a task's records after
+training to run extra backward passes. F is therefore the *empirical Fisher from the training gradients*
+(the cheap variant several continual-learning libraries offer): the mean, over every micro-step of the
+task, of the squared per-micro-batch gradient of each trainable parameter, read in ``after_backward``.
+Precisely:
+
+- With gradient accumulation (``trainer.grad_accum`` = m > 1), ``p.grad`` holds the running sum of the
+  window's micro-batch gradients, each scaled by 1/m by accelerate. The ``loss`` hook (called before every
+  backward) snapshots ``p.grad`` when it is not empty, and ``after_backward`` takes the difference, so each
+  micro-step's own gradient is used; a window starts when the gradients were cleared (``p.grad`` None or
+  absent from the snapshot: the loop's ``zero_grad`` sets them to None, accelerate's default), and when
+  it closes its squares are multiplied by m², undoing accelerate's
+  scaling. F does not depend on m.
+- The gradient is that of the whole training loss: from the second task on it includes the EWC penalty's
+  own gradient and the terms of any other method in the recipe.
+- Under fp16 mixed precision the gradients the hook sees are multiplied by the loss scale (accelerate
+  unscales them only at clipping / the optimizer step): use bf16 or fp32 with EWC. DeepSpeed ZeRO keeps
+  gradients out of ``p.grad``; ``after_task`` raises if it saw no gradient at all.
+- A trainable parameter that never received a gradient during the task gets F = 0 for it.
+
+F and θ* are kept only for parameters that require grad (F in float32, θ* in the parameter's dtype), on the
+parameter's device while training and on the CPU in ``state_dict`` (saved with every task checkpoint).
+Parameters are matched by name (``model.named_parameters()``); one that did not exist at anchoring time has
+no penalty.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lvlm_cl.methods.base import Method, Task
+
+
+class EWC(Method):
+    name = "ewc"
+    defaults = {
+        "lambda_": 100.0,   # λ, the penalty's weight
+        "online": True,     # one running Fisher/anchor (True) or one per task (False)
+        "gamma": 1.0,       # online: F <- gamma * F_old + F_task
+    }
+
+    def __init__(self, **hparams):
+        super().__init__(**hparams)
+        h = self.hparams
+        lam = h["lambda_"]
+        if not _is_number(lam) or not math.isfinite(lam) or lam < 0:
+            raise ValueError(f"ewc: setting 'lambda_' must be a finite number >= 0, got {lam!r}")
+        if not isinstance(h["online"], bool):
+            raise ValueError(f"ewc: setting 'online' must be true or false, got {h['online']!r}")
+        gamma = h["gamma"]
+        if not _is_number(gamma) or not 0 < gamma <= 1:
+            raise ValueError(f"ewc: setting 'gamma' must be a number in (0, 1], got {gamma!r}")
+        if not h["online"] and "gamma" in hparams:
+            raise ValueError("ewc: setting 'gamma' applies only with 'online: true' (online: false keeps one "
+                             "Fisher per task, undecayed); remove it")
+        # Each anchor: {"task": name, "fisher": {param name: F}, "params": {param name: θ*}}.
+        # Online keeps at most one (the running one); otherwise one per finished task, in stream order.
+        self.anchors: list[dict] = []
+        self.tasks: list[str] = []              # tasks anchored so far
+        self.micro_steps: dict[str, int] = {}   # micro-steps the Fisher of each task averaged over
+        self._reset_accumulators()
+
+    # Fisher estimation
+
+    def _reset_accumulators(self) -> None:
+        self._acc: dict[str, torch.Tensor] = {}      # Σ over closed windows of m² · Σ_k d_k²
+        self._acc_steps = 0                          # micro-steps in closed windows
+        self._window: dict[str, torch.Tensor] = {}   # Σ_k d_k² in the open window
+        self._window_len = 0
+        self._snapshot: dict[str, torch.Tensor] = {}
+        self._snapshot_taken = False
+
+    def _close_window(self) -> None:
+        m = self._window_len
+        if m:
+            for n, sq in self._window.items():
+                sq = sq * float(m * m)
+                self._acc[n] = self._acc[n] + sq if n in self._acc else sq
+            self._acc_steps += m
+        self._window, self._window_len = {}, 0
+
+    def after_backward(self, model: torch.nn.Module, task: Task) -> None:
+        snapshot = self._snapshot if self._snapshot_taken else {}
+        if not snapshot:                     # gradients were cleared before this backward: a new window
+            self._close_window()
+        for n, p in model.named_parameters():
+            if not p.requires_grad or p.grad is None:
+                continue
+            d = p.grad.detach().float()
+            if n in snapshot:
+                d = d - snapshot[n]
+            sq = d * d
+            self._window[n] = self._window[n] + sq if n in self._window else sq
+        self._window_len += 1
+        self._snapshot, self._snapshot_taken = {}, False
+
+    def after_task(self, task: Task, model: torch.nn.Module, train_data: list) -> None:
+        self._close_window()
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if trainable and not self._acc:
+            raise RuntimeError(f"ewc: no gradient was seen during task {task.name!r}, so there is no Fisher to "
+                               "estimate (DeepSpeed ZeRO keeps gradients out of p.grad; EWC needs them there)")
+        steps = max(self._acc_steps, 1)
+        fisher = {n: (self._acc[n] / steps if n in self._acc else torch.zeros_like(p, dtype=torch.float32))
+                  for n, p in trainable.items()}
+        params = {n: p.detach().clone() for n, p in trainable.items()}
+        self.micro_steps[task.name] = self._acc_steps
+        self._reset_accumulators()
+        if self.hparams["online"] and self.anchors:
+            old, gamma = self.anchors[0], float(self.hparams["gamma"])
+            merged_f = {n: gamma * f.to(fisher[n].device if n in fisher else f.device)
+                        for n, f in old["fisher"].items()}
+            for n, f in fisher.items():
+                merged_f[n] = merged_f[n] + f if n in merged_f else f
+            merged_p = {**old["params"], **params}   # θ* is the latest value; a vanished parameter keeps its own
+            self.anchors = [{"task": task.name, "fisher": merged_f, "params": merged_p}]
+        else:
+            self.anchors.append({"task": task.name, "fisher": fisher, "params": params})
+        self.tasks.append(task.name)
+
+    # The penalty
+
+    def loss(self, model: torch.nn.Module, batch: dict, outputs, task: Task) -> torch.Tensor | None:
+        # Called before every backward: remember the gradients accumulated so far in this window, so
+        # after_backward can take this micro-step's own gradient (only when accumulating: else p.grad is None).
+        self._snapshot = {n: p.grad.detach().float().clone() for n, p in model.named_parameters()
+                          if p.requires_grad and p.grad is not None}
+        self._snapshot_taken = True
+        return self.penalty(model)
+
+    def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
+        """λ/2 · Σ F (θ − θ*)² over the anchored parameters; None before the first task ends or with λ = 0."""
+        if not self.anchors or self.hparams["lambda_"] == 0:
+            return None
+        current = dict(model.named_parameters())
+        total = None
+        for anchor in self.anchors:
+            fisher, params = anchor["fisher"], anchor["params"]
+            for n, f in fisher.items():
+                p = current.get(n)
+                if p is None or not p.requires_grad:
+                    continue
+                if f.shape != p.shape:
+                    raise ValueError(f"ewc: parameter {n!r} has shape {tuple(p.shape)} but was anchored with "
+                                     f"{tuple(f.shape)}")
+                if f.device != p.device:        # after load_state_dict: move once, keep it there
+                    fisher[n] = f = f.to(p.device)
+                    params[n] = params[n].to(p.device)
+                term = (f * (p.float() - params[n].float()).pow(2)).sum()
+                total = term if total is None else total + term
+        if total is None:
+            return None
+        return 0.5 * float(self.hparams["lambda_"]) * total
+
+    # Resume
+
+    def state_dict(self) -> dict:
+        return {
+            "online": self.hparams["online"],
+            "anchors": [{"task": a["task"],
+                         "fisher": {n: t.detach().cpu().clone() for n, t in a["fisher"].items()},
+                         "params": {n: t.detach().cpu().clone() for n, t in a["params"].items()}}
+                        for a in self.anchors],
+            "tasks": list(self.tasks),
+            "micro_steps": dict(self.micro_steps),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self._reset_accumulators()
+        if not state:
+            self.anchors, self.tasks, self.micro_steps = [], [], {}
+            return
+        if state.get("online", self.hparams["online"]) != self.hparams["online"]:
+            raise ValueError(f"ewc: the saved state was made with online={state['online']}, the recipe says "
+                             f"online={self.hparams['online']}")
+        anchors = []
+        for a in state.get("anchors", []):
+            if set(a["fisher"]) != set(a["params"]):
+                raise ValueError(f"ewc state: anchor of task {a['task']!r} has Fisher and values for different "
+                                 "parameters")
+            anchors.append({"task": a["task"], "fisher": {n: t.clone() for n, t in a["fisher"].items()},
+                            "params": {n: t.clone() for n, t in a["params"].items()}})
+        self.anchors = anchors
+        self.tasks = list(state.get("tasks", []))
+        self.micro_steps = dict(state.get("micro_steps", {}))
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
