@@ -34,12 +34,9 @@ def default_max_length(processor) -> int:
 
 def load_token_counter(model: str, max_length: int | None = None) -> TokenCounter:
     """A counter for ``model``: a built-in name (``builtin:tiny-llava``) or a local Hugging Face folder."""
-    try:
-        from lvlm_cl.data.encoding import count_tokens
-        from lvlm_cl.models import load_processor
-    except ImportError as e:
-        raise RecordError(f"--model needs lvlm_cl.data.encoding.count_tokens and lvlm_cl.models.load_processor, "
-                          f"which are not available in this installation ({e})") from None
+    from lvlm_cl.data.encoding import count_tokens
+    from lvlm_cl.models import load_processor
+
     if not model.startswith("builtin:") and not Path(model).is_dir():
         # Checked here: from_pretrained would otherwise try the network for a while before failing.
         raise RecordError(f"--model {model!r}: expected a local model folder or a built-in name "

@@ -63,8 +63,6 @@ def pretrained_tiny_dir(model_cfg, cache: Path) -> Path:
     started = time.time()
     model, processor, state = run(cfg)
     model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-    for p in model.parameters():
-        p.requires_grad_(True)
     save_model_dir(model, processor, final)
     from lvlm_cl.io import atomic_write_json
 

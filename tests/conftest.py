@@ -19,10 +19,9 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_processor():
-    from lvlm_cl.models.tiny import TinyLlavaSize, build_tiny_llava
+    from lvlm_cl.models.tiny import TinyLlavaSize, build_tiny_processor
 
-    _, processor = build_tiny_llava(TinyLlavaSize(), seed=0)
-    return processor
+    return build_tiny_processor(TinyLlavaSize())
 
 
 IMG = {"type": "image"}

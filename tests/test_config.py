@@ -93,3 +93,8 @@ def test_missing_recipe_file(tmp_path):
 def test_bad_method_setting_value_fails_at_load_time(tmp_path):
     with pytest.raises(ConfigError, match=r"methods.*replay.*replay_ratio"):
         load_recipe(write(tmp_path, BASE + "methods:\n  - {name: replay, replay_ratio: 1.5}\n"))
+
+
+def test_nested_optional_section_error_names_the_inner_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.lora\.r'.*expected an integer"):
+        load_recipe(write(tmp_path, BASE + "model:\n  lora: {r: eight}\n"))

@@ -67,7 +67,7 @@ class StepBatchOrder(torch.utils.data.Sampler):
         return self.num - self.start
 
     def __iter__(self):
-        perm, epoch, pos = None, -1, 0
+        perm, epoch = None, -1
         total = self.num * self.global_batch
         first = self.start * self.global_batch
         g = torch.Generator()

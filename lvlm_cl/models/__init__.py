@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from lvlm_cl.data.encoding import has_generation_markers
-from lvlm_cl.models.tiny import TinyLlavaSize, build_tiny_llava, chat_template, save_model_dir
+from lvlm_cl.models.tiny import (TinyLlavaSize, build_tiny_llava, build_tiny_processor, chat_template,
+                                 save_model_dir)
 
 BUILTIN_RANDOM = "builtin:tiny-llava-random"
 BUILTIN_PRETRAINED = "builtin:tiny-llava"
@@ -68,12 +69,12 @@ def resolve_model_dir(model_cfg, seed: int, cache: Path) -> Path:
     return path
 
 
-def load_processor(path_or_builtin: str, chat_template_name: str | None = None, cache: Path | None = None):
+def load_processor(path_or_builtin: str, chat_template_name: str | None = None):
     """The processor alone (for data_tools token counts): a directory or a built-in name."""
     from transformers import AutoProcessor
 
     if path_or_builtin.startswith("builtin:"):
-        _, processor = build_tiny_llava(TinyLlavaSize(), 0)
+        processor = build_tiny_processor(TinyLlavaSize())
     else:
         processor = AutoProcessor.from_pretrained(path_or_builtin)
     _set_template(processor, chat_template_name, path_or_builtin)

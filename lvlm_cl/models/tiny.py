@@ -86,13 +86,12 @@ class TinyLlavaSize:
 
 def build_tiny_llava(size: TinyLlavaSize, seed: int):
     """Build ``(model, processor)`` from config; weights are deterministic for a seed."""
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor)
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     if size.image_size % size.patch_size:
         raise ValueError(f"model.tiny.image_size ({size.image_size}) must be a multiple of patch_size ({size.patch_size})")
-    tokenizer = build_tokenizer(size.vocab_size)
+    processor = build_tiny_processor(size)
+    tokenizer = processor.tokenizer
     vision = CLIPVisionConfig(hidden_size=size.vision_hidden, intermediate_size=4 * size.vision_hidden,
                               num_hidden_layers=size.vision_layers, num_attention_heads=size.vision_heads,
                               image_size=size.image_size, patch_size=size.patch_size, num_channels=3,
@@ -113,14 +112,22 @@ def build_tiny_llava(size: TinyLlavaSize, seed: int):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model, processor
+
+
+def build_tiny_processor(size: TinyLlavaSize):
+    """The built-in model's processor alone: tokenizer, PIL image processor, LLaVA-1.5 chat template."""
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": size.image_size}, crop_size={"height": size.image_size, "width": size.image_size},
         do_resize=True, do_center_crop=True, do_normalize=True, do_convert_rgb=True,
         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=size.patch_size,
-                               vision_feature_select_strategy="default", chat_template=chat_template("llava15"),
-                               image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
-    return model, processor
+    return LlavaProcessor(image_processor=image_processor, tokenizer=build_tokenizer(size.vocab_size),
+                          patch_size=size.patch_size, vision_feature_select_strategy="default",
+                          chat_template=chat_template("llava15"), image_token=IMAGE_TOKEN,
+                          num_additional_image_tokens=1)
 
 
 def save_model_dir(model, processor, path: str | Path) -> Path:
