@@ -108,7 +108,7 @@ def load_task_checkpoint(run_dir: Path, index: int, name: str) -> tuple[dict, di
 
 
 def restore_trainable(model, tensors: dict[str, torch.Tensor], where: str) -> None:
-    params = dict(model.named_parameters())
+    params = {**dict(model.named_buffers()), **dict(model.named_parameters())}
     missing = sorted(set(tensors) - set(params))
     if missing:
         raise CheckpointError(f"{where}: parameters {missing[:3]} are not in the model (was the recipe's model "

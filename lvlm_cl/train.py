@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from lvlm_cl.checkpoint import (CheckpointError, RunState, data_fingerprint, prepare_run_dir, restore_task,
                                 save_task_checkpoint)
 from lvlm_cl.config import RunConfig, cache_dir, load_recipe, to_dict
-from lvlm_cl.data.dataset import EncodingCache, StepBatchOrder, TrainDataset
+from lvlm_cl.data.dataset import EncodingCache, StepBatchOrder
 from lvlm_cl.data.encoding import collate_train
 from lvlm_cl.data.records import final_answer, user_text
 from lvlm_cl.data.stream import build_stream
@@ -34,6 +34,7 @@ from lvlm_cl.evaluation import cl_metrics_partial, score_many, write_predictions
 from lvlm_cl.evaluation.generate import generate_answers
 from lvlm_cl.io import atomic_replace_dir, atomic_write_json
 from lvlm_cl.methods import build_methods
+from lvlm_cl.methods.routing import TASK_IDS
 from lvlm_cl.models import (BUILTIN_PRETRAINED, BUILTIN_RANDOM, apply_training_setup, count_parameters,
                             load_model_dir, resolve_model_dir, trainable_state_dict)
 
@@ -115,7 +116,7 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
             train_data = task.train_records
             for m in methods:
                 train_data = m.before_task(task, model, train_data)
-            train_task(accelerator, model, methods, task, train_data, encodings, cfg, log, progress)
+            train_task(accelerator, model, methods, task, train_data, encodings, cfg, log, progress, names)
             for m in methods:
                 m.after_task(task, model, train_data)
             state.extra.setdefault("train_seconds", {})[task.name] = round(time.time() - started, 2)
@@ -128,6 +129,9 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
         started = time.time()
         row = evaluate_stream(accelerator, model, processor, stream, encodings, cfg, run_dir,
                               f"after-{task.index:02d}-{task.name}", progress)
+        routing = evaluate_routing(model, stream, encodings, cfg)
+        if routing:
+            state.extra.setdefault("routing_accuracy", {})[task.name] = routing
         state.extra.setdefault("eval_seconds", {})[task.name] = round(time.time() - started, 2)
         state.rows.append(row)
         _save_progress(accelerator, run_dir, state, stream)
@@ -138,7 +142,7 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
     return model, processor, state
 
 
-def train_task(accelerator, model, methods, task, train_data, encodings, cfg, log, progress) -> None:
+def train_task(accelerator, model, methods, task, train_data, encodings, cfg, log, progress, names) -> None:
     """The loop for one task: AdamW over whatever requires grad, a fresh optimizer per task.
 
     ``model`` is the plain model; it is wrapped by ``accelerator.prepare`` (DDP, DeepSpeed) for this task
@@ -151,14 +155,24 @@ def train_task(accelerator, model, methods, task, train_data, encodings, cfg, lo
     samples_per_step = tr.batch_size * tr.grad_accum * world
     steps = tr.steps_per_task or max(1, math.ceil(tr.epochs_per_task * len(train_data) / samples_per_step))
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"task {task.name!r}: nothing trains: every part of the model is frozen and no method adds "
+                         "trainable parameters (check the recipe's model section and methods)")
     optimizer = torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay)
     scheduler = get_scheduler(tr.lr_schedule, optimizer, num_warmup_steps=tr.warmup_steps, num_training_steps=steps)
     wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     order = StepBatchOrder(len(train_data), tr.batch_size * world, steps * tr.grad_accum,
                            seed=cfg.seed * 1000 + task.index, rank=accelerator.process_index, world=world)
     pad_id = encodings.processor.tokenizer.pad_token_id
-    loader = torch.utils.data.DataLoader(TrainDataset(train_data, encodings), batch_sampler=order,
-                                         collate_fn=lambda items: collate_train(items, pad_id))
+    task_ids = task_indices(train_data, names) if any(m.uses_task_ids for m in methods) else None
+
+    def collate(indices):
+        batch = collate_train([encodings.train(train_data[i]) for i in indices], pad_id)
+        if task_ids is not None:  # each sample's task, for methods that route inside the forward
+            batch[TASK_IDS] = task_ids[indices]
+        return batch
+
+    loader = torch.utils.data.DataLoader(list(range(len(train_data))), batch_sampler=order, collate_fn=collate)
     wrapped.train()
     bar = tqdm(total=steps, desc=f"task {task.index + 1} {task.name}", disable=not (progress and accelerator.is_main_process))
     step, running, started = 0, [], time.time()
@@ -197,6 +211,15 @@ def train_task(accelerator, model, methods, task, train_data, encodings, cfg, lo
     accelerator.free_memory()
 
 
+def task_indices(train_data: list[dict], names: list[str]) -> torch.Tensor:
+    """The stream index of each training record's task (replayed records belong to earlier tasks)."""
+    index = {n: i for i, n in enumerate(names)}
+    try:
+        return torch.tensor([index[r["task"]] for r in train_data], dtype=torch.long)
+    except KeyError as e:
+        raise ValueError(f"a training record of task {e.args[0]!r} is not from this stream's tasks {names}") from None
+
+
 def evaluate_stream(accelerator, model, processor, stream, encodings, cfg, run_dir: Path, stage: str,
                     progress: bool) -> list[float]:
     """Score on every task's test split (percent); predictions are written per task."""
@@ -215,6 +238,22 @@ def evaluate_stream(accelerator, model, processor, stream, encodings, cfg, run_d
                               [{"id": r["id"], "prompt": user_text(r), "prediction": p, "answer": a, "correct": s}
                                for r, p, a, s in zip(records, predictions, answers, scores)])
     return row
+
+
+def evaluate_routing(model, stream, encodings, cfg) -> dict[str, float]:
+    """Percent of each known task's test prompts that a routing method sends to that task's key."""
+    from lvlm_cl.methods.routing import routers, routing_accuracy
+
+    found = routers(model)
+    if not found:
+        return {}
+    router, tr = found[0], cfg.trainer
+    out = {}
+    for task in stream[:router.num_known]:
+        records = task.test_records[:tr.eval_max_samples] if tr.eval_max_samples else task.test_records
+        out[task.name] = round(routing_accuracy(router, [encodings.prompt(r) for r in records], task.index,
+                                                encodings.processor.tokenizer.pad_token_id, tr.eval_batch_size), 2)
+    return out
 
 
 def _save_progress(accelerator, run_dir: Path, state: RunState, stream) -> None:

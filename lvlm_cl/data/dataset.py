@@ -37,18 +37,6 @@ class EncodingCache:
         return hit
 
 
-class TrainDataset(torch.utils.data.Dataset):
-    def __init__(self, records: list[dict], cache: EncodingCache):
-        self.records = records
-        self.cache = cache
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> Encoded:
-        return self.cache.train(self.records[i])
-
-
 class StepBatchOrder(torch.utils.data.Sampler):
     """Which samples make up each optimizer micro-step: a fresh permutation per epoch from a seeded
     generator, so step k's batch is the same in every run and a resumed run continues the same order.

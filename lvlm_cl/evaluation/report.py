@@ -110,6 +110,16 @@ def _render_markdown(record: Mapping[str, Any], extra: Mapping[str, Any]) -> str
     if any(record["metrics"][name] is None for name in METRIC_KEYS):
         lines += ["", "—: undefined for this many tasks, or the cells it needs were not evaluated."]
 
+    routing = extra.get("routing_accuracy")
+    if isinstance(routing, Mapping) and routing:
+        lines += ["", "## Routing accuracy", "",
+                  "Percent of each task's test samples that the method's task keys route to that task, after "
+                  "each task (tasks not trained yet have no key).", ""]
+        lines += _markdown_table([""] + [_escape(name) for name in tasks], [
+            [f"after {_escape(stage)}"] + [_format_cell(per_task.get(name), 1) if name in per_task else ""
+                                           for name in tasks]
+            for stage, per_task in routing.items()])
+
     scalars = [(key, value) for key, value in extra.items()
                if isinstance(value, (bool, int, float, str)) or value is None]
     if scalars:

@@ -12,12 +12,16 @@ from lvlm_cl.methods.ewc import EWC
 from lvlm_cl.methods.finetune import Finetune
 from lvlm_cl.methods.lwf import LwF
 from lvlm_cl.methods.multitask import Multitask
+from lvlm_cl.methods.moelora import MoELoRA
+from lvlm_cl.methods.olora import OLoRA
 from lvlm_cl.methods.replay import Replay
+from lvlm_cl.methods.task_lora import TaskLoRA
+from lvlm_cl.methods.task_prompts import TaskPrompts
 
 
 def _registry() -> dict[str, type[Method]]:
     registry: dict[str, type[Method]] = {}
-    for cls in (Finetune, Multitask, Replay, EWC, LwF):
+    for cls in (Finetune, Multitask, Replay, EWC, LwF, TaskPrompts, TaskLoRA, OLoRA, MoELoRA):
         if not cls.name:
             raise TypeError(f"{cls.__name__} has no registry name")
         if cls.name in registry:

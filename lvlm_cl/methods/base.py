@@ -14,6 +14,10 @@ A hook gets what it needs through its arguments and returns a batch, data or a l
 into the loop. Methods compose as a list in the recipe (``methods: [replay, task_prompts]``): each hook
 runs for every method in list order; ``before_task`` is chained through its return value and the
 ``loss`` terms are summed with the language-modelling loss.
+
+A method that needs each training sample's task inside the model's forward (to pick a prompt or an
+adapter) sets ``uses_task_ids = True``: training batches then carry ``cl_task_ids`` (the index in the
+stream of each sample's task, replayed samples included), which the method's forward hook must remove.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class Method:
 
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
+    uses_task_ids: ClassVar[bool] = False
 
     def __init__(self, **hparams: Any):
         self.hparams = {**self.defaults, **hparams}

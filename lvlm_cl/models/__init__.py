@@ -103,7 +103,9 @@ def load_model_dir(path: Path, model_cfg=None, *, dtype=torch.float32):
 
 
 def apply_training_setup(model, model_cfg):
-    """Freeze parts and wrap LoRA adapters as the recipe says; returns the model to train."""
+    """Freeze parts and wrap LoRA adapters as the recipe says; returns the model to train. Everything may be
+    frozen here: methods can add what trains (prompts, per-task adapters); the loop refuses a task with
+    nothing to train."""
     for name, module in parts(model).items():
         frozen = getattr(model_cfg, f"freeze_{name}")
         for p in module.parameters():
@@ -125,14 +127,19 @@ def apply_training_setup(model, model_cfg):
             p.requires_grad_(False)
         model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                  target_modules=targets, modules_to_save=lora.modules_to_save or None))
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ModelError("nothing trains: every part is frozen and no LoRA is set (check the recipe's model section)")
     return model
 
 
 def trainable_state_dict(model) -> dict[str, torch.Tensor]:
-    """The parameters that train, by name: what a task checkpoint stores."""
-    return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """What a task checkpoint stores, by name: the parameters that train, and every parameter and buffer
+    of the modules methods attached to the model (prompts, keys, per-task adapters: those of finished
+    tasks are frozen but belong to the stage)."""
+    from lvlm_cl.methods.routing import is_continual
+
+    out = {n: p.detach().clone().contiguous() for n, p in model.named_parameters()
+           if p.requires_grad or is_continual(n)}
+    out.update({n: b.detach().clone().contiguous() for n, b in model.named_buffers() if is_continual(n)})
+    return out
 
 
 def count_parameters(model) -> tuple[int, int]:

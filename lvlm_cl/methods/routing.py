@@ -1,0 +1,299 @@
+"""Task keys matched against a frozen text feature of the instruction: how ``task_prompts`` and
+``task_lora`` pick a task at inference, with no task label (LVLM-CL, seed 003; ModalPrompt).
+
+The query of a sample is a text feature of its instruction: the base language model's final hidden states
+(after the last norm), mean-pooled over the instruction's text tokens. "Instruction" is every text token
+the model sees before the answer (system and user turns and the generation prompt; image tokens and
+padding left out), so a training sample and the same sample at inference give the same query. The encoder
+is frozen, so a query depends only on the instruction's tokens and is cached by them.
+
+"Base" means the weights the run started from:
+- the language model is frozen (only prompts, the projector or the vision tower train): it is used as it is;
+- it carries LoRA adapters and nothing else of it trains: it runs with the adapters disabled
+  (``adapters_disabled``), so no copy is needed on a 7B model;
+- it trains in full: a frozen copy is taken at ``setup`` (one language model more in memory).
+
+Routing picks, for each sample, the known task whose key has the highest cosine similarity to the query.
+The modules that route (keys, prompts, adapters' routers) are attached to the model under
+``<model>.continual.<method>``, so they are saved with every task checkpoint and restored with it: the
+model routes by itself in ``generate`` with no task label and no training code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+
+import torch
+import torch.nn.functional as F
+
+CONTINUAL = "continual"          # the submodule of the model that holds every method's modules
+TASK_IDS = "cl_task_ids"         # the training batch key with each sample's task index (see train.py)
+IGNORE_INDEX = -100
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def attach(model: torch.nn.Module, name: str, module: torch.nn.Module) -> torch.nn.Module:
+    """Register ``module`` as ``<model>.continual.<name>`` (part of the model's state from now on)."""
+    base = unwrap(model)
+    if not hasattr(base, CONTINUAL):
+        base.add_module(CONTINUAL, torch.nn.ModuleDict())
+    getattr(base, CONTINUAL)[name] = module
+    return module
+
+
+def is_continual(name: str) -> bool:
+    """Whether a parameter or buffer belongs to what methods added to the model (always checkpointed, frozen
+    or not): modules under ``continual``, adapters whose name starts with ``cl_``."""
+    return any(part == CONTINUAL or part.startswith("cl_") for part in name.split("."))
+
+
+def routers(model: torch.nn.Module) -> list["TaskKeyRouter"]:
+    base = unwrap(model)
+    holder = getattr(base, CONTINUAL, None)
+    return [m for m in holder.values() if isinstance(m, TaskKeyRouter)] if holder is not None else []
+
+
+class InstructionEncoder:
+    """The frozen query encoder (see the module docstring). Not a module of the model: it is not saved,
+    it is the base model's own language model (or a frozen copy of it)."""
+
+    def __init__(self, language_model: torch.nn.Module, image_token_id: int,
+                 pad_token_id: int, cache_size: int = 100_000):
+        trains_in_full = any(p.requires_grad for n, p in language_model.named_parameters() if "lora_" not in n)
+        self.lm = copy.deepcopy(language_model).eval().requires_grad_(False) if trains_in_full else language_model
+        self.image_token_id, self.pad_token_id = image_token_id, pad_token_id
+        self.cache_size = cache_size
+        self.cache: dict[bytes, torch.Tensor] = {}
+        self.running = False           # hooks on the language model stand aside while it computes queries
+
+    @staticmethod
+    def instruction_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                           labels: torch.Tensor | None, image_token_id: int) -> list[torch.Tensor]:
+        """Per sample: the text tokens before the first answer token (labels != -100), without image
+        tokens and padding."""
+        out = []
+        for i in range(input_ids.shape[0]):
+            keep = input_ids[i] != image_token_id
+            if attention_mask is not None:
+                keep &= attention_mask[i].bool()
+            if labels is not None:
+                answer = (labels[i] != IGNORE_INDEX).nonzero()
+                if len(answer):
+                    keep[int(answer[0]):] = False
+            out.append(input_ids[i][keep])
+        return out
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, D) float32 queries on ``input_ids``' device."""
+        seqs = self.instruction_tokens(input_ids, attention_mask, labels, self.image_token_id)
+        keys = [s.cpu().numpy().tobytes() for s in seqs]
+        todo = {}
+        for k, s in zip(keys, seqs):
+            if k not in self.cache and k not in todo:
+                if s.numel() == 0:
+                    raise ValueError("task routing: a sample has no instruction text (only images or answer)")
+                todo[k] = s
+        fresh = dict(zip(todo, self._encode(list(todo.values())))) if todo else {}
+        for k, v in fresh.items():
+            if len(self.cache) < self.cache_size:
+                self.cache[k] = v
+        return torch.stack([self.cache[k] if k in self.cache else fresh[k] for k in keys]).to(input_ids.device)
+
+    def _encode(self, seqs: list[torch.Tensor]) -> list[torch.Tensor]:
+        device = next(self.lm.parameters()).device
+        n = max(s.numel() for s in seqs)
+        ids = torch.full((len(seqs), n), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), n), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, n - s.numel():], mask[i, n - s.numel():] = s.cpu(), 1
+        ids, mask = ids.to(device), mask.to(device)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        was_training = self.lm.training
+        self.running = True
+        try:
+            self.lm.eval()
+            with adapters_disabled(self.lm):
+                hidden = self.lm(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                                 use_cache=False).last_hidden_state.float()
+        finally:
+            self.running = False
+            self.lm.train(was_training)
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(1) / m.sum(1)
+        return list(pooled.cpu())
+
+
+def query_encoder(model: torch.nn.Module, cache_size: int = 100_000) -> InstructionEncoder:
+    """The model's one query encoder, shared by every routing method of a run (built on first use, which
+    must be before any training: a frozen copy, when one is needed, is of the base weights)."""
+    from lvlm_cl.models import parts
+
+    base = unwrap(model)
+    encoder = getattr(base, "_cl_query_encoder", None)
+    if encoder is None:
+        cfg = base.config
+        pad = getattr(cfg, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(cfg.get_text_config(), "pad_token_id", None)
+        encoder = InstructionEncoder(parts(model)["language_model"], cfg.image_token_id, 0 if pad is None else int(pad),
+                                     cache_size)
+        object.__setattr__(base, "_cl_query_encoder", encoder)   # not a submodule: never saved, never moved
+    return encoder
+
+
+@contextlib.contextmanager
+def adapters_disabled(module: torch.nn.Module):
+    """Run ``module`` on its base weights: every PEFT adapter layer in it disabled (PEFT's
+    ``enable_adapters``), and every layer of a method's own (``is_cl_adapter``), then restored,
+    ``requires_grad`` flags included (PEFT resets them)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    own = [m for m in module.modules() if getattr(m, "is_cl_adapter", False)]   # methods' own adapter layers
+    states = [(m, m.disable_adapters, [(p, p.requires_grad) for p in m.parameters()]) for m in layers]
+    enabled = [(m, m.adapters_enabled) for m in own]
+    try:
+        for m in layers:
+            m.enable_adapters(False)
+        for m in own:
+            m.adapters_enabled = False
+        yield
+    finally:
+        for m, disabled, flags in states:
+            m.enable_adapters(not disabled)
+            for p, flag in flags:
+                p.requires_grad_(flag)
+        for m, flag in enabled:
+            m.adapters_enabled = flag
+
+
+class TaskKeyRouter(torch.nn.Module):
+    """One key per task of the stream; ``known`` tasks (trained or in training) take part in routing.
+
+    Subclasses add what is routed (prompts, adapters). ``encoder`` is set by the owning method.
+    """
+
+    def __init__(self, num_tasks: int, dim: int):
+        super().__init__()
+        self.keys = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(dim)) for _ in range(num_tasks)])
+        self.register_buffer("known", torch.zeros((), dtype=torch.long))
+        self.register_buffer("key_ready", torch.zeros(num_tasks, dtype=torch.bool))
+        self.encoder: InstructionEncoder | None = None
+        self.selected: torch.Tensor | None = None      # the batch's task per sample (set by ``choose``)
+        self.sims: torch.Tensor | None = None
+        self.image_counts: torch.Tensor | None = None   # image tokens per sample (to map images to samples)
+
+    @property
+    def num_known(self) -> int:
+        return int(self.known)
+
+    def similarities(self, query: torch.Tensor) -> torch.Tensor:
+        """(B, known) cosine similarities between queries and the known tasks' keys."""
+        keys = torch.stack(list(self.keys[:self.num_known])).to(query.device, query.dtype)
+        return F.cosine_similarity(query.unsqueeze(1), keys.unsqueeze(0), dim=-1)
+
+    def choose(self, task_ids: torch.Tensor | None, input_ids: torch.Tensor | None, attention_mask) -> None:
+        """Set ``selected`` (each sample's task, or None before any task is known) and ``sims`` (the
+        routing similarities, None when the tasks were given) for the batch about to run."""
+        self.selected, self.sims = None, None
+        self.image_counts = None if input_ids is None else (input_ids == self.encoder.image_token_id).sum(-1)
+        known = self.num_known
+        if known == 0:
+            return
+        if task_ids is not None:
+            if int(task_ids.max()) >= known:
+                raise ValueError(f"a training sample of task {int(task_ids.max())}, but only {known} tasks are known")
+            self.selected = task_ids.long()
+            return
+        if input_ids is None:
+            raise ValueError("task routing needs input_ids; inputs_embeds alone cannot be routed")
+        self.selected, self.sims = self.route(input_ids, attention_mask)
+
+    def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(best task per sample (B,), similarities (B, known)) for a batch of prompts."""
+        if self.num_known == 0:
+            raise ValueError("task routing: no task has been trained yet")
+        sims = self.similarities(self.encoder(input_ids, attention_mask, labels))
+        return sims.argmax(-1), sims
+
+    def key_loss(self, query: torch.Tensor, task_index: int) -> torch.Tensor:
+        """1 - cos(query, key of the task), averaged: pulls the task's key towards its queries. A key is
+        first set to its task's mean query direction, so it starts where the loss would take it."""
+        key = self.keys[task_index]
+        if not bool(self.key_ready[task_index]):
+            with torch.no_grad():
+                key.copy_(F.normalize(F.normalize(query.float(), dim=-1).mean(0), dim=0).to(key.dtype))
+            self.key_ready[task_index] = True
+        return (1 - F.cosine_similarity(query, key.unsqueeze(0).to(query.dtype), dim=-1)).mean()
+
+
+def install_selector(model: torch.nn.Module, router: TaskKeyRouter) -> None:
+    """Make ``router`` choose each batch's tasks before the model runs: from the training batch's
+    ``cl_task_ids`` (removed from the forward's arguments), or by routing at the first step of a generation
+    (later steps keep the choice). One hook per model serves every router.
+
+    ``generate`` is wrapped too: transformers 5 encodes the images before the first forward step, and an
+    adapter of the vision tower must know its route by then."""
+    base = unwrap(model)
+    chosen = getattr(base, "_cl_routers", None)
+    if chosen is None:
+        chosen = []
+        object.__setattr__(base, "_cl_routers", chosen)
+        original = base.generate
+
+        @functools.wraps(original)
+        def generate(*args, **kwargs):
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            for r in chosen:
+                r.choose(None, input_ids, kwargs.get("attention_mask"))
+            return original(*args, **kwargs)
+
+        object.__setattr__(base, "generate", generate)
+
+        def select(module, args, kwargs):
+            task_ids = kwargs.pop(TASK_IDS, None)
+            past = kwargs.get("past_key_values")
+            if past is not None and past.get_seq_length() > 0:
+                return args, kwargs
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            for r in chosen:
+                r.choose(task_ids, input_ids, kwargs.get("attention_mask"))
+            return args, kwargs
+
+        base.register_forward_pre_hook(select, with_kwargs=True)
+    chosen.append(router)
+
+
+def key_loss_on_batch(router: TaskKeyRouter, batch: dict, task_index: int) -> torch.Tensor | None:
+    """The key surrogate loss on the batch's samples of the task in training (replayed samples excluded)."""
+    ids = batch.get(TASK_IDS)
+    own = ids == task_index if ids is not None else torch.ones(batch["input_ids"].shape[0], dtype=torch.bool)
+    if not own.any():
+        return None
+    own = own.to(batch["input_ids"].device)
+    query = router.encoder(batch["input_ids"][own], batch["attention_mask"][own], batch["labels"][own])
+    return router.key_loss(query, task_index)
+
+
+@torch.no_grad()
+def routing_accuracy(router: TaskKeyRouter, prompts: list, task_index: int, pad_token_id: int,
+                     batch_size: int = 256) -> float:
+    """Percent of ``prompts`` (``Encoded`` prompt encodings of one task) routed to ``task_index``."""
+    from lvlm_cl.data.encoding import collate_prompts
+
+    device = next(router.parameters()).device
+    hits = 0
+    for start in range(0, len(prompts), batch_size):
+        batch = collate_prompts(prompts[start:start + batch_size], pad_token_id)
+        best, _ = router.route(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        hits += int((best == task_index).sum())
+    return 100.0 * hits / max(1, len(prompts))

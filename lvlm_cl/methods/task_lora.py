@@ -1,0 +1,124 @@
+"""Task LoRA: one LoRA adapter per task, on the language model and the vision tower, chosen at inference
+by the same text-feature keys as ``task_prompts`` (the dual-modality idea of seed 000, "task-specific
+LoRA modules for the image encoder"; per-task LoRA experts picked by a router as in HiDe-LLaVA and
+MR-LoRA).
+
+- ``setup`` adds one adapter per task of the stream (``cl_task_lora_00``, ``cl_task_lora_01``, ...) through
+  ``peft.functional.inject_adapter_in_model``, on the language model's attention and MLP projections and,
+  with ``vision: true``, on the vision tower's.
+- Training on task t: only adapter t and key t train. Each sample runs through the adapter of its own
+  task (a replayed record through its earlier task's frozen adapter), with PEFT's mixed-adapter batches
+  (the ``adapter_names`` argument of its LoRA layers). The key is pulled towards the task's queries:
+  ``term = key_weight * mean(1 - cos(q, k_t))``.
+- Inference: each sample is routed to the task whose key is most similar to its instruction's query
+  (``routing.InstructionEncoder``) and runs through that task's adapter only; the vision tower's adapter
+  follows the sample's route for each of its images.
+
+Each task's adapter starts at PEFT's initialisation (B = 0: the base model), so no task's training moves
+another task's weights: with correct routing there is no forgetting, and what is forgotten is what is
+misrouted (reported as routing accuracy). Costs: r * (d_in + d_out) parameters per adapted layer per task.
+
+    model: {freeze_vision_tower: true, freeze_projector: true, freeze_language_model: true}
+    methods: [{name: task_lora, r: 8, alpha: 16, vision: true}]
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lvlm_cl.methods.adapters import adapter_params, inject_lora, refuse_recipe_lora, set_trainable_adapter, targets
+from lvlm_cl.methods.base import Method, Task
+from lvlm_cl.methods.routing import TaskKeyRouter, attach, install_selector, key_loss_on_batch, query_encoder
+from lvlm_cl.models import parts
+
+BASE = "__base__"      # PEFT's name for "no adapter" in a mixed batch
+
+
+class TaskLoRA(Method):
+    name = "task_lora"
+    defaults = {
+        "r": 8,
+        "alpha": 16.0,
+        "dropout": 0.0,
+        "vision": True,            # adapters on the vision tower too (seed 000's image-encoder LoRA)
+        "language": True,          # adapters on the language model
+        "key_weight": 1.0,
+        "query_cache": 100_000,
+    }
+    uses_task_ids = True
+
+    def __init__(self, **hparams):
+        super().__init__(**hparams)
+        h = self.hparams
+        for key in ("r", "query_cache"):
+            if not isinstance(h[key], int) or isinstance(h[key], bool) or h[key] < 1:
+                raise ValueError(f"task_lora: setting {key!r} must be an integer >= 1, got {h[key]!r}")
+        for key in ("alpha", "key_weight", "dropout"):
+            if not isinstance(h[key], (int, float)) or isinstance(h[key], bool) or h[key] < 0:
+                raise ValueError(f"task_lora: setting {key!r} must be a number >= 0, got {h[key]!r}")
+        if not (h["vision"] or h["language"]):
+            raise ValueError("task_lora: at least one of 'vision' and 'language' must be true")
+        self.router: TaskKeyRouter | None = None
+        self.names: list[str] = []
+
+    def setup(self, model, stream: list[Task]) -> None:
+        refuse_recipe_lora(model, self.name)
+        encoder = query_encoder(model, self.hparams["query_cache"])   # before any adapter: the base's queries
+        dim = parts(model)["language_model"].get_input_embeddings().weight.shape[1]
+        self.router = attach(model, self.name, TaskKeyRouter(len(stream), dim))
+        self.router.to(next(model.parameters()).device).requires_grad_(False)
+        self.router.encoder = encoder
+        h = self.hparams
+        self.names = [f"cl_task_lora_{i:02d}" for i in range(len(stream))]
+        layers: list[str] = []
+        for name in self.names:
+            layers = inject_lora(model, name, r=h["r"], alpha=h["alpha"], dropout=h["dropout"],
+                                 target_modules=targets(language=h["language"], vision=h["vision"]))
+        install_selector(model, self.router)
+        _install_adapter_hooks(model, layers, self.router, self.names)
+
+    def before_task(self, task: Task, model, train_data: list) -> list:
+        set_trainable_adapter(model, self.names, self.names[task.index])
+        self.router.requires_grad_(False)
+        self.router.keys[task.index].requires_grad_(True)
+        self.router.known.fill_(max(self.router.num_known, task.index + 1))
+        return train_data
+
+    def loss(self, model, batch: dict, outputs, task: Task):
+        if self.hparams["key_weight"] == 0:
+            return None
+        term = key_loss_on_batch(self.router, batch, task.index)
+        return None if term is None else self.hparams["key_weight"] * term
+
+    def adapter_size(self, model) -> int:
+        """Parameters of one task's adapter."""
+        return sum(p.numel() for p in adapter_params(model, self.names[0]).values())
+
+
+def _install_adapter_hooks(model, layer_paths: list[str], router: TaskKeyRouter, names: list[str]) -> None:
+    """Pass PEFT's ``adapter_names`` to every adapted layer: the routed task's adapter per sample, and per
+    image in the vision tower (a sample's images follow its route)."""
+    from lvlm_cl.methods.routing import unwrap
+
+    def per_input(kind: str, n: int) -> list[str]:
+        if router.encoder.running or router.selected is None:
+            return [BASE] * n
+        per_sample = [names[int(t)] for t in router.selected]
+        if kind == "image":
+            counts = router.image_counts.tolist()
+            per_image = sum(counts) // n if n else 0
+            per_sample = [name for name, c in zip(per_sample, counts) for _ in range(c // max(per_image, 1))]
+        if len(per_sample) != n:
+            raise ValueError(f"task_lora: {len(per_sample)} routed {kind} inputs for a batch of {n} in a LoRA layer")
+        return per_sample
+
+    def hook(kind):
+        def add_names(module, args, kwargs):
+            x = args[0] if args else kwargs.get("x")
+            kwargs["adapter_names"] = per_input(kind, x.shape[0])
+            return args, kwargs
+        return add_names
+
+    modules = dict(unwrap(model).named_modules())
+    for path in layer_paths:
+        modules[path].register_forward_pre_hook(hook("image" if "vision_tower" in path else "text"), with_kwargs=True)

@@ -1,0 +1,167 @@
+"""Task-keyed text-feature prompts: the prompt half of LVLM-CL (seed 003), after ModalPrompt
+(AuroraZengfh/ModalPrompt, llava/model/llava_arch.py) and the key-query prompts of L2P.
+
+Each task owns ``length`` learnable prompt vectors, prepended to the language model's input embeddings
+(after the image features are merged in), and a key. The query of a sample is a frozen text feature of its
+instruction (``routing.InstructionEncoder``: the base language model's mean-pooled hidden states).
+
+- Training on task t: every sample uses the prompt of the task it comes from (the current task's, or an
+  earlier task's for records a memory bank replays), and the current task's key is pulled towards its
+  samples' queries: ``term = key_weight * mean(1 - cos(q, k_t))``. Earlier tasks' prompts and keys are
+  frozen; the new task's prompt starts as a copy of the previous one (``init: previous``) or at random.
+- Inference: each sample uses the prompt of the known task whose key is most similar to its query
+  (``top_k > 1``: the similarity-weighted mean of the k best tasks' prompts). No task label is needed:
+  routing happens inside the model's forward, so ``generate``, evaluation and chat route by themselves.
+- The prompts, keys and the count of known tasks live in the model (``<model>.continual.task_prompts``) and
+  are saved with every task checkpoint.
+
+    methods:
+      - {name: task_prompts, length: 8, key_weight: 1.0}
+      - {name: replay, memory_fraction: 0.05, selection: task_balanced}
+
+How the prompts enter the model: a forward pre-hook on the model chooses each sample's task (from the
+training batch's ``cl_task_ids``, or by routing at the first step of a generation), a pre-hook on the
+language model prepends the chosen prompts to ``inputs_embeds`` (extending the attention mask and shifting
+position ids by ``length``), and a forward hook drops the prompt positions from its output, so logits and
+labels keep their length. Later generation steps find the prompts in the key-value cache and only get the
+mask and positions extended. Routing accuracy per task is reported in ``metrics.json`` and the report.
+
+Adaptations: ModalPrompt's query blends a CLIP text and image feature; here the query is text-only (the
+LLaVA model's own language model is the encoder, no second model is needed). ModalPrompt concatenates the
+top-k prompts; here ``top_k`` averages them, so the prompt length is the same in training and inference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lvlm_cl.methods.base import Method, Task
+from lvlm_cl.methods.routing import (TaskKeyRouter, attach, install_selector, key_loss_on_batch,
+                                     query_encoder)
+from lvlm_cl.models import parts
+
+
+
+class TaskPromptPool(TaskKeyRouter):
+    """Keys (from ``TaskKeyRouter``) and ``length`` prompt vectors per task of the stream."""
+
+    def __init__(self, num_tasks: int, length: int, dim: int, init_std: float, seed: int, top_k: int = 1):
+        super().__init__(num_tasks, dim)
+        g = torch.Generator().manual_seed(seed)
+        self.prompts = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.randn(length, dim, generator=g) * init_std) for _ in range(num_tasks)])
+        self.length, self.top_k = length, top_k
+        self._strip = 0                             # prompt positions to drop from the LM output
+
+    @property
+    def active(self) -> bool:
+        return self.selected is not None
+
+    def weights(self) -> torch.Tensor:
+        """(B, known) weight of each known task's prompt per sample: one-hot, or the top-k similarities."""
+        known = self.num_known
+        if self.sims is None or self.top_k == 1:
+            return torch.nn.functional.one_hot(self.selected, known).float()
+        top, idx = self.sims.topk(min(self.top_k, known), dim=-1)
+        w = torch.zeros_like(self.sims).scatter_(-1, idx, top.clamp(min=1e-6))
+        return w / w.sum(-1, keepdim=True)
+
+    def batch_prompts(self, dtype, device) -> torch.Tensor:
+        stack = torch.stack(list(self.prompts[:self.num_known])).to(device)        # (known, P, D)
+        return torch.einsum("bt,tpd->bpd", self.weights().to(device, stack.dtype), stack).to(dtype)
+
+
+class TaskPrompts(Method):
+    name = "task_prompts"
+    defaults = {
+        "length": 8,              # prompt vectors per task
+        "key_weight": 1.0,        # weight of the key surrogate loss (1 - cos(query, key))
+        "top_k": 1,               # tasks whose prompts are used at inference (similarity-weighted mean)
+        "init": "previous",       # a new task's prompt: "previous" (copy of the last task's) or "random"
+        "query_cache": 100_000,   # instruction features kept in memory (the encoder is frozen)
+        "seed": 0,
+    }
+    uses_task_ids = True
+
+    def __init__(self, **hparams):
+        super().__init__(**hparams)
+        h = self.hparams
+        for key in ("length", "top_k", "query_cache"):
+            if not isinstance(h[key], int) or isinstance(h[key], bool) or h[key] < 1:
+                raise ValueError(f"task_prompts: setting {key!r} must be an integer >= 1, got {h[key]!r}")
+        if not isinstance(h["key_weight"], (int, float)) or isinstance(h["key_weight"], bool) or h["key_weight"] < 0:
+            raise ValueError(f"task_prompts: setting 'key_weight' must be a number >= 0, got {h['key_weight']!r}")
+        if h["init"] not in ("previous", "random"):
+            raise ValueError(f"task_prompts: setting 'init' must be 'previous' or 'random', got {h['init']!r}")
+        self.pool: TaskPromptPool | None = None
+
+    def setup(self, model, stream: list[Task]) -> None:
+        lm = parts(model)["language_model"]
+        embed = lm.get_input_embeddings().weight
+        encoder = query_encoder(model, self.hparams["query_cache"])
+        self.pool = attach(model, self.name, TaskPromptPool(
+            len(stream), self.hparams["length"], embed.shape[1], float(embed.detach().float().std()),
+            self.hparams["seed"], self.hparams["top_k"]))
+        self.pool.to(embed.device).requires_grad_(False)
+        self.pool.encoder = encoder
+        install_selector(model, self.pool)
+        _install_prompt_hooks(lm, self.pool)
+
+    def before_task(self, task: Task, model, train_data: list) -> list:
+        pool = self.pool
+        if task.index > 0 and self.hparams["init"] == "previous" and not bool(pool.key_ready[task.index]):
+            with torch.no_grad():
+                pool.prompts[task.index].copy_(pool.prompts[task.index - 1])
+        pool.requires_grad_(False)
+        pool.prompts[task.index].requires_grad_(True)
+        pool.keys[task.index].requires_grad_(True)
+        pool.known.fill_(max(pool.num_known, task.index + 1))
+        return train_data
+
+    def loss(self, model, batch: dict, outputs, task: Task):
+        if self.hparams["key_weight"] == 0:
+            return None
+        term = key_loss_on_batch(self.pool, batch, task.index)
+        return None if term is None else self.hparams["key_weight"] * term
+
+
+def _install_prompt_hooks(language_model, pool: TaskPromptPool) -> None:
+    """Prompts in and out around the language model (see the module docstring)."""
+
+    def prepend(module, args, kwargs):
+        if pool.encoder.running or not pool.active:
+            return args, kwargs
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            raise ValueError("task_prompts: the language model was called without inputs_embeds")
+        P = pool.length
+        past = kwargs.get("past_key_values")
+        first = past is None or past.get_seq_length() == 0
+        if first:
+            if pool.selected.shape[0] != embeds.shape[0]:
+                raise ValueError(f"task_prompts: {pool.selected.shape[0]} routed samples for a batch of {embeds.shape[0]}")
+            kwargs["inputs_embeds"] = torch.cat([pool.batch_prompts(embeds.dtype, embeds.device), embeds], dim=1)
+            pool._strip = P
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            if mask.dim() != 2:
+                raise ValueError("task_prompts needs a 2-D attention mask")
+            kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], P), mask], dim=1)
+        pos = kwargs.get("position_ids")
+        if pos is not None:
+            shifted = pos + P
+            if first:
+                lead = torch.arange(P, device=pos.device, dtype=pos.dtype).expand(*pos.shape[:-1], P)
+                shifted = torch.cat([lead, shifted], dim=-1)
+            kwargs["position_ids"] = shifted
+        return args, kwargs
+
+    def strip(module, args, output):
+        if not pool._strip:
+            return output
+        P, pool._strip = pool._strip, 0
+        output.last_hidden_state = output.last_hidden_state[:, P:]
+        return output
+
+    language_model.register_forward_pre_hook(prepend, with_kwargs=True)
+    language_model.register_forward_hook(strip)
