@@ -116,14 +116,18 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
             train_data = task.train_records
             for m in methods:
                 train_data = m.before_task(task, model, train_data)
+            state.extra.setdefault("trainable_parameters", {})[task.name] = count_parameters(model)[0]
             train_task(accelerator, model, methods, task, train_data, encodings, cfg, log, progress, names)
             for m in methods:
                 m.after_task(task, model, train_data)
             state.extra.setdefault("train_seconds", {})[task.name] = round(time.time() - started, 2)
+            bank = sum(m.memory_size() for m in methods if hasattr(m, "memory_size"))
+            if bank:
+                state.extra.setdefault("memory_records", {})[task.name] = bank
             if accelerator.is_main_process:
                 save_task_checkpoint(run_dir, task.index, task.name, trainable_state_dict(model),
                                      {m.name: m.state_dict() for m in methods},
-                                     {"train_samples": len(train_data)})
+                                     {"train_samples": len(train_data), "task_records": len(task.train_records)})
             state.trained = task.index + 1
             _save_progress(accelerator, run_dir, state, stream)
         started = time.time()

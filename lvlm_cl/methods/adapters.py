@@ -10,6 +10,7 @@ to the stage and are saved whole with every task checkpoint, frozen ones include
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 
@@ -48,8 +49,10 @@ def inject_lora(model: torch.nn.Module, adapter_name: str, *, r: int, alpha: flo
     if not matched:
         raise ValueError(f"target_modules {target_modules!r} matches no module of the model")
     flags = {n: p.requires_grad for n, p in base.named_parameters()}
-    inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules),
-                            base, adapter_name=adapter_name)
+    with warnings.catch_warnings():   # PEFT warns that a second adapter joins the first: that is the point
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                           target_modules=target_modules), base, adapter_name=adapter_name)
     for n, p in base.named_parameters():
         p.requires_grad_(flags.get(n, False))
     return matched

@@ -1,0 +1,167 @@
+"""task_prompts and task_lora: the query is the same in training and at inference, routing picks the right
+task, prompts/adapters change the model only through the routed task, generation with the key-value cache
+equals generation without it and batched equals one-by-one, and a run reports routing accuracy."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import SMALL_MODEL, write_colour_tasks, write_recipe
+from lvlm_cl.config import load_recipe
+from lvlm_cl.data.encoding import collate_prompts, collate_train, encode_prompt, encode_record
+from lvlm_cl.data.records import load_records
+from lvlm_cl.methods.base import Task
+from lvlm_cl.methods.routing import TASK_IDS, InstructionEncoder, is_continual, routers
+from lvlm_cl.methods.task_lora import TaskLoRA
+from lvlm_cl.methods.task_prompts import TaskPrompts
+from lvlm_cl.models import trainable_state_dict
+from lvlm_cl.train import run
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)      # adapters' initialisation draws from the global generator
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from lvlm_cl.models.tiny import TinyLlavaSize, build_tiny_llava
+
+    model, processor = build_tiny_llava(TinyLlavaSize(text_hidden=64, vision_hidden=64, text_intermediate=128), seed=0)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def stream(tmp_path_factory):
+    files = write_colour_tasks(tmp_path_factory.mktemp("routing"), n_train=8, n_test=4)
+    return [Task(i, name, "exact_match", load_records(tr, task=name), load_records(te, task=name))
+            for i, (name, (tr, te)) in enumerate(files.items())]
+
+
+def _train_batch(processor, records, task_index):
+    batch = collate_train([encode_record(processor, r, 512) for r in records], processor.tokenizer.pad_token_id)
+    batch[TASK_IDS] = torch.full((len(records),), task_index)
+    return batch
+
+
+def _prompts(processor, records):
+    return collate_prompts([encode_prompt(processor, r, 512) for r in records], processor.tokenizer.pad_token_id)
+
+
+def _two_tasks_known(method, model, processor, stream):
+    """Both tasks go through before_task and one key-loss step, as a run would do."""
+    method.setup(model, stream)
+    for task in stream:
+        method.before_task(task, model, task.train_records)
+        batch = _train_batch(processor, task.train_records[:4], task.index)
+        term = method.loss(model, batch, None, task)
+        assert term is not None and torch.isfinite(term)
+    return routers(model)[0]
+
+
+def test_instruction_tokens_are_the_same_in_training_and_at_inference(tiny, stream):
+    model, processor = tiny
+    r = stream[1].train_records[0]
+    train, prompt = encode_record(processor, r, 512), encode_prompt(processor, r, 512)
+    image = model.config.image_token_id
+    a = InstructionEncoder.instruction_tokens(train.input_ids[None], None, train.labels[None], image)[0]
+    b = InstructionEncoder.instruction_tokens(prompt.input_ids[None], None, None, image)[0]
+    assert torch.equal(a, b)
+    text = processor.tokenizer.decode(a)
+    assert "warm or cold" in text and r["messages"][1]["content"][0]["text"] not in text.split("ASSISTANT:")[-1]
+    assert not (a == image).any()
+
+
+@pytest.mark.parametrize("cls, kwargs", [(TaskPrompts, {"length": 4}), (TaskLoRA, {"r": 4})])
+def test_routes_each_instruction_to_its_task(tiny, stream, cls, kwargs):
+    model = copy.deepcopy(tiny[0]).eval()
+    processor = tiny[1]
+    router = _two_tasks_known(cls(**kwargs), model, processor, stream)
+    for task in stream:
+        batch = _prompts(processor, task.test_records)
+        best, sims = router.route(batch["input_ids"], batch["attention_mask"])
+        assert best.tolist() == [task.index] * len(task.test_records)
+        assert sims.shape == (len(task.test_records), 2) and bool((sims[:, task.index] > 0.99).all())
+
+
+@pytest.mark.parametrize("cls, kwargs", [(TaskPrompts, {"length": 4}), (TaskLoRA, {"r": 4})])
+def test_generation_routes_by_itself_and_equals_unbatched_and_uncached(tiny, stream, cls, kwargs):
+    model = copy.deepcopy(tiny[0]).eval()
+    processor = tiny[1]
+    method = cls(**kwargs)
+    _two_tasks_known(method, model, processor, stream)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():   # make every task's part far from its initial value, so a wrong route shows
+        for n, p in model.named_parameters():
+            if is_continual(n) and (".prompts." in n or "lora_B" in n):
+                p.copy_(torch.randn(p.shape, generator=g))
+    records = stream[0].test_records[:2] + stream[1].test_records[:2]
+    batch = _prompts(processor, records)
+    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        cached = model.generate(**batch, **gen)
+        uncached = model.generate(**batch, **gen, use_cache=False)
+        assert torch.equal(cached, uncached)
+        for i, r in enumerate(records):
+            single = model.generate(**_prompts(processor, [r]), **gen)
+            assert torch.equal(single[0, -5:], cached[i, -5:])
+        # Routed logits = logits with each sample's true task forced; a different task gives others.
+        routed = model(**batch).logits
+        truth = torch.tensor([0, 0, 1, 1])
+        forced = model(**batch, **{TASK_IDS: truth}).logits
+        wrong = model(**batch, **{TASK_IDS: 1 - truth}).logits
+    assert torch.allclose(routed, forced, atol=1e-5)
+    assert not torch.allclose(routed, wrong, atol=1e-3)
+
+
+def test_task_prompts_keeps_sequence_length_and_trains_only_the_current_task(tiny, stream):
+    model = copy.deepcopy(tiny[0]).train()
+    processor = tiny[1]
+    method = TaskPrompts(length=3)
+    method.setup(model, stream)
+    method.before_task(stream[0], model, [])
+    method.before_task(stream[1], model, [])
+    pool = method.pool
+    assert [p.requires_grad for p in pool.prompts] == [False, True]
+    assert [k.requires_grad for k in pool.keys] == [False, True]
+    batch = _train_batch(processor, stream[1].train_records[:2] + stream[0].train_records[:2], 1)
+    batch[TASK_IDS] = torch.tensor([1, 1, 0, 0])              # two replayed samples of task 0
+    out = model(**batch)
+    assert out.logits.shape[:2] == batch["input_ids"].shape    # prompt positions are dropped again
+    out.loss.backward()
+    assert pool.prompts[1].grad is not None and pool.prompts[1].grad.abs().sum() > 0
+    assert pool.prompts[0].grad is None                        # the earlier task's prompt is frozen
+    names = trainable_state_dict(model)
+    assert any("continual.task_prompts.prompts.0" in n for n in names)   # saved although frozen
+    assert any(n.endswith("continual.task_prompts.known") for n in names)
+
+
+def test_task_lora_refuses_the_recipe_lora(tiny, stream):
+    from lvlm_cl.config import LoraSettings, ModelConfig
+    from lvlm_cl.models import apply_training_setup
+
+    model = apply_training_setup(copy.deepcopy(tiny[0]), ModelConfig(lora=LoraSettings(r=2)))
+    with pytest.raises(ValueError, match="remove model.lora"):
+        TaskLoRA().setup(model, stream)
+
+
+@pytest.mark.parametrize("bad, match", [({"length": 0}, "length"), ({"init": "zeros"}, "init"),
+                                        ({"key_weight": -1}, "key_weight"), ({"top_k": 1.5}, "top_k")])
+def test_task_prompts_settings_are_checked(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TaskPrompts(**bad)
+
+
+@pytest.mark.slow
+def test_a_run_reports_routing_accuracy(tmp_path):
+    files = write_colour_tasks(tmp_path / "data", n_train=16, n_test=8)
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", files, out, steps_per_task=2)
+    run(load_recipe(recipe, [*SMALL_MODEL, "methods=[task_prompts, {name: replay, memory_per_task: 4}]"]),
+        progress=False)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["routing_accuracy"] == {"colour": {"colour": 100.0}, "warmth": {"colour": 100.0, "warmth": 100.0}}
+    assert "## Routing accuracy" in (out / "report.md").read_text()
