@@ -35,7 +35,10 @@ class Stage:
         return self.stream[self.index]
 
 
-def load_stage(run_dir: str | Path, index: int | None = None) -> Stage:
+def load_stage(run_dir: str | Path, index: int | None = None, *, quantization: str | None = None) -> Stage:
+    """``index`` is the 0-based task after which the stage was saved (default: the last trained one).
+    ``quantization`` ("4bit" / "8bit") loads the base language model quantized; refused when the run trained
+    weights that quantization would replace (full fine-tuning of the language model)."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
@@ -52,7 +55,13 @@ def load_stage(run_dir: str | Path, index: int | None = None) -> Stage:
     # The run keeps a copy of a built-in base model; a local model directory is read where it is.
     base = run_dir / "base_model"
     model, processor = load_model_dir(base if base.is_dir() else resolve_model_dir(cfg.model, cfg.seed, cache),
-                                      cfg.model)
+                                      cfg.model, quantization=quantization)
+    if quantization:
+        trained_in_full = not cfg.model.freeze_language_model and cfg.model.lora is None
+        if trained_in_full:
+            raise CheckpointError(f"{run_dir}: this run trained the language model's own weights "
+                                  "(model.freeze_language_model: false, no LoRA); loading it quantized would replace "
+                                  "them. Load it without 4-bit/8-bit.")
     model = apply_training_setup(model, cfg.model)
     stream, _ = build_stream(cfg, cache)
     methods = build_methods(cfg.methods)

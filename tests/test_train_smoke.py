@@ -92,3 +92,24 @@ def test_overwrite_starts_over_and_changed_data_is_refused(tmp_path, colour_task
     train_file.write_text("\n".join(lines[:-1]) + "\n")
     with pytest.raises(CheckpointError, match="task files changed"):
         main([str(recipe), *SMALL_MODEL])
+
+
+def test_a_task_with_nothing_to_train_is_refused(tmp_path, colour_tasks):
+    recipe = write_recipe(tmp_path / "r.yaml", colour_tasks, tmp_path / "run", steps_per_task=1)
+    frozen = ["model.freeze_vision_tower=true", "model.freeze_projector=true", "model.freeze_language_model=true"]
+    with pytest.raises(ValueError, match="task 'colour': nothing trains"):
+        run(load_recipe(recipe, [*SMALL_MODEL, *frozen]), progress=False)
+
+
+def test_the_run_records_trainable_parameters_and_memory_per_task(tmp_path, colour_tasks):
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", colour_tasks, out, steps_per_task=1)
+    frozen = ["model.freeze_vision_tower=true", "model.freeze_projector=true", "model.freeze_language_model=true"]
+    run(load_recipe(recipe, [*SMALL_MODEL, *frozen, "methods=[{name: task_prompts, length: 4},"
+                                                     " {name: replay, memory_per_task: 5}]"]), progress=False)
+    metrics = json.loads((out / "metrics.json").read_text())
+    # Only the task's prompt (4 x 64) and key (64) train once the model is frozen.
+    assert metrics["trainable_parameters"] == {"colour": 4 * 64 + 64, "warmth": 4 * 64 + 64}
+    assert metrics["memory_records"] == {"colour": 5, "warmth": 10}
+    meta = json.loads((out / "checkpoints" / "task-01-warmth" / "meta.json").read_text())
+    assert meta["task_records"] == 48 and meta["train_samples"] > 48    # replayed records come on top

@@ -81,23 +81,50 @@ def load_processor(path_or_builtin: str, chat_template_name: str | None = None):
     return processor
 
 
-def _set_template(processor, name: str | None, where: str) -> None:
+def _set_template(processor, name: str | None, where: str, require_markers: bool = True) -> None:
     if name:
         processor.chat_template = (Path(name).read_text(encoding="utf-8") if name.endswith(".jinja")
                                    else chat_template(name))
-    if not has_generation_markers(processor.chat_template):
+    if not processor.chat_template:
+        raise ModelError(f"{where}: the processor has no chat template; set model.chat_template: llava15 (LLaVA-1.5 "
+                         "format) or a .jinja file")
+    if require_markers and not has_generation_markers(processor.chat_template):
         raise ModelError(f"{where}: the processor's chat template has no {{% generation %}} markers, so assistant "
                          "tokens cannot be masked for training. Set model.chat_template: llava15 (LLaVA-1.5 format) "
                          "or a .jinja file with those markers.")
 
 
-def load_model_dir(path: Path, model_cfg=None, *, dtype=torch.float32):
-    """``from_pretrained`` for model and processor (the one loading path for every source)."""
+QUANTIZATIONS = ("4bit", "8bit")
+# Kept in full precision when quantizing (full module paths, transformers 5 LLaVA layout): the vision
+# tower and projector are small and sensitive, and lm_head is tied to the embeddings in small models.
+UNQUANTIZED = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+
+
+def quantization_config(kind: str):
+    """bitsandbytes settings: NF4 with double quantisation (QLoRA) or LLM.int8."""
+    from transformers import BitsAndBytesConfig
+
+    if kind == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=UNQUANTIZED)
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=UNQUANTIZED)
+    raise ModelError(f"unknown quantization {kind!r}; choose one of {list(QUANTIZATIONS)}")
+
+
+def load_model_dir(path: Path, model_cfg=None, *, dtype=torch.float32, quantization: str | None = None,
+                   require_markers: bool = True):
+    """``from_pretrained`` for model and processor (the one loading path for every source).
+
+    ``quantization`` ("4bit" / "8bit") loads the language model through bitsandbytes. ``require_markers``
+    (training) refuses a chat template without ``{% generation %}`` markers; generation does not need them.
+    """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(path)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
-    _set_template(processor, getattr(model_cfg, "chat_template", None), str(path))
+    extra = {"quantization_config": quantization_config(quantization)} if quantization else {}
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **extra)
+    _set_template(processor, getattr(model_cfg, "chat_template", None), str(path), require_markers)
     processor.tokenizer.padding_side = "left"
     return model, processor
 
@@ -148,5 +175,5 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-__all__ = ["BUILTIN_PRETRAINED", "BUILTIN_RANDOM", "ModelError", "apply_training_setup", "count_parameters",
+__all__ = ["BUILTIN_PRETRAINED", "BUILTIN_RANDOM", "ModelError", "QUANTIZATIONS", "quantization_config", "apply_training_setup", "count_parameters",
            "load_model_dir", "load_processor", "parts", "resolve_model_dir", "trainable_state_dict"]

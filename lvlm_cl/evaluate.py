@@ -1,0 +1,146 @@
+"""Score a trained run's stage (or every stage) on any canonical data file.
+
+    python scripts/evaluate.py --run runs/seq5 --data test.jsonl --metric vqa                 # last stage
+    python scripts/evaluate.py --run runs/seq5 --stage 1 --data test.jsonl --metric vqa --output out/
+    python scripts/evaluate.py --run runs/seq5 --all-stages --data test.jsonl --metric vqa --export coin
+    accelerate launch scripts/evaluate.py --run runs/seq5 --data test.jsonl --metric vqa   # sharded
+
+Writes, in ``--output`` (default ``<run>/evaluations/<data file stem>``):
+- ``predictions-stage-<k>-<task>.jsonl``: ``id, prompt, prediction, answer, correct`` per record;
+- ``coin-answers-stage-<k>-<task>.jsonl`` with ``--export coin``: CoIN's answer format
+  (``question_id, prompt, text, answer_id, model_id``), for CoIN's own scorers;
+- ``scores.json``: the score (percent) per stage evaluated; ``scores.md`` the same as a table.
+
+Generation is the training run's: batched greedy decoding with the run's ``max_new_tokens`` (overridable),
+so on a run's own test split the score equals the number the run wrote in ``metrics.json``. Under
+``accelerate launch`` with several processes every process takes every n-th record, and the predictions
+are gathered on the main process, which writes the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from lvlm_cl.checkpoint import CheckpointError, RunState
+from lvlm_cl.data.records import RecordError, final_answer, load_records, user_text
+from lvlm_cl.evaluation import SCORERS, score_many, write_predictions
+from lvlm_cl.io import atomic_write_json, atomic_write_text
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, required=True, help="a training run folder")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--stage", type=int, default=None, help="0-based task after which the stage was saved")
+    which.add_argument("--all-stages", action="store_true", help="every trained stage (a row per stage)")
+    p.add_argument("--data", type=Path, required=True, help="canonical JSONL file to score on")
+    p.add_argument("--image-root", type=Path, default=None, help="folder image paths are relative to")
+    p.add_argument("--metric", required=True, help=f"one of {sorted(SCORERS)}")
+    p.add_argument("--output", type=Path, default=None)
+    p.add_argument("--export", choices=["coin"], default=None, help="also write answers in CoIN's format")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the run's trainer.eval_batch_size")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's trainer.max_new_tokens")
+    p.add_argument("--max-samples", type=int, default=None, help="score only the first N records")
+    args = p.parse_args(argv)
+    if args.metric not in SCORERS:
+        p.error(f"--metric {args.metric!r} does not exist; choose one of {sorted(SCORERS)}")
+    return args
+
+
+def stages_of(run: Path, stage: int | None, all_stages: bool) -> list[int]:
+    if not (run / "config.json").is_file():
+        raise CheckpointError(f"--run {run}: not a run folder (no config.json)")
+    state = RunState.load(run)
+    if state is None or state.trained == 0:
+        raise CheckpointError(f"--run {run}: no trained stage yet")
+    if all_stages:
+        return list(range(state.trained))
+    if stage is None:
+        return [state.trained - 1]
+    if not 0 <= stage < state.trained:
+        raise CheckpointError(f"--run {run}: stage {stage} does not exist; trained stages are 0..{state.trained - 1} "
+                              f"({', '.join(state.tasks[:state.trained])})")
+    return [stage]
+
+
+def coin_rows(records: list[dict], predictions: list[str], model_id: str) -> list[dict]:
+    """CoIN / LLaVA answer files: ``question_id, prompt, text, answer_id, model_id`` (answer_id is a stable
+    hash here, where LLaVA draws a random shortuuid)."""
+    rows = []
+    for r, p in zip(records, predictions):
+        answer_id = hashlib.sha1(f"{model_id}/{r['id']}/{p}".encode()).hexdigest()[:22]
+        rows.append({"question_id": r["id"], "prompt": user_text(r), "text": p, "answer_id": answer_id,
+                     "model_id": model_id})
+    return rows
+
+
+def evaluate(args) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+
+    from lvlm_cl.data.dataset import EncodingCache
+    from lvlm_cl.evaluation.generate import generate_answers
+    from lvlm_cl.stage import load_stage
+
+    accelerator = Accelerator()
+    stages = stages_of(args.run, args.stage, args.all_stages)
+    records = load_records(args.data, image_root=args.image_root, check_images=True)
+    if args.max_samples:
+        records = records[:args.max_samples]
+    out = args.output or args.run / "evaluations" / args.data.stem
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = records[rank::world]
+    scores: dict[str, float] = {}
+    for k in stages:
+        stage = load_stage(args.run, k)
+        model = stage.model.to(accelerator.device)
+        tr = stage.cfg.trainer
+        cache = EncodingCache(stage.processor, stage.cfg.model.max_length)
+        local = generate_answers(model, stage.processor, mine, cache, batch_size=args.batch_size or tr.eval_batch_size,
+                                 max_new_tokens=args.max_new_tokens or tr.max_new_tokens,
+                                 desc=f"stage {k} ({stage.task.name})", progress=accelerator.is_main_process)
+        gathered = gather_object([(rank, local)])
+        predictions = [""] * len(records)
+        for r, preds in gathered:
+            predictions[r::world] = preds
+        if accelerator.is_main_process:
+            answers = [final_answer(r) for r in records]
+            correct = score_many(args.metric, predictions, answers)
+            label = f"stage-{k}-{stage.task.name}"
+            scores[label] = 100.0 * sum(correct) / len(correct)
+            write_predictions(out / f"predictions-{label}.jsonl",
+                              [{"id": r["id"], "prompt": user_text(r), "prediction": p, "answer": a, "correct": c}
+                               for r, p, a, c in zip(records, predictions, answers, correct)])
+            if args.export == "coin":
+                rows = coin_rows(records, predictions, f"{args.run.name}/{label}")
+                atomic_write_text(out / f"coin-answers-{label}.jsonl", "".join(json.dumps(x) + "\n" for x in rows))
+            print(f"[evaluate] {args.data.name} after {label}: {args.metric} = {scores[label]:.2f}", flush=True)
+        del model, stage
+    if accelerator.is_main_process:
+        result = {"run": str(args.run), "data": str(args.data), "metric": args.metric, "records": len(records),
+                  "scores": scores}
+        atomic_write_json(out / "scores.json", result)
+        atomic_write_text(out / "scores.md", "\n".join(
+            [f"# {args.data.name} ({len(records)} records, {args.metric})", "", "| stage | score |", "|---|---|"]
+            + [f"| {label} | {s:.2f} |" for label, s in scores.items()]) + "\n")
+        print(f"[evaluate] wrote {out}", flush=True)
+        return result
+    return {}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        evaluate(args)
+    except (CheckpointError, RecordError, FileNotFoundError) as e:
+        print(f"evaluate: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
