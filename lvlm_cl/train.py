@@ -30,13 +30,15 @@ from lvlm_cl.data.dataset import EncodingCache, StepBatchOrder
 from lvlm_cl.data.encoding import collate_train
 from lvlm_cl.data.records import final_answer, user_text
 from lvlm_cl.data.stream import build_stream
+from lvlm_cl.distributed import (checkpoint_state, make_accelerator, refuse_unsupported, shard, unshard,
+                                 zero_stage)
 from lvlm_cl.evaluation import cl_metrics_partial, score_many, write_predictions, write_report
 from lvlm_cl.evaluation.generate import generate_answers
 from lvlm_cl.io import atomic_replace_dir, atomic_write_json
 from lvlm_cl.methods import build_methods
 from lvlm_cl.methods.routing import TASK_IDS
 from lvlm_cl.models import (BUILTIN_PRETRAINED, BUILTIN_RANDOM, apply_training_setup, count_parameters,
-                            load_model_dir, resolve_model_dir, trainable_state_dict)
+                            load_model_dir, resolve_model_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,12 +54,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
     """Train the whole stream (or what is left of it) and return ``(model, processor, run_state)``."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     run_dir = Path(cfg.output_dir)
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.trainer.grad_accum,
-                              log_with=cfg.report_to or None, project_dir=str(run_dir / "logs"))
+    accelerator = make_accelerator(cfg, str(run_dir / "logs"))
     log = _logger(accelerator)
     if accelerator.is_main_process:
         prepare_run_dir(run_dir, to_dict(cfg), overwrite=overwrite)
@@ -85,6 +85,7 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
                                                       f"{len(t.test_records)} test, {t.metric})" for t in stream))
     encodings = EncodingCache(processor, cfg.model.max_length)
     methods = build_methods(cfg.methods)
+    refuse_unsupported(methods, accelerator)
     for m in methods:
         m.setup(model, stream)
 
@@ -117,15 +118,17 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
             for m in methods:
                 train_data = m.before_task(task, model, train_data)
             state.extra.setdefault("trainable_parameters", {})[task.name] = count_parameters(model)[0]
-            train_task(accelerator, model, methods, task, train_data, encodings, cfg, log, progress, names)
+            curve = train_task(accelerator, model, methods, task, train_data, encodings, cfg, log, progress, names)
+            state.extra.setdefault("train_loss", {})[task.name] = curve
             for m in methods:
                 m.after_task(task, model, train_data)
             state.extra.setdefault("train_seconds", {})[task.name] = round(time.time() - started, 2)
             bank = sum(m.memory_size() for m in methods if hasattr(m, "memory_size"))
             if bank:
                 state.extra.setdefault("memory_records", {})[task.name] = bank
+            trained_values = checkpoint_state(model, accelerator)   # collective under ZeRO-3
             if accelerator.is_main_process:
-                save_task_checkpoint(run_dir, task.index, task.name, trainable_state_dict(model),
+                save_task_checkpoint(run_dir, task.index, task.name, trained_values,
                                      {m.name: m.state_dict() for m in methods},
                                      {"train_samples": len(train_data), "task_records": len(task.train_records)})
             state.trained = task.index + 1
@@ -146,8 +149,9 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
     return model, processor, state
 
 
-def train_task(accelerator, model, methods, task, train_data, encodings, cfg, log, progress, names) -> None:
-    """The loop for one task: AdamW over whatever requires grad, a fresh optimizer per task.
+def train_task(accelerator, model, methods, task, train_data, encodings, cfg, log, progress, names) -> list[float]:
+    """The loop for one task: AdamW over whatever requires grad, a fresh optimizer per task. Returns the
+    training loss every ``log_every`` steps (mean over the window and over processes).
 
     ``model`` is the plain model; it is wrapped by ``accelerator.prepare`` (DDP, DeepSpeed) for this task
     only and released at the end, so no optimizer state outlives its task. Hooks see the plain model.
@@ -179,7 +183,7 @@ def train_task(accelerator, model, methods, task, train_data, encodings, cfg, lo
     loader = torch.utils.data.DataLoader(list(range(len(train_data))), batch_sampler=order, collate_fn=collate)
     wrapped.train()
     bar = tqdm(total=steps, desc=f"task {task.index + 1} {task.name}", disable=not (progress and accelerator.is_main_process))
-    step, running, started = 0, [], time.time()
+    step, running, curve, started = 0, [], [], time.time()
     for batch in loader:
         with accelerator.accumulate(wrapped):
             outputs = wrapped(**batch)
@@ -205,7 +209,10 @@ def train_task(accelerator, model, methods, task, train_data, encodings, cfg, lo
             bar.update(1)
             if step % tr.log_every == 0 or step == steps:
                 mean = sum(running) / len(running)
+                if accelerator.num_processes > 1:   # the mean over processes (every process logs at this step)
+                    mean = accelerator.reduce(torch.tensor(mean, device=accelerator.device), "mean").item()
                 running = []
+                curve.append(round(mean, 6))
                 bar.set_postfix(loss=f"{mean:.4f}")
                 accelerator.log({f"train/loss/{task.name}": mean, "train/lr": scheduler.get_last_lr()[0]},
                                 step=task.index * 100_000 + step)
@@ -213,6 +220,7 @@ def train_task(accelerator, model, methods, task, train_data, encodings, cfg, lo
                     log(f"task {task.name} step {step}/{steps} loss {mean:.4f} ({step / (time.time() - started):.1f} steps/s)")
     bar.close()
     accelerator.free_memory()
+    return curve
 
 
 def task_indices(train_data: list[dict], names: list[str]) -> torch.Tensor:
@@ -231,9 +239,12 @@ def evaluate_stream(accelerator, model, processor, stream, encodings, cfg, run_d
     row = []
     for task in stream:
         records = task.test_records[:tr.eval_max_samples] if tr.eval_max_samples else task.test_records
-        predictions = generate_answers(model, processor, records, encodings, batch_size=tr.eval_batch_size,
-                                       max_new_tokens=tr.max_new_tokens, desc=f"eval {stage} {task.name}",
-                                       progress=progress and accelerator.is_main_process)
+        # Each process generates its share; under ZeRO-3 all of them step together (synced_gpus).
+        local = generate_answers(model, processor, shard(records, accelerator), encodings,
+                                 batch_size=tr.eval_batch_size, max_new_tokens=tr.max_new_tokens,
+                                 desc=f"eval {stage} {task.name}", progress=progress and accelerator.is_main_process,
+                                 synced_gpus=zero_stage(accelerator) == 3 and accelerator.num_processes > 1)
+        predictions = unshard(local, len(records), accelerator)
         answers = [final_answer(r) for r in records]
         scores = score_many(task.metric, predictions, answers)
         row.append(100.0 * sum(scores) / len(scores))

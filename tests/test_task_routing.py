@@ -52,13 +52,17 @@ def _prompts(processor, records):
 
 
 def _two_tasks_known(method, model, processor, stream):
-    """Both tasks go through before_task and one key-loss step, as a run would do."""
+    """Both tasks go through before_task, one training step's key term and after_task, as in a run."""
     method.setup(model, stream)
     for task in stream:
         method.before_task(task, model, task.train_records)
         batch = _train_batch(processor, task.train_records[:4], task.index)
         term = method.loss(model, batch, None, task)
-        assert term is not None and torch.isfinite(term)
+        if method.hparams["key_mode"] == "learned":
+            assert term is not None and torch.isfinite(term)
+        else:
+            assert term is None                       # prototype keys add no loss: they are fitted at the end
+        method.after_task(task, model, task.train_records)
     return routers(model)[0]
 
 
@@ -75,7 +79,9 @@ def test_instruction_tokens_are_the_same_in_training_and_at_inference(tiny, stre
     assert not (a == image).any()
 
 
-@pytest.mark.parametrize("cls, kwargs", [(TaskPrompts, {"length": 4}), (TaskLoRA, {"r": 4})])
+@pytest.mark.parametrize("cls, kwargs", [(TaskPrompts, {"length": 4}), (TaskLoRA, {"r": 4}),
+                                         (TaskPrompts, {"length": 4, "key_mode": "learned"}),
+                                         (TaskLoRA, {"r": 4, "key_mode": "learned"})])
 def test_routes_each_instruction_to_its_task(tiny, stream, cls, kwargs):
     model = copy.deepcopy(tiny[0]).eval()
     processor = tiny[1]
@@ -85,6 +91,7 @@ def test_routes_each_instruction_to_its_task(tiny, stream, cls, kwargs):
         best, sims = router.route(batch["input_ids"], batch["attention_mask"])
         assert best.tolist() == [task.index] * len(task.test_records)
         assert sims.shape == (len(task.test_records), 2) and bool((sims[:, task.index] > 0.99).all())
+        assert bool((sims[:, 1 - task.index] < sims[:, task.index]).all())
 
 
 @pytest.mark.parametrize("cls, kwargs", [(TaskPrompts, {"length": 4}), (TaskLoRA, {"r": 4})])
@@ -96,7 +103,7 @@ def test_generation_routes_by_itself_and_equals_unbatched_and_uncached(tiny, str
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():   # make every task's part far from its initial value, so a wrong route shows
         for n, p in model.named_parameters():
-            if is_continual(n) and (".prompts." in n or "lora_B" in n):
+            if is_continual(n) and (n.endswith(".prompt") or "lora_B" in n):
                 p.copy_(torch.randn(p.shape, generator=g))
     records = stream[0].test_records[:2] + stream[1].test_records[:2]
     batch = _prompts(processor, records)
@@ -125,17 +132,17 @@ def test_task_prompts_keeps_sequence_length_and_trains_only_the_current_task(tin
     method.before_task(stream[0], model, [])
     method.before_task(stream[1], model, [])
     pool = method.pool
-    assert [p.requires_grad for p in pool.prompts] == [False, True]
-    assert [k.requires_grad for k in pool.keys] == [False, True]
+    assert [s.prompt.requires_grad for s in pool.slots] == [False, True]
+    assert [s.keys.requires_grad for s in pool.slots] == [False, False]     # prototype keys are fitted, not trained
     batch = _train_batch(processor, stream[1].train_records[:2] + stream[0].train_records[:2], 1)
     batch[TASK_IDS] = torch.tensor([1, 1, 0, 0])              # two replayed samples of task 0
     out = model(**batch)
     assert out.logits.shape[:2] == batch["input_ids"].shape    # prompt positions are dropped again
     out.loss.backward()
-    assert pool.prompts[1].grad is not None and pool.prompts[1].grad.abs().sum() > 0
-    assert pool.prompts[0].grad is None                        # the earlier task's prompt is frozen
+    assert pool.slots[1].prompt.grad is not None and pool.slots[1].prompt.grad.abs().sum() > 0
+    assert pool.slots[0].prompt.grad is None                        # the earlier task's prompt is frozen
     names = trainable_state_dict(model)
-    assert any("continual.task_prompts.prompts.0" in n for n in names)   # saved although frozen
+    assert any("continual.task_prompts.slots.0.prompt" in n for n in names)   # saved although frozen
     assert any(n.endswith("continual.task_prompts.known") for n in names)
 
 
@@ -148,7 +155,27 @@ def test_task_lora_refuses_the_recipe_lora(tiny, stream):
         TaskLoRA().setup(model, stream)
 
 
+def test_prototype_keys_give_each_phrasing_of_a_task_its_own_key(tiny, tmp_path):
+    """A task asked in two phrasings, one of which resembles the other task's: prototypes keep both."""
+    from conftest import png, record
+
+    img = str(png(tmp_path / "i.png", "red"))
+    a = [record(f"a{i}", img, q, "x", "a") for i, q in enumerate(["What color is the image?",
+                                                                  "Name the main colour in this picture."] * 4)]
+    b = [record(f"b{i}", img, "What color is the image? Is it warm or cold?", "warm", "b") for i in range(8)]
+    stream = [Task(0, "a", "exact_match", a, a), Task(1, "b", "exact_match", b, b)]
+    model, processor = copy.deepcopy(tiny[0]).eval(), tiny[1]
+    router = _two_tasks_known(TaskPrompts(length=2, keys_per_task=2), model, processor,
+                              [Task(t.index, t.name, t.metric, t.train_records, t.test_records) for t in stream])
+    batch = _prompts(processor, a[:2] + b[:2])
+    best, _ = router.route(batch["input_ids"], batch["attention_mask"])
+    assert best.tolist() == [0, 0, 1, 1]
+    keys = router.slots[0]()[0]
+    assert keys.shape[0] == 2 and float(torch.nn.functional.cosine_similarity(keys[0], keys[1], dim=0)) < 0.999
+
+
 @pytest.mark.parametrize("bad, match", [({"length": 0}, "length"), ({"init": "zeros"}, "init"),
+                                        ({"key_mode": "random"}, "key_mode"), ({"keys_per_task": 0}, "keys_per_task"),
                                         ({"key_weight": -1}, "key_weight"), ({"top_k": 1.5}, "top_k")])
 def test_task_prompts_settings_are_checked(bad, match):
     with pytest.raises(ValueError, match=match):

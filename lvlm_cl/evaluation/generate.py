@@ -10,10 +10,12 @@ from lvlm_cl.data.encoding import collate_prompts
 
 @torch.no_grad()
 def generate_answers(model, processor, records: list[dict], cache, *, batch_size: int, max_new_tokens: int,
-                     desc: str = "generate", progress: bool = True) -> list[str]:
+                     desc: str = "generate", progress: bool = True, synced_gpus: bool = False) -> list[str]:
     """The model's answer to the last user turn of each record, in the records' order.
 
     Prompts are sorted by length so that batches carry little padding; answers are put back in order.
+    ``synced_gpus``: every process keeps stepping until all are done (DeepSpeed ZeRO-3, where each step
+    gathers parameters from every process).
     """
     tokenizer = processor.tokenizer
     encoded = [cache.prompt(r) for r in records]
@@ -26,7 +28,8 @@ def generate_answers(model, processor, records: list[dict], cache, *, batch_size
             idx = order[start:start + batch_size]
             batch = collate_prompts([encoded[i] for i in idx], tokenizer.pad_token_id)
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 synced_gpus=synced_gpus)
             new = out[:, batch["input_ids"].shape[1]:]
             for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
                 answers[i] = text.strip()

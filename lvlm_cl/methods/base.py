@@ -46,6 +46,7 @@ class Method:
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
     uses_task_ids: ClassVar[bool] = False
+    zero3_unsupported: ClassVar[str | None] = None   # why the method cannot run under DeepSpeed ZeRO-3, if so
 
     def __init__(self, **hparams: Any):
         self.hparams = {**self.defaults, **hparams}

@@ -60,6 +60,8 @@ from lvlm_cl.methods.base import Method, Task
 
 class EWC(Method):
     name = "ewc"
+    zero3_unsupported = ("its penalty reads every anchored parameter's whole value in the loss, and ZeRO-3 keeps "
+                         "only a shard of each parameter on each process")
     defaults = {
         "lambda_": 100.0,   # λ, the penalty's weight
         "online": True,     # one running Fisher/anchor (True) or one per task (False)
@@ -111,9 +113,10 @@ class EWC(Method):
         if not snapshot:                     # gradients were cleared before this backward: a new window
             self._close_window()
         for n, p in model.named_parameters():
-            if not p.requires_grad or p.grad is None:
+            g = full_grad(p) if p.requires_grad else None
+            if g is None:
                 continue
-            d = p.grad.detach().float()
+            d = g.detach().float()
             if n in snapshot:
                 d = d - snapshot[n]
             sq = d * d
@@ -150,8 +153,8 @@ class EWC(Method):
     def loss(self, model: torch.nn.Module, batch: dict, outputs, task: Task) -> torch.Tensor | None:
         # Called before every backward: remember the gradients accumulated so far in this window, so
         # after_backward can take this micro-step's own gradient (only when accumulating: else p.grad is None).
-        self._snapshot = {n: p.grad.detach().float().clone() for n, p in model.named_parameters()
-                          if p.requires_grad and p.grad is not None}
+        self._snapshot = {n: g.detach().float().clone() for n, p in model.named_parameters()
+                          if p.requires_grad and (g := full_grad(p)) is not None}
         self._snapshot_taken = True
         return self.penalty(model)
 
@@ -214,3 +217,18 @@ class EWC(Method):
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def full_grad(p: torch.nn.Parameter) -> torch.Tensor | None:
+    """The parameter's whole gradient: ``p.grad``, or under DeepSpeed ZeRO-1/2 (which keep gradients in
+    their own partitioned buffers) DeepSpeed's ``safe_get_full_grad``."""
+    if p.grad is not None:
+        return p.grad
+    try:
+        from deepspeed.utils import safe_get_full_grad
+    except ImportError:
+        return None
+    try:
+        return safe_get_full_grad(p)
+    except Exception:   # not a DeepSpeed-managed parameter
+        return None

@@ -44,6 +44,8 @@ IGNORE_INDEX = -100
 
 class LwF(Method):
     name = "lwf"
+    zero3_unsupported = ("its teacher swaps whole parameter values into the model, and ZeRO-3 keeps only a "
+                         "shard of each parameter on each process")
     defaults = {
         "alpha": 1.0,         # weight of the distillation term (0 turns it off)
         "temperature": 2.0,   # softmax temperature of both distributions

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -175,30 +176,90 @@ def adapters_disabled(module: torch.nn.Module):
             m.adapters_enabled = flag
 
 
-class TaskKeyRouter(torch.nn.Module):
-    """One key per task of the stream; ``known`` tasks (trained or in training) take part in routing.
+@contextlib.contextmanager
+def writable(params: list[torch.nn.Parameter]):
+    """Write to parameters in place, on every process: under DeepSpeed ZeRO-3 (partitioned parameters) the
+    values are gathered, and what process 0 writes is given to all; otherwise nothing to do. Collective
+    under ZeRO-3: every process must enter it."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
 
-    Subclasses add what is routed (prompts, adapters). ``encoder`` is set by the owning method.
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            yield
+    else:
+        yield
+
+
+KEY_MODES = ("prototypes", "learned")
+
+
+class TaskSlot(torch.nn.Module):
+    """One task's routed parameters: its keys, and optionally a prompt. They are read by calling the
+    module, which returns copies: DeepSpeed ZeRO-3 gathers a module's parameters while it runs, and only
+    then. ``keys`` is (K, D): K prototypes, or K = 1 learned key."""
+
+    def __init__(self, dim: int, num_keys: int, prompt: torch.Tensor | None = None):
+        super().__init__()
+        self.keys = torch.nn.Parameter(torch.zeros(num_keys, dim))
+        if prompt is not None:
+            self.prompt = torch.nn.Parameter(prompt)
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        prompt = getattr(self, "prompt", None)
+        return self.keys * 1, (prompt * 1 if prompt is not None else None)
+
+
+class TaskKeyRouter(torch.nn.Module):
+    """One slot (keys, and whatever a subclass routes) per task of the stream; ``known`` tasks (trained or
+    in training) take part in routing. ``encoder`` is set by the owning method.
+
+    Keys, two ways (``key_mode``):
+    - ``prototypes`` (default): at the end of a task its training instructions' queries are clustered
+      (k-means, ``keys_per_task`` centroids); a query's similarity to a task is its highest cosine to the
+      task's centroids. A task whose instructions come in several phrasings gets a key per phrasing.
+    - ``learned`` (L2P's surrogate loss): one key per task, set to the mean query direction at the task's
+      first step, then pulled towards its queries by ``key_weight · mean(1 − cos(q, k))``.
     """
 
-    def __init__(self, num_tasks: int, dim: int):
+    def __init__(self, num_tasks: int, dim: int, prompts: list[torch.Tensor] | None = None, *,
+                 key_mode: str = "prototypes", keys_per_task: int = 8, seed: int = 0):
         super().__init__()
-        self.keys = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(dim)) for _ in range(num_tasks)])
+        if key_mode not in KEY_MODES:
+            raise ValueError(f"key_mode must be one of {list(KEY_MODES)}, got {key_mode!r}")
+        self.key_mode, self.seed = key_mode, seed
+        k = keys_per_task if key_mode == "prototypes" else 1
+        self.slots = torch.nn.ModuleList([TaskSlot(dim, k, prompts[i] if prompts else None) for i in range(num_tasks)])
         self.register_buffer("known", torch.zeros((), dtype=torch.long))
         self.register_buffer("key_ready", torch.zeros(num_tasks, dtype=torch.bool))
         self.encoder: InstructionEncoder | None = None
         self.selected: torch.Tensor | None = None      # the batch's task per sample (set by ``choose``)
         self.sims: torch.Tensor | None = None
         self.image_counts: torch.Tensor | None = None   # image tokens per sample (to map images to samples)
+        self._seen: dict[bytes, torch.Tensor] = {}     # this task's training queries, by instruction
 
     @property
     def num_known(self) -> int:
         return int(self.known)
 
+    def train_only(self, index: int) -> None:
+        """Slot ``index`` trains (its prompt; its key only when learned), every other slot is frozen;
+        ``index`` becomes known."""
+        self.requires_grad_(False)
+        self.slots[index].requires_grad_(True)
+        if self.key_mode == "prototypes":
+            self.slots[index].keys.requires_grad_(False)
+        self.known.fill_(max(self.num_known, index + 1))
+        self._seen = {}
+
     def similarities(self, query: torch.Tensor) -> torch.Tensor:
-        """(B, known) cosine similarities between queries and the known tasks' keys."""
-        keys = torch.stack(list(self.keys[:self.num_known])).to(query.device, query.dtype)
-        return F.cosine_similarity(query.unsqueeze(1), keys.unsqueeze(0), dim=-1)
+        """(B, known) similarity of each query to each known task: the highest cosine to its keys (-2 for a
+        task whose keys are not fitted yet)."""
+        out = []
+        for t, slot in enumerate(self.slots[:self.num_known]):
+            keys = slot()[0].to(query.device, query.dtype)                                  # (K, D)
+            sims = F.cosine_similarity(query.unsqueeze(1), keys.unsqueeze(0), dim=-1).amax(-1)
+            out.append(sims if bool(self.key_ready[t]) else torch.full_like(sims, -2.0))
+        return torch.stack(out, dim=-1)
 
     def choose(self, task_ids: torch.Tensor | None, input_ids: torch.Tensor | None, attention_mask) -> None:
         """Set ``selected`` (each sample's task, or None before any task is known) and ``sims`` (the
@@ -225,15 +286,63 @@ class TaskKeyRouter(torch.nn.Module):
         sims = self.similarities(self.encoder(input_ids, attention_mask, labels))
         return sims.argmax(-1), sims
 
-    def key_loss(self, query: torch.Tensor, task_index: int) -> torch.Tensor:
-        """1 - cos(query, key of the task), averaged: pulls the task's key towards its queries. A key is
-        first set to its task's mean query direction, so it starts where the loss would take it."""
-        key = self.keys[task_index]
+    # Learned keys
+
+    def key_loss(self, query: torch.Tensor | None, task_index: int) -> torch.Tensor | None:
+        """``learned``: 1 - cos(query, key of the task), averaged (None without queries). At the task's first
+        step the key is set to the mean query direction (process 0's, under ZeRO-3), so it starts where the
+        loss would take it; every process must call this at that step."""
+        slot = self.slots[task_index]
         if not bool(self.key_ready[task_index]):
-            with torch.no_grad():
-                key.copy_(F.normalize(F.normalize(query.float(), dim=-1).mean(0), dim=0).to(key.dtype))
+            with torch.no_grad(), writable([slot.keys]):
+                if query is not None:
+                    mean = F.normalize(F.normalize(query.float(), dim=-1).mean(0), dim=0)
+                    slot.keys.copy_(mean.to(slot.keys.dtype).unsqueeze(0))
             self.key_ready[task_index] = True
+        if query is None:
+            return None
+        key = slot()[0][0]
         return (1 - F.cosine_similarity(query, key.unsqueeze(0).to(query.dtype), dim=-1)).mean()
+
+    # Prototype keys
+
+    def observe(self, query: torch.Tensor | None, instructions: list[torch.Tensor]) -> None:
+        """``prototypes``: remember this task's training queries (one per distinct instruction)."""
+        if query is None:
+            return
+        for q, tokens in zip(query.detach().float().cpu(), instructions):
+            self._seen.setdefault(tokens.cpu().numpy().tobytes(), q)
+
+    def fit(self, task_index: int) -> None:
+        """``prototypes``: the task's keys = k-means centroids of the queries seen in its training, over
+        every process (gathered first). Every process must call this."""
+        import numpy as np
+        from sklearn.cluster import KMeans
+        from sklearn.exceptions import ConvergenceWarning
+
+        seen = dict(self._seen)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, seen)
+            for part in parts:
+                for key, q in part.items():
+                    seen.setdefault(key, q)
+        if not seen:
+            raise RuntimeError(f"task routing: no training query of task {task_index} was seen, so it has no keys")
+        ordered = [seen[k] for k in sorted(seen)]                    # the same order on every process
+        x = F.normalize(torch.stack(ordered), dim=-1).numpy().astype(np.float64)
+        slot = self.slots[task_index]
+        k = slot.keys.shape[0]
+        if len(x) <= k:
+            centroids = np.concatenate([x, x[:1].repeat(k - len(x), 0)]) if len(x) < k else x
+        else:
+            with warnings.catch_warnings():   # fewer distinct queries than k: some centroids coincide, harmless
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                centroids = KMeans(n_clusters=k, n_init=4, random_state=self.seed).fit(x).cluster_centers_
+        with torch.no_grad(), writable([slot.keys]):
+            slot.keys.copy_(torch.as_tensor(centroids, dtype=slot.keys.dtype))
+        self.key_ready[task_index] = True
+        self._seen = {}
 
 
 def install_selector(model: torch.nn.Module, router: TaskKeyRouter) -> None:
@@ -273,15 +382,19 @@ def install_selector(model: torch.nn.Module, router: TaskKeyRouter) -> None:
     chosen.append(router)
 
 
-def key_loss_on_batch(router: TaskKeyRouter, batch: dict, task_index: int) -> torch.Tensor | None:
-    """The key surrogate loss on the batch's samples of the task in training (replayed samples excluded)."""
+def key_term_on_batch(router: TaskKeyRouter, batch: dict, task_index: int) -> torch.Tensor | None:
+    """On the batch's samples of the task in training (replayed samples excluded): the learned keys' loss,
+    or, for prototype keys, their queries remembered for ``fit`` (no loss)."""
     ids = batch.get(TASK_IDS)
     own = ids == task_index if ids is not None else torch.ones(batch["input_ids"].shape[0], dtype=torch.bool)
-    if not own.any():
-        return None
     own = own.to(batch["input_ids"].device)
-    query = router.encoder(batch["input_ids"][own], batch["attention_mask"][own], batch["labels"][own])
-    return router.key_loss(query, task_index)
+    ids_, mask, labels = batch["input_ids"][own], batch["attention_mask"][own], batch["labels"][own]
+    query = router.encoder(ids_, mask, labels) if own.any() else None
+    if router.key_mode == "learned":
+        return router.key_loss(query, task_index)
+    if query is not None:
+        router.observe(query, InstructionEncoder.instruction_tokens(ids_, mask, labels, router.encoder.image_token_id))
+    return None
 
 
 @torch.no_grad()

@@ -28,7 +28,8 @@ import torch
 
 from lvlm_cl.methods.adapters import adapter_params, inject_lora, refuse_recipe_lora, set_trainable_adapter, targets
 from lvlm_cl.methods.base import Method, Task
-from lvlm_cl.methods.routing import TaskKeyRouter, attach, install_selector, key_loss_on_batch, query_encoder
+from lvlm_cl.methods.routing import (KEY_MODES, TaskKeyRouter, attach, install_selector, key_term_on_batch,
+                                     query_encoder)
 from lvlm_cl.models import parts
 
 BASE = "__base__"      # PEFT's name for "no adapter" in a mixed batch
@@ -42,7 +43,9 @@ class TaskLoRA(Method):
         "dropout": 0.0,
         "vision": True,            # adapters on the vision tower too (seed 000's image-encoder LoRA)
         "language": True,          # adapters on the language model
-        "key_weight": 1.0,
+        "key_mode": "prototypes",  # task keys: "prototypes" (k-means of the task's queries) or "learned" (L2P)
+        "keys_per_task": 8,        # prototypes per task
+        "key_weight": 1.0,         # learned keys: weight of the surrogate loss
         "query_cache": 100_000,
     }
     uses_task_ids = True
@@ -50,12 +53,14 @@ class TaskLoRA(Method):
     def __init__(self, **hparams):
         super().__init__(**hparams)
         h = self.hparams
-        for key in ("r", "query_cache"):
+        for key in ("r", "query_cache", "keys_per_task"):
             if not isinstance(h[key], int) or isinstance(h[key], bool) or h[key] < 1:
                 raise ValueError(f"task_lora: setting {key!r} must be an integer >= 1, got {h[key]!r}")
         for key in ("alpha", "key_weight", "dropout"):
             if not isinstance(h[key], (int, float)) or isinstance(h[key], bool) or h[key] < 0:
                 raise ValueError(f"task_lora: setting {key!r} must be a number >= 0, got {h[key]!r}")
+        if h["key_mode"] not in KEY_MODES:
+            raise ValueError(f"task_lora: setting 'key_mode' must be one of {list(KEY_MODES)}, got {h['key_mode']!r}")
         if not (h["vision"] or h["language"]):
             raise ValueError("task_lora: at least one of 'vision' and 'language' must be true")
         self.router: TaskKeyRouter | None = None
@@ -65,7 +70,8 @@ class TaskLoRA(Method):
         refuse_recipe_lora(model, self.name)
         encoder = query_encoder(model, self.hparams["query_cache"])   # before any adapter: the base's queries
         dim = parts(model)["language_model"].get_input_embeddings().weight.shape[1]
-        self.router = attach(model, self.name, TaskKeyRouter(len(stream), dim))
+        self.router = attach(model, self.name, TaskKeyRouter(len(stream), dim, key_mode=self.hparams["key_mode"],
+                                                             keys_per_task=self.hparams["keys_per_task"]))
         self.router.to(next(model.parameters()).device).requires_grad_(False)
         self.router.encoder = encoder
         h = self.hparams
@@ -79,16 +85,16 @@ class TaskLoRA(Method):
 
     def before_task(self, task: Task, model, train_data: list) -> list:
         set_trainable_adapter(model, self.names, self.names[task.index])
-        self.router.requires_grad_(False)
-        self.router.keys[task.index].requires_grad_(True)
-        self.router.known.fill_(max(self.router.num_known, task.index + 1))
+        self.router.train_only(task.index)
         return train_data
 
     def loss(self, model, batch: dict, outputs, task: Task):
-        if self.hparams["key_weight"] == 0:
-            return None
-        term = key_loss_on_batch(self.router, batch, task.index)
-        return None if term is None else self.hparams["key_weight"] * term
+        term = key_term_on_batch(self.router, batch, task.index)
+        return None if term is None or self.hparams["key_weight"] == 0 else self.hparams["key_weight"] * term
+
+    def after_task(self, task: Task, model, train_data: list) -> None:
+        if self.router.key_mode == "prototypes":
+            self.router.fit(task.index)
 
     def adapter_size(self, model) -> int:
         """Parameters of one task's adapter."""

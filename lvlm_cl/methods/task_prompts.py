@@ -36,20 +36,19 @@ from __future__ import annotations
 import torch
 
 from lvlm_cl.methods.base import Method, Task
-from lvlm_cl.methods.routing import (TaskKeyRouter, attach, install_selector, key_loss_on_batch,
-                                     query_encoder)
+from lvlm_cl.methods.routing import (KEY_MODES, TaskKeyRouter, attach, install_selector, key_term_on_batch,
+                                     query_encoder, writable)
 from lvlm_cl.models import parts
 
 
 
 class TaskPromptPool(TaskKeyRouter):
-    """Keys (from ``TaskKeyRouter``) and ``length`` prompt vectors per task of the stream."""
+    """A slot per task of the stream: its key (``TaskKeyRouter``) and its ``length`` prompt vectors."""
 
-    def __init__(self, num_tasks: int, length: int, dim: int, init_std: float, seed: int, top_k: int = 1):
-        super().__init__(num_tasks, dim)
+    def __init__(self, num_tasks: int, length: int, dim: int, init_std: float, seed: int, top_k: int = 1, **keys):
         g = torch.Generator().manual_seed(seed)
-        self.prompts = torch.nn.ParameterList(
-            [torch.nn.Parameter(torch.randn(length, dim, generator=g) * init_std) for _ in range(num_tasks)])
+        super().__init__(num_tasks, dim, [torch.randn(length, dim, generator=g) * init_std for _ in range(num_tasks)],
+                         seed=seed, **keys)
         self.length, self.top_k = length, top_k
         self._strip = 0                             # prompt positions to drop from the LM output
 
@@ -67,7 +66,7 @@ class TaskPromptPool(TaskKeyRouter):
         return w / w.sum(-1, keepdim=True)
 
     def batch_prompts(self, dtype, device) -> torch.Tensor:
-        stack = torch.stack(list(self.prompts[:self.num_known])).to(device)        # (known, P, D)
+        stack = torch.stack([slot()[1] for slot in self.slots[:self.num_known]]).to(device)   # (known, P, D)
         return torch.einsum("bt,tpd->bpd", self.weights().to(device, stack.dtype), stack).to(dtype)
 
 
@@ -75,7 +74,9 @@ class TaskPrompts(Method):
     name = "task_prompts"
     defaults = {
         "length": 8,              # prompt vectors per task
-        "key_weight": 1.0,        # weight of the key surrogate loss (1 - cos(query, key))
+        "key_mode": "prototypes", # task keys: "prototypes" (k-means of the task's queries) or "learned" (L2P)
+        "keys_per_task": 8,       # prototypes per task
+        "key_weight": 1.0,        # learned keys: weight of the surrogate loss (1 - cos(query, key))
         "top_k": 1,               # tasks whose prompts are used at inference (similarity-weighted mean)
         "init": "previous",       # a new task's prompt: "previous" (copy of the last task's) or "random"
         "query_cache": 100_000,   # instruction features kept in memory (the encoder is frozen)
@@ -86,11 +87,13 @@ class TaskPrompts(Method):
     def __init__(self, **hparams):
         super().__init__(**hparams)
         h = self.hparams
-        for key in ("length", "top_k", "query_cache"):
+        for key in ("length", "top_k", "query_cache", "keys_per_task"):
             if not isinstance(h[key], int) or isinstance(h[key], bool) or h[key] < 1:
                 raise ValueError(f"task_prompts: setting {key!r} must be an integer >= 1, got {h[key]!r}")
         if not isinstance(h["key_weight"], (int, float)) or isinstance(h["key_weight"], bool) or h["key_weight"] < 0:
             raise ValueError(f"task_prompts: setting 'key_weight' must be a number >= 0, got {h['key_weight']!r}")
+        if h["key_mode"] not in KEY_MODES:
+            raise ValueError(f"task_prompts: setting 'key_mode' must be one of {list(KEY_MODES)}, got {h['key_mode']!r}")
         if h["init"] not in ("previous", "random"):
             raise ValueError(f"task_prompts: setting 'init' must be 'previous' or 'random', got {h['init']!r}")
         self.pool: TaskPromptPool | None = None
@@ -99,9 +102,10 @@ class TaskPrompts(Method):
         lm = parts(model)["language_model"]
         embed = lm.get_input_embeddings().weight
         encoder = query_encoder(model, self.hparams["query_cache"])
+        h = self.hparams
         self.pool = attach(model, self.name, TaskPromptPool(
-            len(stream), self.hparams["length"], embed.shape[1], float(embed.detach().float().std()),
-            self.hparams["seed"], self.hparams["top_k"]))
+            len(stream), h["length"], embed.shape[1], float(embed.detach().float().std()), h["seed"], h["top_k"],
+            key_mode=h["key_mode"], keys_per_task=h["keys_per_task"]))
         self.pool.to(embed.device).requires_grad_(False)
         self.pool.encoder = encoder
         install_selector(model, self.pool)
@@ -110,19 +114,19 @@ class TaskPrompts(Method):
     def before_task(self, task: Task, model, train_data: list) -> list:
         pool = self.pool
         if task.index > 0 and self.hparams["init"] == "previous" and not bool(pool.key_ready[task.index]):
-            with torch.no_grad():
-                pool.prompts[task.index].copy_(pool.prompts[task.index - 1])
-        pool.requires_grad_(False)
-        pool.prompts[task.index].requires_grad_(True)
-        pool.keys[task.index].requires_grad_(True)
-        pool.known.fill_(max(pool.num_known, task.index + 1))
+            new, old = pool.slots[task.index].prompt, pool.slots[task.index - 1].prompt
+            with torch.no_grad(), writable([new, old]):
+                new.copy_(old)
+        pool.train_only(task.index)
         return train_data
 
     def loss(self, model, batch: dict, outputs, task: Task):
-        if self.hparams["key_weight"] == 0:
-            return None
-        term = key_loss_on_batch(self.pool, batch, task.index)
-        return None if term is None else self.hparams["key_weight"] * term
+        term = key_term_on_batch(self.pool, batch, task.index)
+        return None if term is None or self.hparams["key_weight"] == 0 else self.hparams["key_weight"] * term
+
+    def after_task(self, task: Task, model, train_data: list) -> None:
+        if self.pool.key_mode == "prototypes":
+            self.pool.fit(task.index)
 
 
 def _install_prompt_hooks(language_model, pool: TaskPromptPool) -> None:

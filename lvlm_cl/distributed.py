@@ -1,0 +1,125 @@
+"""What one process or many need from accelerate and DeepSpeed ZeRO, in one place.
+
+The loop is the same for one CPU process and many GPUs; the launch config (``recipes/accelerate/``)
+decides. Three things differ and live here:
+
+- the process group: without CUDA several processes must talk over gloo (accelerate would otherwise
+  leave every process believing it is alone);
+- DeepSpeed's batch settings come from the recipe: "auto" in the JSON is filled in, and an explicit value
+  that disagrees with the recipe stops the run before anything loads;
+- under ZeRO-3 parameters are partitioned across processes: what a checkpoint saves is gathered first,
+  evaluation runs on every process with ``synced_gpus`` (each process generates the same number of
+  steps), and methods that read parameter values outside the forward refuse at start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from lvlm_cl.config import ConfigError
+
+
+def make_accelerator(cfg, project_dir: str):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1        # set by accelerate launch / torchrun
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if several and not torch.cuda.is_available() else []
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.trainer.grad_accum, log_with=cfg.report_to or None,
+                              project_dir=project_dir, kwargs_handlers=handlers)
+    configure_deepspeed(accelerator, cfg.trainer)
+    return accelerator
+
+
+def zero_stage(accelerator) -> int:
+    plugin = accelerator.state.deepspeed_plugin
+    return int(plugin.zero_stage) if plugin is not None else 0
+
+
+def configure_deepspeed(accelerator, trainer) -> None:
+    """Fill DeepSpeed's "auto" batch settings from the recipe; refuse explicit ones that disagree."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    conf = plugin.deepspeed_config
+    world = accelerator.num_processes
+    wanted = {
+        "train_micro_batch_size_per_gpu": (trainer.batch_size, "trainer.batch_size"),
+        "gradient_accumulation_steps": (trainer.grad_accum, "trainer.grad_accum"),
+        "train_batch_size": (trainer.batch_size * trainer.grad_accum * world,
+                             f"trainer.batch_size x trainer.grad_accum x {world} processes"),
+        "gradient_clipping": (float(trainer.max_grad_norm or 0.0), "trainer.max_grad_norm"),
+    }
+    for key, (value, source) in wanted.items():
+        have = conf.get(key, "auto")
+        if have == "auto":
+            conf[key] = value
+        elif float(have) != float(value):
+            raise ConfigError(f"the DeepSpeed config sets {key}={have} but the recipe gives {value} ({source}); "
+                              f"set {key} to \"auto\" in the launch config's JSON, or change the recipe")
+
+
+def refuse_unsupported(methods, accelerator) -> None:
+    """Methods that need whole parameter values outside the forward cannot run under ZeRO-3."""
+    if zero_stage(accelerator) != 3:
+        return
+    for m in methods:
+        reason = getattr(m, "zero3_unsupported", None)
+        if reason:
+            raise ConfigError(f"method {m.name!r} does not run under DeepSpeed ZeRO-3: {reason}. Use ZeRO-2 "
+                              "(recipes/accelerate/zero2.yaml) or DDP for it.")
+
+
+@contextlib.contextmanager
+def gathered(model, accelerator, names: set[str] | None = None):
+    """Under ZeRO-3, every parameter (or those named) whole on every process for the duration; collective."""
+    if zero_stage(accelerator) != 3:
+        yield
+        return
+    import deepspeed
+
+    params = [p for n, p in model.named_parameters() if names is None or n in names]
+    with deepspeed.zero.GatheredParameters(params):
+        yield
+
+
+def checkpoint_state(model, accelerator) -> dict[str, torch.Tensor] | None:
+    """``trainable_state_dict`` on the main process (whole tensors, also under ZeRO-3), None elsewhere.
+    Every process must call it."""
+    from lvlm_cl.methods.routing import is_continual
+    from lvlm_cl.models import trainable_state_dict
+
+    names = {n for n, p in model.named_parameters() if p.requires_grad or is_continual(n)}
+    with gathered(model, accelerator, names):
+        return trainable_state_dict(model) if accelerator.is_main_process else None
+
+
+def shard(items: list, accelerator) -> list:
+    """This process's share: every n-th item. Under ZeRO-3 every process must run the same number of
+    generation batches, so shards are padded with the first item (dropped again by ``unshard``)."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if world == 1:
+        return items
+    mine = items[rank::world]
+    if zero_stage(accelerator) == 3:
+        size = -(-len(items) // world)
+        mine = mine + [items[0]] * (size - len(mine))
+    return mine
+
+
+def unshard(local: list, total: int, accelerator) -> list:
+    """Every process's ``local`` results put back in the original order (on every process)."""
+    world = accelerator.num_processes
+    if world == 1:
+        return local
+    from accelerate.utils import gather_object
+
+    out = [None] * total
+    for rank, part in gather_object([(accelerator.process_index, local)]):
+        positions = range(rank, total, world)
+        for i, value in zip(positions, part):
+            out[i] = value
+    return out
