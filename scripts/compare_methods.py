@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 from lvlm_cl.config import load_recipe  # noqa: E402
 from lvlm_cl.io import atomic_write_json, atomic_write_text  # noqa: E402
 
+NOTES_MARKER = "<!-- notes: everything below this line is kept when the tables above are regenerated -->"
 COLUMNS = ["recipe", "methods", "MFT", "MFN", "MAA", "BWT", "forgetting", "routing", "trainable", "memory",
            "peak RSS", "wall"]
 
@@ -102,7 +103,8 @@ def _fmt(v, digits: int = 2) -> str:
 
 def markdown(rows: list[dict], command: str) -> str:
     lines = ["# Results: every method on seq5", "",
-             "Written by `scripts/compare_methods.py` (edit the script, not this file). Command:", "",
+             "The tables are written by `scripts/compare_methods.py` (regenerate them, do not edit them); the "
+             "notes after them are kept. Command:", "",
              f"    {command}", "",
              "One process per recipe, run one after another on the same machine (2 CPU cores, no GPU), seed 0. "
              "Metrics as in `docs/metrics.md` (percent; BWT and forgetting in points). *routing*: mean routing "
@@ -165,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
               f"BWT={rows[-1]['BWT']:.2f} wall={timing['wall_seconds']:.0f}s", flush=True)
     command = "python scripts/compare_methods.py " + " ".join(str(r) for r in args.recipes) + \
         "".join(f" --set {o}" for o in args.overrides) + f" --output {args.output}"
-    atomic_write_text(args.output, markdown(rows, command))
+    notes = ""
+    if args.output.is_file() and NOTES_MARKER in args.output.read_text(encoding="utf-8"):
+        notes = args.output.read_text(encoding="utf-8").split(NOTES_MARKER, 1)[1]   # hand-written analysis kept
+    atomic_write_text(args.output, markdown(rows, command) + "\n" + NOTES_MARKER + notes)
     atomic_write_json(args.output.with_suffix(".json"), rows)
     plot(rows, args.output.with_suffix(".png"))
     print(f"[compare] wrote {args.output}, {args.output.with_suffix('.json')} and {args.output.with_suffix('.png')}")

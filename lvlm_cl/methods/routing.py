@@ -13,7 +13,8 @@ is frozen, so a query depends only on the instruction's tokens and is cached by 
   (``adapters_disabled``), so no copy is needed on a 7B model;
 - it trains in full: a frozen copy is taken at ``setup`` (one language model more in memory).
 
-Routing picks, for each sample, the known task whose key has the highest cosine similarity to the query.
+Routing picks, for each sample, the known task whose keys have the highest cosine similarity to the query
+(``TaskKeyRouter``: k-means prototypes of each task's queries, or one learned key per task).
 The modules that route (keys, prompts, adapters' routers) are attached to the model under
 ``<model>.continual.<method>``, so they are saved with every task checkpoint and restored with it: the
 model routes by itself in ``generate`` with no task label and no training code.

@@ -8,8 +8,8 @@ MR-LoRA).
   with ``vision: true``, on the vision tower's.
 - Training on task t: only adapter t and key t train. Each sample runs through the adapter of its own
   task (a replayed record through its earlier task's frozen adapter), with PEFT's mixed-adapter batches
-  (the ``adapter_names`` argument of its LoRA layers). The key is pulled towards the task's queries:
-  ``term = key_weight * mean(1 - cos(q, k_t))``.
+  (the ``adapter_names`` argument of its LoRA layers). Keys as in ``task_prompts`` (prototypes of the
+  task's queries by default, or a learned key).
 - Inference: each sample is routed to the task whose key is most similar to its instruction's query
   (``routing.InstructionEncoder``) and runs through that task's adapter only; the vision tower's adapter
   follows the sample's route for each of its images.

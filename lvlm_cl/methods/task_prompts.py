@@ -6,10 +6,12 @@ Each task owns ``length`` learnable prompt vectors, prepended to the language mo
 instruction (``routing.InstructionEncoder``: the base language model's mean-pooled hidden states).
 
 - Training on task t: every sample uses the prompt of the task it comes from (the current task's, or an
-  earlier task's for records a memory bank replays), and the current task's key is pulled towards its
-  samples' queries: ``term = key_weight * mean(1 - cos(q, k_t))``. Earlier tasks' prompts and keys are
-  frozen; the new task's prompt starts as a copy of the previous one (``init: previous``) or at random.
-- Inference: each sample uses the prompt of the known task whose key is most similar to its query
+  earlier task's for records a memory bank replays). Earlier tasks' prompts are frozen; the new task's
+  prompt starts as a copy of the previous one (``init: previous``) or at random.
+- Keys (``routing.TaskKeyRouter``): by default the k-means prototypes of the task's training queries,
+  fitted when the task ends (``key_mode: prototypes``); or L2P's learned key, pulled towards the task's
+  queries by ``term = key_weight * mean(1 - cos(q, k_t))`` (``key_mode: learned``).
+- Inference: each sample uses the prompt of the known task whose keys are most similar to its query
   (``top_k > 1``: the similarity-weighted mean of the k best tasks' prompts). No task label is needed:
   routing happens inside the model's forward, so ``generate``, evaluation and chat route by themselves.
 - The prompts, keys and the count of known tasks live in the model (``<model>.continual.task_prompts``) and
@@ -43,7 +45,7 @@ from lvlm_cl.models import parts
 
 
 class TaskPromptPool(TaskKeyRouter):
-    """A slot per task of the stream: its key (``TaskKeyRouter``) and its ``length`` prompt vectors."""
+    """A slot per task of the stream: its keys (``TaskKeyRouter``) and its ``length`` prompt vectors."""
 
     def __init__(self, num_tasks: int, length: int, dim: int, init_std: float, seed: int, top_k: int = 1, **keys):
         g = torch.Generator().manual_seed(seed)
