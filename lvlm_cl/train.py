@@ -30,8 +30,8 @@ from lvlm_cl.data.dataset import EncodingCache, StepBatchOrder
 from lvlm_cl.data.encoding import collate_train
 from lvlm_cl.data.records import final_answer, user_text
 from lvlm_cl.data.stream import build_stream
-from lvlm_cl.distributed import (checkpoint_state, make_accelerator, refuse_unsupported, shard, unshard,
-                                 zero_stage)
+from lvlm_cl.distributed import (checkpoint_state, gathered, make_accelerator, refuse_unsupported, shard,
+                                 unshard, zero_stage)
 from lvlm_cl.evaluation import cl_metrics_partial, score_many, write_predictions, write_report
 from lvlm_cl.evaluation.generate import generate_answers
 from lvlm_cl.io import atomic_replace_dir, atomic_write_json
@@ -136,7 +136,8 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
         started = time.time()
         row = evaluate_stream(accelerator, model, processor, stream, encodings, cfg, run_dir,
                               f"after-{task.index:02d}-{task.name}", progress)
-        routing = evaluate_routing(model, stream, encodings, cfg)
+        with gathered(model, accelerator):
+            routing = evaluate_routing(model, stream, encodings, cfg)
         if routing:
             state.extra.setdefault("routing_accuracy", {})[task.name] = routing
         state.extra.setdefault("eval_seconds", {})[task.name] = round(time.time() - started, 2)
@@ -234,7 +235,13 @@ def task_indices(train_data: list[dict], names: list[str]) -> torch.Tensor:
 
 def evaluate_stream(accelerator, model, processor, stream, encodings, cfg, run_dir: Path, stage: str,
                     progress: bool) -> list[float]:
-    """Score on every task's test split (percent); predictions are written per task."""
+    """Score on every task's test split (percent); predictions are written per task. Under ZeRO-3 the
+    model is gathered whole on every process for the duration (it must fit one device for inference)."""
+    with gathered(model, accelerator):
+        return _evaluate_stream(accelerator, model, processor, stream, encodings, cfg, run_dir, stage, progress)
+
+
+def _evaluate_stream(accelerator, model, processor, stream, encodings, cfg, run_dir, stage, progress):
     tr = cfg.trainer
     row = []
     for task in stream:

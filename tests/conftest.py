@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,17 @@ from PIL import Image
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20)}
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    # Tests never touch the user's cache; one cache per session keeps built models reusable.
-    monkeypatch.setenv("LVLM_CL_CACHE", str(tmp_path_factory.getbasetemp() / "lvlm_cl_cache"))
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    # Tests never touch the user's cache; one cache per session keeps built models reusable. Session-wide
+    # (not monkeypatch, which is per test) so module-scoped fixtures that train also use it.
+    old = os.environ.get("LVLM_CL_CACHE")
+    os.environ["LVLM_CL_CACHE"] = str(tmp_path_factory.getbasetemp() / "lvlm_cl_cache")
+    yield
+    if old is None:
+        os.environ.pop("LVLM_CL_CACHE", None)
+    else:
+        os.environ["LVLM_CL_CACHE"] = old
 
 
 @pytest.fixture(scope="session")

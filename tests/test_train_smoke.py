@@ -108,8 +108,8 @@ def test_the_run_records_trainable_parameters_and_memory_per_task(tmp_path, colo
     run(load_recipe(recipe, [*SMALL_MODEL, *frozen, "methods=[{name: task_prompts, length: 4},"
                                                      " {name: replay, memory_per_task: 5}]"]), progress=False)
     metrics = json.loads((out / "metrics.json").read_text())
-    # Only the task's prompt (4 x 64) and key (64) train once the model is frozen.
-    assert metrics["trainable_parameters"] == {"colour": 4 * 64 + 64, "warmth": 4 * 64 + 64}
+    # Only the task's prompt (4 x 64) trains once the model is frozen (prototype keys are fitted, not trained).
+    assert metrics["trainable_parameters"] == {"colour": 4 * 64, "warmth": 4 * 64}
     assert metrics["memory_records"] == {"colour": 5, "warmth": 10}
     meta = json.loads((out / "checkpoints" / "task-01-warmth" / "meta.json").read_text())
     assert meta["task_records"] == 48 and meta["train_samples"] > 48    # replayed records come on top

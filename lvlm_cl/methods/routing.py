@@ -178,6 +178,18 @@ def adapters_disabled(module: torch.nn.Module):
 
 
 @contextlib.contextmanager
+def readable(params: list[torch.nn.Parameter]):
+    """Read whole parameters: under DeepSpeed ZeRO-3 they are gathered for the duration (collective)."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            yield
+    else:
+        yield
+
+
+@contextlib.contextmanager
 def writable(params: list[torch.nn.Parameter]):
     """Write to parameters in place, on every process: under DeepSpeed ZeRO-3 (partitioned parameters) the
     values are gathered, and what process 0 writes is given to all; otherwise nothing to do. Collective
@@ -228,7 +240,7 @@ class TaskKeyRouter(torch.nn.Module):
         if key_mode not in KEY_MODES:
             raise ValueError(f"key_mode must be one of {list(KEY_MODES)}, got {key_mode!r}")
         self.key_mode, self.seed = key_mode, seed
-        k = keys_per_task if key_mode == "prototypes" else 1
+        self.num_keys = k = keys_per_task if key_mode == "prototypes" else 1
         self.slots = torch.nn.ModuleList([TaskSlot(dim, k, prompts[i] if prompts else None) for i in range(num_tasks)])
         self.register_buffer("known", torch.zeros((), dtype=torch.long))
         self.register_buffer("key_ready", torch.zeros(num_tasks, dtype=torch.bool))
@@ -333,7 +345,7 @@ class TaskKeyRouter(torch.nn.Module):
         ordered = [seen[k] for k in sorted(seen)]                    # the same order on every process
         x = F.normalize(torch.stack(ordered), dim=-1).numpy().astype(np.float64)
         slot = self.slots[task_index]
-        k = slot.keys.shape[0]
+        k = self.num_keys                 # not slot.keys.shape: ZeRO-3 partitions it
         if len(x) <= k:
             centroids = np.concatenate([x, x[:1].repeat(k - len(x), 0)]) if len(x) < k else x
         else:

@@ -30,7 +30,7 @@ from lvlm_cl.methods.adapters import adapter_params, inject_lora, refuse_recipe_
 from lvlm_cl.methods.base import Method, Task
 from lvlm_cl.methods.routing import (KEY_MODES, TaskKeyRouter, attach, install_selector, key_term_on_batch,
                                      query_encoder)
-from lvlm_cl.models import parts
+from lvlm_cl.methods.routing import unwrap
 
 BASE = "__base__"      # PEFT's name for "no adapter" in a mixed batch
 
@@ -69,7 +69,7 @@ class TaskLoRA(Method):
     def setup(self, model, stream: list[Task]) -> None:
         refuse_recipe_lora(model, self.name)
         encoder = query_encoder(model, self.hparams["query_cache"])   # before any adapter: the base's queries
-        dim = parts(model)["language_model"].get_input_embeddings().weight.shape[1]
+        dim = unwrap(model).config.get_text_config().hidden_size
         self.router = attach(model, self.name, TaskKeyRouter(len(stream), dim, key_mode=self.hparams["key_mode"],
                                                              keys_per_task=self.hparams["keys_per_task"]))
         self.router.to(next(model.parameters()).device).requires_grad_(False)
@@ -104,8 +104,6 @@ class TaskLoRA(Method):
 def _install_adapter_hooks(model, layer_paths: list[str], router: TaskKeyRouter, names: list[str]) -> None:
     """Pass PEFT's ``adapter_names`` to every adapted layer: the routed task's adapter per sample, and per
     image in the vision tower (a sample's images follow its route)."""
-    from lvlm_cl.methods.routing import unwrap
-
     def per_input(kind: str, n: int) -> list[str]:
         if router.encoder.running or router.selected is None:
             return [BASE] * n

@@ -39,7 +39,7 @@ import torch
 
 from lvlm_cl.methods.base import Method, Task
 from lvlm_cl.methods.routing import (KEY_MODES, TaskKeyRouter, attach, install_selector, key_term_on_batch,
-                                     query_encoder, writable)
+                                     query_encoder, readable, writable)
 from lvlm_cl.models import parts
 
 
@@ -105,10 +105,12 @@ class TaskPrompts(Method):
         embed = lm.get_input_embeddings().weight
         encoder = query_encoder(model, self.hparams["query_cache"])
         h = self.hparams
+        with readable([embed]):    # ZeRO-3 may have partitioned the model at loading
+            dim, std, device = embed.shape[1], float(embed.detach().float().std()), embed.device
         self.pool = attach(model, self.name, TaskPromptPool(
-            len(stream), h["length"], embed.shape[1], float(embed.detach().float().std()), h["seed"], h["top_k"],
+            len(stream), h["length"], dim, std, h["seed"], h["top_k"],
             key_mode=h["key_mode"], keys_per_task=h["keys_per_task"]))
-        self.pool.to(embed.device).requires_grad_(False)
+        self.pool.to(device).requires_grad_(False)
         self.pool.encoder = encoder
         install_selector(model, self.pool)
         _install_prompt_hooks(lm, self.pool)

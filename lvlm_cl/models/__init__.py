@@ -170,8 +170,12 @@ def trainable_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """(trainable, total) parameter counts; whole sizes also under DeepSpeed ZeRO-3 (``ds_numel``)."""
+    def size(p):
+        return getattr(p, "ds_numel", p.numel())
+
+    total = sum(size(p) for p in model.parameters())
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
     return trainable, total
 
 
