@@ -102,3 +102,28 @@ def write_recipe(path: Path, tasks: dict, output_dir: Path, **trainer) -> Path:
     }
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_small():
+    """A small tiny LLaVA (width 64) and its processor, built once; tests deep-copy the model before changing it."""
+    from lvlm_cl.models.tiny import TinyLlavaSize, build_tiny_llava
+
+    return build_tiny_llava(TinyLlavaSize(text_hidden=64, vision_hidden=64, text_intermediate=128), seed=0)
+
+
+def stage_scores(stage) -> list[float]:
+    """Score a loaded stage on every task of its stream, the way the training loop does (percent)."""
+    from lvlm_cl.data.dataset import EncodingCache
+    from lvlm_cl.data.records import final_answer
+    from lvlm_cl.evaluation import score_many
+    from lvlm_cl.evaluation.generate import generate_answers
+
+    cache = EncodingCache(stage.processor, stage.cfg.model.max_length)
+    row = []
+    for task in stage.stream:
+        predictions = generate_answers(stage.model, stage.processor, task.test_records, cache, batch_size=16,
+                                       max_new_tokens=stage.cfg.trainer.max_new_tokens, progress=False)
+        scores = score_many(task.metric, predictions, [final_answer(r) for r in task.test_records])
+        row.append(100.0 * sum(scores) / len(scores))
+    return row

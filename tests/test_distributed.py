@@ -10,12 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMALL_MODEL, write_colour_tasks, write_recipe
+from conftest import SMALL_MODEL, stage_scores, write_colour_tasks, write_recipe
 from lvlm_cl.config import load_recipe
-from lvlm_cl.data.dataset import EncodingCache
-from lvlm_cl.data.records import final_answer
-from lvlm_cl.evaluation import score_many
-from lvlm_cl.evaluation.generate import generate_answers
 from lvlm_cl.stage import load_stage
 from lvlm_cl.train import run
 
@@ -44,18 +40,6 @@ def setup(tmp_path_factory):
     return root, recipe, json.loads((single / "metrics.json").read_text())
 
 
-def _reloaded_row(out: Path) -> list[float]:
-    stage = load_stage(out)
-    cache = EncodingCache(stage.processor, stage.cfg.model.max_length)
-    row = []
-    for task in stage.stream:
-        preds = generate_answers(stage.model, stage.processor, task.test_records, cache, batch_size=16,
-                                 max_new_tokens=stage.cfg.trainer.max_new_tokens, progress=False)
-        scores = score_many(task.metric, preds, [final_answer(r) for r in task.test_records])
-        row.append(100.0 * sum(scores) / len(scores))
-    return row
-
-
 @pytest.mark.parametrize("config", ["zero2", "zero3"])
 def test_deepspeed_two_processes_train_save_and_evaluate_in_one(setup, config):
     root, recipe, single = setup
@@ -73,7 +57,7 @@ def test_deepspeed_two_processes_train_save_and_evaluate_in_one(setup, config):
         assert two[0] == pytest.approx(one[0], rel=2e-2), (task, two, one)
         assert two == pytest.approx(one, rel=1e-1), (task, two, one)
     # The checkpoint holds whole tensors: one process reloads it and scores what the two processes scored.
-    assert _reloaded_row(out) == metrics["matrix"][-1]
+    assert stage_scores(load_stage(out)) == metrics["matrix"][-1]
 
 
 def test_zero3_refuses_a_method_that_needs_whole_parameters(setup):

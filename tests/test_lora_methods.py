@@ -15,10 +15,8 @@ STREAM = [Task(i, n, "exact_match", [], []) for i, n in enumerate(["a", "b", "c"
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    from lvlm_cl.models.tiny import TinyLlavaSize, build_tiny_llava
-
-    return build_tiny_llava(TinyLlavaSize(text_hidden=64, vision_hidden=64, text_intermediate=128), seed=0)
+def tiny(tiny_small):
+    return tiny_small
 
 
 @pytest.fixture

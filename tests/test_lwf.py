@@ -16,10 +16,8 @@ TASK1 = Task(index=1, name="warmth", metric="exact_match", train_records=[], tes
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    from lvlm_cl.models.tiny import TinyLlavaSize, build_tiny_llava
-
-    return build_tiny_llava(TinyLlavaSize(text_hidden=64, vision_hidden=64, text_intermediate=128), seed=0)
+def tiny(tiny_small):
+    return tiny_small
 
 
 @pytest.fixture

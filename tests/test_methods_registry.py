@@ -4,13 +4,9 @@ same as the run did."""
 import pytest
 import torch
 
-from conftest import SMALL_MODEL, write_recipe
+from conftest import SMALL_MODEL, stage_scores, write_recipe
 from lvlm_cl.checkpoint import CheckpointError
 from lvlm_cl.config import load_recipe
-from lvlm_cl.data.dataset import EncodingCache
-from lvlm_cl.data.records import final_answer
-from lvlm_cl.evaluation import score_many
-from lvlm_cl.evaluation.generate import generate_answers
 from lvlm_cl.methods import available
 from lvlm_cl.stage import load_stage
 from lvlm_cl.train import run
@@ -30,13 +26,7 @@ def test_method_trains_saves_reloads_and_evaluates(tmp_path, colour_tasks, name)
     for n, p in stage.model.named_parameters():
         assert torch.equal(p, trained[n]), n                      # the checkpoint restores what trained
 
-    cache = EncodingCache(stage.processor, stage.cfg.model.max_length)
-    row = []
-    for task in stage.stream:
-        predictions = generate_answers(stage.model, stage.processor, task.test_records, cache, batch_size=16,
-                                       max_new_tokens=stage.cfg.trainer.max_new_tokens, progress=False)
-        scores = score_many(task.metric, predictions, [final_answer(r) for r in task.test_records])
-        row.append(100.0 * sum(scores) / len(scores))
+    row = stage_scores(stage)
     assert row == state.rows[-1]                                     # evaluating the reload = the run's numbers
 
 
