@@ -63,14 +63,16 @@ def configure_deepspeed(accelerator, trainer) -> None:
 
 
 def refuse_unsupported(methods, accelerator) -> None:
-    """Methods that need whole parameter values outside the forward cannot run under ZeRO-3."""
-    if zero_stage(accelerator) != 3:
-        return
+    """Methods that read gradients from p.grad cannot run under ZeRO; methods that need whole parameter
+    values outside the forward cannot run under ZeRO-3. Both are refused before anything loads."""
+    stage = zero_stage(accelerator)
     for m in methods:
-        reason = getattr(m, "zero3_unsupported", None)
-        if reason:
-            raise ConfigError(f"method {m.name!r} does not run under DeepSpeed ZeRO-3: {reason}. Use ZeRO-2 "
-                              "(recipes/accelerate/zero2.yaml) or DDP for it.")
+        if stage >= 1 and m.zero_unsupported:
+            raise ConfigError(f"method {m.name!r} does not run under DeepSpeed ZeRO: {m.zero_unsupported}. "
+                              "Use DDP (recipes/accelerate/ddp.yaml) or one process for it.")
+        if stage == 3 and m.zero3_unsupported:
+            raise ConfigError(f"method {m.name!r} does not run under DeepSpeed ZeRO-3: {m.zero3_unsupported}. "
+                              "Use ZeRO-2 (recipes/accelerate/zero2.yaml) or DDP for it.")
 
 
 @contextlib.contextmanager
@@ -115,10 +117,10 @@ def unshard(local: list, total: int, accelerator) -> list:
     world = accelerator.num_processes
     if world == 1:
         return local
-    from accelerate.utils import gather_object
-
+    parts = [None] * world      # torch's own all_gather_object: accelerate's gather_object skips MULTI_GPU on CPU
+    torch.distributed.all_gather_object(parts, (accelerator.process_index, local))
     out = [None] * total
-    for rank, part in gather_object([(accelerator.process_index, local)]):
+    for rank, part in parts:
         positions = range(rank, total, world)
         for i, value in zip(positions, part):
             out[i] = value

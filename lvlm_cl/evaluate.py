@@ -14,7 +14,7 @@ Writes, in ``--output`` (default ``<run>/evaluations/<data file stem>``):
 Generation is the training run's: batched greedy decoding with the run's ``max_new_tokens`` (overridable),
 so on a run's own test split the score equals the number the run wrote in ``metrics.json``. Under
 ``accelerate launch`` with several processes every process takes every n-th record, and the predictions
-are gathered on the main process, which writes the files.
+are gathered (``lvlm_cl.distributed``), and the main process writes the files.
 """
 
 from __future__ import annotations
@@ -80,9 +80,9 @@ def coin_rows(records: list[dict], predictions: list[str], model_id: str) -> lis
 
 def evaluate(args) -> dict:
     from accelerate import Accelerator
-    from accelerate.utils import gather_object
 
     from lvlm_cl.data.dataset import EncodingCache
+    from lvlm_cl.distributed import shard, unshard
     from lvlm_cl.evaluation.generate import generate_answers
     from lvlm_cl.stage import load_stage
 
@@ -92,8 +92,7 @@ def evaluate(args) -> dict:
     if args.max_samples:
         records = records[:args.max_samples]
     out = args.output or args.run / "evaluations" / args.data.stem
-    rank, world = accelerator.process_index, accelerator.num_processes
-    mine = records[rank::world]
+    mine = shard(records, accelerator)
     scores: dict[str, float] = {}
     for k in stages:
         stage = load_stage(args.run, k)
@@ -103,10 +102,7 @@ def evaluate(args) -> dict:
         local = generate_answers(model, stage.processor, mine, cache, batch_size=args.batch_size or tr.eval_batch_size,
                                  max_new_tokens=args.max_new_tokens or tr.max_new_tokens,
                                  desc=f"stage {k} ({stage.task.name})", progress=accelerator.is_main_process)
-        gathered = gather_object([(rank, local)])
-        predictions = [""] * len(records)
-        for r, preds in gathered:
-            predictions[r::world] = preds
+        predictions = unshard(local, len(records), accelerator)
         if accelerator.is_main_process:
             answers = [final_answer(r) for r in records]
             correct = score_many(args.metric, predictions, answers)

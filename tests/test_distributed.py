@@ -67,6 +67,13 @@ def test_zero3_refuses_a_method_that_needs_whole_parameters(setup):
     assert "does not run under DeepSpeed ZeRO-3" in proc.stderr and "lwf" in proc.stderr
 
 
+def test_zero_refuses_ewc_which_reads_gradients_from_p_grad(setup):
+    root, recipe, _ = setup
+    proc = _launch("zero2", recipe, root / "refused-ewc", ["model.lora=null", "methods=[ewc]"])
+    assert proc.returncode != 0
+    assert "method 'ewc' does not run under DeepSpeed ZeRO" in proc.stderr and "Use DDP" in proc.stderr
+
+
 def test_a_launch_config_whose_batch_disagrees_is_refused(setup, tmp_path):
     root, recipe, _ = setup
     ds = json.loads((ROOT / "recipes/accelerate/zero2.json").read_text())
@@ -81,3 +88,53 @@ def test_a_launch_config_whose_batch_disagrees_is_refused(setup, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "train_micro_batch_size_per_gpu=16 but the recipe gives 4 (trainer.batch_size)" in proc.stderr
+
+
+# Every other registered method under ZeRO-2 (full fine-tuning of the small model, or the method's own
+# adapters on a frozen one): two tasks train, the run finishes, and its checkpoint reloads in one process.
+ZERO2_METHODS = {
+    "finetune": [], "multitask": [], "replay": ["methods=[{name: replay, memory_per_task: 4}]"],
+    "lwf": ["methods=[lwf]"],
+    "task_lora": ["methods=[{name: task_lora, r: 2}]"], "olora": ["methods=[{name: olora, r: 2}]"],
+    "moelora": ["methods=[{name: moelora, r: 4, experts: 2}]"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(ZERO2_METHODS))
+def test_every_method_runs_under_zero2(setup, name):
+    from lvlm_cl.methods import available
+
+    assert set(ZERO2_METHODS) | {"task_prompts", "ewc"} == set(available())   # a new method must join this test
+    root, recipe, _ = setup
+    out = root / f"z2-{name}"
+    extra = ZERO2_METHODS[name] or [f"methods=[{name}]"]
+    lora_free = ["model.lora=null", "trainer.steps_per_task=2"]
+    if name in ("task_lora", "olora", "moelora"):
+        lora_free += ["model.freeze_language_model=true"]
+    else:
+        lora_free += ["model.freeze_language_model=false"]
+    proc = _launch("zero2", recipe, out, [*lora_free, *extra])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_completed"] == 2
+    assert stage_scores(load_stage(out)) == metrics["matrix"][-1]
+
+
+def test_ewc_runs_under_ddp_and_a_run_evaluates_sharded(setup, tmp_path):
+    """EWC's place is DDP (gradients in p.grad after the all-reduce); scripts/evaluate.py shards too."""
+    root, recipe, _ = setup
+    out = root / "ddp-ewc"
+    proc = _launch("ddp", recipe, out, ["model.lora=null", "model.freeze_language_model=false", "methods=[ewc]",
+                                        "trainer.steps_per_task=2"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_completed"] == 2
+    test = json.loads((out / "config.json").read_text())["tasks"][1]["eval"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/ddp.yaml",
+           "scripts/evaluate.py", "--run", str(out), "--data", test, "--metric", "exact_match",
+           "--output", str(tmp_path / "eval")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scores = json.loads((tmp_path / "eval" / "scores.json").read_text())["scores"]
+    assert scores == {"stage-1-warmth": metrics["matrix"][1][1]}

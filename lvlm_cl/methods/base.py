@@ -46,7 +46,8 @@ class Method:
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
     uses_task_ids: ClassVar[bool] = False
-    zero3_unsupported: ClassVar[str | None] = None   # why the method cannot run under DeepSpeed ZeRO-3, if so
+    zero_unsupported: ClassVar[str | None] = None    # why the method cannot run under any DeepSpeed ZeRO stage
+    zero3_unsupported: ClassVar[str | None] = None   # why it cannot run under ZeRO-3 (parameters partitioned)
 
     def __init__(self, **hparams: Any):
         self.hparams = {**self.defaults, **hparams}

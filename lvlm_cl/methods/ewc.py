@@ -40,7 +40,8 @@ Precisely:
   own gradient and the terms of any other method in the recipe.
 - Under fp16 mixed precision the gradients the hook sees are multiplied by the loss scale (accelerate
   unscales them only at clipping / the optimizer step): use bf16 or fp32 with EWC. DeepSpeed ZeRO keeps
-  gradients out of ``p.grad``; ``after_task`` raises if it saw no gradient at all.
+  gradients out of ``p.grad``, so EWC is refused at start under ZeRO (use DDP); ``after_task`` also
+  raises if it saw no gradient at all.
 - A trainable parameter that never received a gradient during the task gets F = 0 for it.
 
 F and θ* are kept only for parameters that require grad (F in float32, θ* in the parameter's dtype), on the
@@ -60,8 +61,8 @@ from lvlm_cl.methods.base import Method, Task
 
 class EWC(Method):
     name = "ewc"
-    zero3_unsupported = ("its penalty reads every anchored parameter's whole value in the loss, and ZeRO-3 keeps "
-                         "only a shard of each parameter on each process")
+    zero_unsupported = ("its Fisher is read from each parameter's gradient after every backward pass, and "
+                        "DeepSpeed ZeRO keeps gradients in partitioned buffers, not in p.grad")
     defaults = {
         "lambda_": 100.0,   # λ, the penalty's weight
         "online": True,     # one running Fisher/anchor (True) or one per task (False)
@@ -113,10 +114,9 @@ class EWC(Method):
         if not snapshot:                     # gradients were cleared before this backward: a new window
             self._close_window()
         for n, p in model.named_parameters():
-            g = full_grad(p) if p.requires_grad else None
-            if g is None:
+            if not p.requires_grad or p.grad is None:
                 continue
-            d = g.detach().float()
+            d = p.grad.detach().float()
             if n in snapshot:
                 d = d - snapshot[n]
             sq = d * d
@@ -153,8 +153,8 @@ class EWC(Method):
     def loss(self, model: torch.nn.Module, batch: dict, outputs, task: Task) -> torch.Tensor | None:
         # Called before every backward: remember the gradients accumulated so far in this window, so
         # after_backward can take this micro-step's own gradient (only when accumulating: else p.grad is None).
-        self._snapshot = {n: g.detach().float().clone() for n, p in model.named_parameters()
-                          if p.requires_grad and (g := full_grad(p)) is not None}
+        self._snapshot = {n: p.grad.detach().float().clone() for n, p in model.named_parameters()
+                          if p.requires_grad and p.grad is not None}
         self._snapshot_taken = True
         return self.penalty(model)
 
@@ -218,17 +218,3 @@ class EWC(Method):
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-
-def full_grad(p: torch.nn.Parameter) -> torch.Tensor | None:
-    """The parameter's whole gradient: ``p.grad``, or under DeepSpeed ZeRO-1/2 (which keep gradients in
-    their own partitioned buffers) DeepSpeed's ``safe_get_full_grad``."""
-    if p.grad is not None:
-        return p.grad
-    try:
-        from deepspeed.utils import safe_get_full_grad
-    except ImportError:
-        return None
-    try:
-        return safe_get_full_grad(p)
-    except Exception:   # not a DeepSpeed-managed parameter
-        return None
