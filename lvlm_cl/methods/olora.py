@@ -30,6 +30,8 @@ from lvlm_cl.methods.routing import unwrap
 
 class OLoRA(Method):
     name = "olora"
+    zero3_unsupported = ("its orthogonality term multiplies the adapters' A matrices in the loss, outside the "
+                         "forward, where ZeRO-3 holds only a shard of each")
     defaults = {
         "r": 8,
         "alpha": 16.0,
