@@ -76,16 +76,22 @@ def refuse_unsupported(methods, accelerator) -> None:
 
 
 @contextlib.contextmanager
-def gathered(model, accelerator, names: set[str] | None = None):
-    """Under ZeRO-3, every parameter (or those named) whole on every process for the duration; collective."""
-    if zero_stage(accelerator) != 3:
-        yield
-        return
-    import deepspeed
+def whole(params: list[torch.nn.Parameter], modifier_rank: int | None = None):
+    """Parameters whole for the duration: under DeepSpeed ZeRO-3 (partitioned parameters carry ``ds_id``)
+    they are gathered, collectively, so every process must enter; with ``modifier_rank`` what that process
+    writes in place is given to all. Without ZeRO-3 nothing to do."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
 
-    params = [p for n, p in model.named_parameters() if names is None or n in names]
-    with deepspeed.zero.GatheredParameters(params):
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+            yield
+    else:
         yield
+
+
+def gathered(model, names: set[str] | None = None):
+    """``whole`` for every parameter of ``model`` (or those named)."""
+    return whole([p for n, p in model.named_parameters() if names is None or n in names])
 
 
 def checkpoint_state(model, accelerator) -> dict[str, torch.Tensor] | None:
@@ -95,7 +101,7 @@ def checkpoint_state(model, accelerator) -> dict[str, torch.Tensor] | None:
     from lvlm_cl.models import trainable_state_dict
 
     names = {n for n, p in model.named_parameters() if p.requires_grad or is_continual(n)}
-    with gathered(model, accelerator, names):
+    with gathered(model, names):
         return trainable_state_dict(model) if accelerator.is_main_process else None
 
 

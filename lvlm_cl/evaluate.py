@@ -25,7 +25,7 @@ import json
 import sys
 from pathlib import Path
 
-from lvlm_cl.checkpoint import CheckpointError, RunState
+from lvlm_cl.checkpoint import CheckpointError
 from lvlm_cl.data.records import RecordError, final_answer, load_records, user_text
 from lvlm_cl.evaluation import SCORERS, score_many, write_predictions
 from lvlm_cl.io import atomic_write_json, atomic_write_text
@@ -52,19 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def stages_of(run: Path, stage: int | None, all_stages: bool) -> list[int]:
-    if not (run / "config.json").is_file():
-        raise CheckpointError(f"--run {run}: not a run folder (no config.json)")
-    state = RunState.load(run)
-    if state is None or state.trained == 0:
-        raise CheckpointError(f"--run {run}: no trained stage yet")
-    if all_stages:
-        return list(range(state.trained))
-    if stage is None:
-        return [state.trained - 1]
-    if not 0 <= stage < state.trained:
-        raise CheckpointError(f"--run {run}: stage {stage} does not exist; trained stages are 0..{state.trained - 1} "
-                              f"({', '.join(state.tasks[:state.trained])})")
-    return [stage]
+    from lvlm_cl.stage import read_run, stage_index
+
+    _, state = read_run(run)
+    return list(range(state.trained)) if all_stages else [stage_index(run, state, stage)]
 
 
 def coin_rows(records: list[dict], predictions: list[str], model_id: str) -> list[dict]:
@@ -94,11 +85,13 @@ def evaluate(args) -> dict:
     out = args.output or args.run / "evaluations" / args.data.stem
     mine = shard(records, accelerator)
     scores: dict[str, float] = {}
+    stage = load_stage(args.run, stages[0])     # built once; later stages are restored into it
+    model = stage.model.to(accelerator.device)
+    tr = stage.cfg.trainer
+    cache = EncodingCache(stage.processor, stage.cfg.model.max_length)
     for k in stages:
-        stage = load_stage(args.run, k)
-        model = stage.model.to(accelerator.device)
-        tr = stage.cfg.trainer
-        cache = EncodingCache(stage.processor, stage.cfg.model.max_length)
+        if k != stage.index:
+            stage.restore(k)
         local = generate_answers(model, stage.processor, mine, cache, batch_size=args.batch_size or tr.eval_batch_size,
                                  max_new_tokens=args.max_new_tokens or tr.max_new_tokens,
                                  desc=f"stage {k} ({stage.task.name})", progress=accelerator.is_main_process)
@@ -115,7 +108,6 @@ def evaluate(args) -> dict:
                 rows = coin_rows(records, predictions, f"{args.run.name}/{label}")
                 atomic_write_text(out / f"coin-answers-{label}.jsonl", "".join(json.dumps(x) + "\n" for x in rows))
             print(f"[evaluate] {args.data.name} after {label}: {args.metric} = {scores[label]:.2f}", flush=True)
-        del model, stage
     if accelerator.is_main_process:
         result = {"run": str(args.run), "data": str(args.data), "metric": args.metric, "records": len(records),
                   "scores": scores}

@@ -29,17 +29,21 @@ class Stage:
     stream: list[Task]
     methods: list[Method]
     index: int                  # the task after which this stage was saved
+    run_dir: Path
 
     @property
     def task(self) -> Task:
         return self.stream[self.index]
 
+    def restore(self, index: int) -> None:
+        """Become the stage after task ``index`` of the same run (every checkpoint holds all that trained, so
+        the model and methods need not be built again)."""
+        restore_task(self.run_dir, self.stream[index], self.model, self.methods)
+        self.index = index
 
-def load_stage(run_dir: str | Path, index: int | None = None, *, quantization: str | None = None) -> Stage:
-    """``index`` is the 0-based task after which the stage was saved (default: the last trained one).
-    ``quantization`` ("4bit" / "8bit") loads the base language model quantized; refused when the run trained
-    weights that quantization would replace (full fine-tuning of the language model)."""
-    run_dir = Path(run_dir)
+
+def read_run(run_dir: Path) -> tuple[RunConfig, RunState]:
+    """The run's resolved recipe and state; refused if it is not a run folder or nothing has trained."""
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{run_dir} is not a run folder (no config.json)")
@@ -47,26 +51,40 @@ def load_stage(run_dir: str | Path, index: int | None = None, *, quantization: s
     state = RunState.load(run_dir)
     if state is None or state.trained == 0:
         raise CheckpointError(f"{run_dir} has no trained task yet")
+    return cfg, state
+
+
+def stage_index(run_dir: Path, state: RunState, index: int | None) -> int:
+    """``index`` checked against the trained stages (None: the last one)."""
     index = state.trained - 1 if index is None else index
     if not 0 <= index < state.trained:
         raise CheckpointError(f"{run_dir}: stage {index} does not exist; trained stages are 0..{state.trained - 1} "
                               f"({', '.join(state.tasks[:state.trained])})")
+    return index
+
+
+def load_stage(run_dir: str | Path, index: int | None = None, *, quantization: str | None = None) -> Stage:
+    """``index`` is the 0-based task after which the stage was saved (default: the last trained one).
+    ``quantization`` ("4bit" / "8bit") loads the base language model quantized; refused when the run trained
+    weights that quantization would replace (full fine-tuning of the language model)."""
+    run_dir = Path(run_dir)
+    cfg, state = read_run(run_dir)
+    index = stage_index(run_dir, state, index)
+    if quantization and not cfg.model.freeze_language_model and cfg.model.lora is None:
+        raise CheckpointError(f"{run_dir}: this run trained the language model's own weights "
+                              "(model.freeze_language_model: false, no LoRA); loading it quantized would replace "
+                              "them. Load it without 4-bit/8-bit.")
     cache = cache_dir(cfg)
     # The run keeps a copy of a built-in base model; a local model directory is read where it is.
     base = run_dir / "base_model"
     model, processor = load_model_dir(base if base.is_dir() else resolve_model_dir(cfg.model, cfg.seed, cache),
                                       cfg.model, quantization=quantization)
-    if quantization:
-        trained_in_full = not cfg.model.freeze_language_model and cfg.model.lora is None
-        if trained_in_full:
-            raise CheckpointError(f"{run_dir}: this run trained the language model's own weights "
-                                  "(model.freeze_language_model: false, no LoRA); loading it quantized would replace "
-                                  "them. Load it without 4-bit/8-bit.")
     model = apply_training_setup(model, cfg.model)
     stream, _ = build_stream(cfg, cache)
     methods = build_methods(cfg.methods)
     for m in methods:
         m.setup(model, stream)
-    restore_task(run_dir, stream[index], model, methods)
+    stage = Stage(model, processor, cfg, stream, methods, index, run_dir)
+    stage.restore(index)
     model.eval()
-    return Stage(model, processor, cfg, stream, methods, index)
+    return stage

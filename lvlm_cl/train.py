@@ -107,8 +107,8 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
         accelerator.init_trackers("lvlm_cl", config={"seed": cfg.seed, "lr": cfg.trainer.lr})
 
     if cfg.eval_before_training and state.initial is None:
-        state.initial = evaluate_stream(accelerator, model, processor, stream, encodings, cfg, run_dir,
-                                        "before", progress)
+        state.initial, _ = evaluate_stream(accelerator, model, processor, stream, encodings, cfg, run_dir,
+                                           "before", progress)
         _save_progress(accelerator, run_dir, state, stream)
 
     for task in stream[len(state.rows):]:
@@ -134,10 +134,8 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
             state.trained = task.index + 1
             _save_progress(accelerator, run_dir, state, stream)
         started = time.time()
-        row = evaluate_stream(accelerator, model, processor, stream, encodings, cfg, run_dir,
-                              f"after-{task.index:02d}-{task.name}", progress)
-        with gathered(model, accelerator):
-            routing = evaluate_routing(model, stream, encodings, cfg)
+        row, routing = evaluate_stream(accelerator, model, processor, stream, encodings, cfg, run_dir,
+                                       f"after-{task.index:02d}-{task.name}", progress)
         if routing:
             state.extra.setdefault("routing_accuracy", {})[task.name] = routing
         state.extra.setdefault("eval_seconds", {})[task.name] = round(time.time() - started, 2)
@@ -233,49 +231,50 @@ def task_indices(train_data: list[dict], names: list[str]) -> torch.Tensor:
         raise ValueError(f"a training record of task {e.args[0]!r} is not from this stream's tasks {names}") from None
 
 
+def eval_records(task, trainer) -> list[dict]:
+    """The test records a task is scored on (the first ``trainer.eval_max_samples`` if set)."""
+    return task.test_records[:trainer.eval_max_samples] if trainer.eval_max_samples else task.test_records
+
+
 def evaluate_stream(accelerator, model, processor, stream, encodings, cfg, run_dir: Path, stage: str,
-                    progress: bool) -> list[float]:
-    """Score on every task's test split (percent); predictions are written per task. Under ZeRO-3 the
-    model is gathered whole on every process for the duration (it must fit one device for inference)."""
-    with gathered(model, accelerator):
-        return _evaluate_stream(accelerator, model, processor, stream, encodings, cfg, run_dir, stage, progress)
-
-
-def _evaluate_stream(accelerator, model, processor, stream, encodings, cfg, run_dir, stage, progress):
+                    progress: bool) -> tuple[list[float], dict[str, float]]:
+    """Score on every task's test split (percent; predictions are written per task), and the routing
+    accuracy of a method that routes by task keys. Under ZeRO-3 the model is gathered whole on every process
+    for the duration (it must fit one device for inference)."""
     tr = cfg.trainer
     row = []
-    for task in stream:
-        records = task.test_records[:tr.eval_max_samples] if tr.eval_max_samples else task.test_records
-        # Each process generates its share; under ZeRO-3 all of them step together (synced_gpus).
-        local = generate_answers(model, processor, shard(records, accelerator), encodings,
-                                 batch_size=tr.eval_batch_size, max_new_tokens=tr.max_new_tokens,
-                                 desc=f"eval {stage} {task.name}", progress=progress and accelerator.is_main_process,
-                                 synced_gpus=zero_stage(accelerator) == 3 and accelerator.num_processes > 1)
-        predictions = unshard(local, len(records), accelerator)
-        answers = [final_answer(r) for r in records]
-        scores = score_many(task.metric, predictions, answers)
-        row.append(100.0 * sum(scores) / len(scores))
-        if accelerator.is_main_process:
-            write_predictions(run_dir / "predictions" / stage / f"{task.name}.jsonl",
-                              [{"id": r["id"], "prompt": user_text(r), "prediction": p, "answer": a, "correct": s}
-                               for r, p, a, s in zip(records, predictions, answers, scores)])
-    return row
+    with gathered(model):
+        for task in stream:
+            records = eval_records(task, tr)
+            # Each process generates its share; under ZeRO-3 all of them step together (synced_gpus).
+            local = generate_answers(model, processor, shard(records, accelerator), encodings,
+                                     batch_size=tr.eval_batch_size, max_new_tokens=tr.max_new_tokens,
+                                     desc=f"eval {stage} {task.name}",
+                                     progress=progress and accelerator.is_main_process,
+                                     synced_gpus=zero_stage(accelerator) == 3 and accelerator.num_processes > 1)
+            predictions = unshard(local, len(records), accelerator)
+            answers = [final_answer(r) for r in records]
+            scores = score_many(task.metric, predictions, answers)
+            row.append(100.0 * sum(scores) / len(scores))
+            if accelerator.is_main_process:
+                write_predictions(run_dir / "predictions" / stage / f"{task.name}.jsonl",
+                                  [{"id": r["id"], "prompt": user_text(r), "prediction": p, "answer": a,
+                                    "correct": s} for r, p, a, s in zip(records, predictions, answers, scores)])
+        return row, evaluate_routing(model, stream, encodings, tr)
 
 
-def evaluate_routing(model, stream, encodings, cfg) -> dict[str, float]:
+def evaluate_routing(model, stream, encodings, trainer) -> dict[str, float]:
     """Percent of each known task's test prompts that a routing method sends to that task's key."""
     from lvlm_cl.methods.routing import routers, routing_accuracy
 
     found = routers(model)
     if not found:
         return {}
-    router, tr = found[0], cfg.trainer
-    out = {}
-    for task in stream[:router.num_known]:
-        records = task.test_records[:tr.eval_max_samples] if tr.eval_max_samples else task.test_records
-        out[task.name] = round(routing_accuracy(router, [encodings.prompt(r) for r in records], task.index,
-                                                encodings.processor.tokenizer.pad_token_id, tr.eval_batch_size), 2)
-    return out
+    router = found[0]
+    return {task.name: round(routing_accuracy(router, [encodings.prompt(r) for r in eval_records(task, trainer)],
+                                              task.index, encodings.processor.tokenizer.pad_token_id,
+                                              trainer.eval_batch_size), 2)
+            for task in stream[:router.num_known]}
 
 
 def _save_progress(accelerator, run_dir: Path, state: RunState, stream) -> None:

@@ -68,8 +68,3 @@ def set_trainable_adapter(model: torch.nn.Module, adapter_names: list[str], trai
         for p in adapter_params(model, name).values():
             p.requires_grad_(name == trainable)
 
-
-def lora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    from peft.tuners.lora import LoraLayer
-
-    return [m for m in unwrap(model).modules() if isinstance(m, LoraLayer)]

@@ -30,6 +30,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from lvlm_cl.distributed import whole
+
 CONTINUAL = "continual"          # the submodule of the model that holds every method's modules
 TASK_IDS = "cl_task_ids"         # the training batch key with each sample's task index (see train.py)
 IGNORE_INDEX = -100
@@ -91,11 +93,15 @@ class InstructionEncoder:
             out.append(input_ids[i][keep])
         return out
 
-    @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  labels: torch.Tensor | None = None) -> torch.Tensor:
         """(B, D) float32 queries on ``input_ids``' device."""
-        seqs = self.instruction_tokens(input_ids, attention_mask, labels, self.image_token_id)
+        return self.encode(self.instruction_tokens(input_ids, attention_mask, labels, self.image_token_id),
+                           input_ids.device)
+
+    @torch.no_grad()
+    def encode(self, seqs: list[torch.Tensor], device) -> torch.Tensor:
+        """(B, D) float32 queries of instructions given as token sequences (``instruction_tokens``)."""
         keys = [s.cpu().numpy().tobytes() for s in seqs]
         todo = {}
         for k, s in zip(keys, seqs):
@@ -107,16 +113,15 @@ class InstructionEncoder:
         for k, v in fresh.items():
             if len(self.cache) < self.cache_size:
                 self.cache[k] = v
-        return torch.stack([self.cache[k] if k in self.cache else fresh[k] for k in keys]).to(input_ids.device)
+        return torch.stack([self.cache[k] if k in self.cache else fresh[k] for k in keys]).to(device)
 
     def _encode(self, seqs: list[torch.Tensor]) -> list[torch.Tensor]:
+        from lvlm_cl.data.encoding import Encoded, collate_prompts
+
         device = next(self.lm.parameters()).device
-        n = max(s.numel() for s in seqs)
-        ids = torch.full((len(seqs), n), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), n), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, n - s.numel():], mask[i, n - s.numel():] = s.cpu(), 1
-        ids, mask = ids.to(device), mask.to(device)
+        batch = collate_prompts([Encoded(s.cpu(), torch.empty(0, dtype=torch.long), None) for s in seqs],
+                                self.pad_token_id)
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         was_training = self.lm.training
         self.running = True
@@ -177,33 +182,25 @@ def adapters_disabled(module: torch.nn.Module):
             m.adapters_enabled = flag
 
 
-@contextlib.contextmanager
-def readable(params: list[torch.nn.Parameter]):
-    """Read whole parameters: under DeepSpeed ZeRO-3 they are gathered for the duration (collective)."""
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params):
-            yield
-    else:
-        yield
-
-
-@contextlib.contextmanager
-def writable(params: list[torch.nn.Parameter]):
-    """Write to parameters in place, on every process: under DeepSpeed ZeRO-3 (partitioned parameters) the
-    values are gathered, and what process 0 writes is given to all; otherwise nothing to do. Collective
-    under ZeRO-3: every process must enter it."""
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-            yield
-    else:
-        yield
-
-
 KEY_MODES = ("prototypes", "learned")
+# The settings every method that routes by task keys has (task_prompts, task_lora), checked by
+# ``check_routing_settings``.
+ROUTING_DEFAULTS = {
+    "key_mode": "prototypes",  # task keys: "prototypes" (k-means of the task's queries) or "learned" (L2P)
+    "keys_per_task": 8,        # prototypes per task
+    "key_weight": 1.0,         # learned keys: weight of the surrogate loss (1 - cos(query, key))
+    "query_cache": 100_000,    # instruction features kept in memory (the encoder is frozen)
+}
+
+
+def check_routing_settings(method: str, h: dict) -> None:
+    for key in ("keys_per_task", "query_cache"):
+        if not isinstance(h[key], int) or isinstance(h[key], bool) or h[key] < 1:
+            raise ValueError(f"{method}: setting {key!r} must be an integer >= 1, got {h[key]!r}")
+    if not isinstance(h["key_weight"], (int, float)) or isinstance(h["key_weight"], bool) or h["key_weight"] < 0:
+        raise ValueError(f"{method}: setting 'key_weight' must be a number >= 0, got {h['key_weight']!r}")
+    if h["key_mode"] not in KEY_MODES:
+        raise ValueError(f"{method}: setting 'key_mode' must be one of {list(KEY_MODES)}, got {h['key_mode']!r}")
 
 
 class TaskSlot(torch.nn.Module):
@@ -307,7 +304,7 @@ class TaskKeyRouter(torch.nn.Module):
         loss would take it; every process must call this at that step."""
         slot = self.slots[task_index]
         if not bool(self.key_ready[task_index]):
-            with torch.no_grad(), writable([slot.keys]):
+            with torch.no_grad(), whole([slot.keys], modifier_rank=0):
                 if query is not None:
                     mean = F.normalize(F.normalize(query.float(), dim=-1).mean(0), dim=0)
                     slot.keys.copy_(mean.to(slot.keys.dtype).unsqueeze(0))
@@ -325,6 +322,11 @@ class TaskKeyRouter(torch.nn.Module):
             return
         for q, tokens in zip(query.detach().float().cpu(), instructions):
             self._seen.setdefault(tokens.cpu().numpy().tobytes(), q)
+
+    def finish_task(self, task_index: int) -> None:
+        """At the end of a task: prototype keys are fitted now (learned keys trained with the task)."""
+        if self.key_mode == "prototypes":
+            self.fit(task_index)
 
     def fit(self, task_index: int) -> None:
         """``prototypes``: the task's keys = k-means centroids of the queries seen in its training, over
@@ -352,7 +354,7 @@ class TaskKeyRouter(torch.nn.Module):
             with warnings.catch_warnings():   # fewer distinct queries than k: some centroids coincide, harmless
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 centroids = KMeans(n_clusters=k, n_init=4, random_state=self.seed).fit(x).cluster_centers_
-        with torch.no_grad(), writable([slot.keys]):
+        with torch.no_grad(), whole([slot.keys], modifier_rank=0):
             slot.keys.copy_(torch.as_tensor(centroids, dtype=slot.keys.dtype))
         self.key_ready[task_index] = True
         self._seen = {}
@@ -395,18 +397,19 @@ def install_selector(model: torch.nn.Module, router: TaskKeyRouter) -> None:
     chosen.append(router)
 
 
-def key_term_on_batch(router: TaskKeyRouter, batch: dict, task_index: int) -> torch.Tensor | None:
-    """On the batch's samples of the task in training (replayed samples excluded): the learned keys' loss,
-    or, for prototype keys, their queries remembered for ``fit`` (no loss)."""
+def key_term_on_batch(router: TaskKeyRouter, batch: dict, task_index: int, weight: float) -> torch.Tensor | None:
+    """On the batch's samples of the task in training (replayed samples excluded): the learned keys' loss
+    times ``weight`` (None when 0), or, for prototype keys, their queries remembered for ``fit`` (no loss)."""
     ids = batch.get(TASK_IDS)
     own = ids == task_index if ids is not None else torch.ones(batch["input_ids"].shape[0], dtype=torch.bool)
     own = own.to(batch["input_ids"].device)
-    ids_, mask, labels = batch["input_ids"][own], batch["attention_mask"][own], batch["labels"][own]
-    query = router.encoder(ids_, mask, labels) if own.any() else None
+    tokens = InstructionEncoder.instruction_tokens(batch["input_ids"][own], batch["attention_mask"][own],
+                                                   batch["labels"][own], router.encoder.image_token_id)
+    query = router.encoder.encode(tokens, batch["input_ids"].device) if tokens else None
     if router.key_mode == "learned":
-        return router.key_loss(query, task_index)
-    if query is not None:
-        router.observe(query, InstructionEncoder.instruction_tokens(ids_, mask, labels, router.encoder.image_token_id))
+        term = router.key_loss(query, task_index)
+        return None if term is None or weight == 0 else weight * term
+    router.observe(query, tokens)
     return None
 
 

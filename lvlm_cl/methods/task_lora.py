@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import torch
 
-from lvlm_cl.methods.adapters import adapter_params, inject_lora, refuse_recipe_lora, set_trainable_adapter, targets
+from lvlm_cl.methods.adapters import inject_lora, refuse_recipe_lora, set_trainable_adapter, targets
 from lvlm_cl.methods.base import Method, Task
-from lvlm_cl.methods.routing import (KEY_MODES, TaskKeyRouter, attach, install_selector, key_term_on_batch,
-                                     query_encoder)
-from lvlm_cl.methods.routing import unwrap
+from lvlm_cl.methods.routing import (ROUTING_DEFAULTS, TaskKeyRouter, attach, check_routing_settings,
+                                     install_selector, key_term_on_batch, query_encoder, unwrap)
 
 BASE = "__base__"      # PEFT's name for "no adapter" in a mixed batch
 
@@ -43,24 +42,19 @@ class TaskLoRA(Method):
         "dropout": 0.0,
         "vision": True,            # adapters on the vision tower too (seed 000's image-encoder LoRA)
         "language": True,          # adapters on the language model
-        "key_mode": "prototypes",  # task keys: "prototypes" (k-means of the task's queries) or "learned" (L2P)
-        "keys_per_task": 8,        # prototypes per task
-        "key_weight": 1.0,         # learned keys: weight of the surrogate loss
-        "query_cache": 100_000,
+        **ROUTING_DEFAULTS,        # key_mode, keys_per_task, key_weight, query_cache
     }
     uses_task_ids = True
 
     def __init__(self, **hparams):
         super().__init__(**hparams)
         h = self.hparams
-        for key in ("r", "query_cache", "keys_per_task"):
-            if not isinstance(h[key], int) or isinstance(h[key], bool) or h[key] < 1:
-                raise ValueError(f"task_lora: setting {key!r} must be an integer >= 1, got {h[key]!r}")
-        for key in ("alpha", "key_weight", "dropout"):
+        if not isinstance(h["r"], int) or isinstance(h["r"], bool) or h["r"] < 1:
+            raise ValueError(f"task_lora: setting 'r' must be an integer >= 1, got {h['r']!r}")
+        for key in ("alpha", "dropout"):
             if not isinstance(h[key], (int, float)) or isinstance(h[key], bool) or h[key] < 0:
                 raise ValueError(f"task_lora: setting {key!r} must be a number >= 0, got {h[key]!r}")
-        if h["key_mode"] not in KEY_MODES:
-            raise ValueError(f"task_lora: setting 'key_mode' must be one of {list(KEY_MODES)}, got {h['key_mode']!r}")
+        check_routing_settings(self.name, h)
         if not (h["vision"] or h["language"]):
             raise ValueError("task_lora: at least one of 'vision' and 'language' must be true")
         self.router: TaskKeyRouter | None = None
@@ -89,16 +83,10 @@ class TaskLoRA(Method):
         return train_data
 
     def loss(self, model, batch: dict, outputs, task: Task):
-        term = key_term_on_batch(self.router, batch, task.index)
-        return None if term is None or self.hparams["key_weight"] == 0 else self.hparams["key_weight"] * term
+        return key_term_on_batch(self.router, batch, task.index, self.hparams["key_weight"])
 
     def after_task(self, task: Task, model, train_data: list) -> None:
-        if self.router.key_mode == "prototypes":
-            self.router.fit(task.index)
-
-    def adapter_size(self, model) -> int:
-        """Parameters of one task's adapter."""
-        return sum(p.numel() for p in adapter_params(model, self.names[0]).values())
+        self.router.finish_task(task.index)
 
 
 def _install_adapter_hooks(model, layer_paths: list[str], router: TaskKeyRouter, names: list[str]) -> None:

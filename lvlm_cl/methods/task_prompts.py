@@ -37,9 +37,10 @@ from __future__ import annotations
 
 import torch
 
+from lvlm_cl.distributed import whole
 from lvlm_cl.methods.base import Method, Task
-from lvlm_cl.methods.routing import (KEY_MODES, TaskKeyRouter, attach, install_selector, key_term_on_batch,
-                                     query_encoder, readable, writable)
+from lvlm_cl.methods.routing import (ROUTING_DEFAULTS, TaskKeyRouter, attach, check_routing_settings,
+                                     install_selector, key_term_on_batch, query_encoder)
 from lvlm_cl.models import parts
 
 
@@ -76,26 +77,20 @@ class TaskPrompts(Method):
     name = "task_prompts"
     defaults = {
         "length": 8,              # prompt vectors per task
-        "key_mode": "prototypes", # task keys: "prototypes" (k-means of the task's queries) or "learned" (L2P)
-        "keys_per_task": 8,       # prototypes per task
-        "key_weight": 1.0,        # learned keys: weight of the surrogate loss (1 - cos(query, key))
         "top_k": 1,               # tasks whose prompts are used at inference (similarity-weighted mean)
         "init": "previous",       # a new task's prompt: "previous" (copy of the last task's) or "random"
-        "query_cache": 100_000,   # instruction features kept in memory (the encoder is frozen)
         "seed": 0,
+        **ROUTING_DEFAULTS,       # key_mode, keys_per_task, key_weight, query_cache
     }
     uses_task_ids = True
 
     def __init__(self, **hparams):
         super().__init__(**hparams)
         h = self.hparams
-        for key in ("length", "top_k", "query_cache", "keys_per_task"):
+        for key in ("length", "top_k"):
             if not isinstance(h[key], int) or isinstance(h[key], bool) or h[key] < 1:
                 raise ValueError(f"task_prompts: setting {key!r} must be an integer >= 1, got {h[key]!r}")
-        if not isinstance(h["key_weight"], (int, float)) or isinstance(h["key_weight"], bool) or h["key_weight"] < 0:
-            raise ValueError(f"task_prompts: setting 'key_weight' must be a number >= 0, got {h['key_weight']!r}")
-        if h["key_mode"] not in KEY_MODES:
-            raise ValueError(f"task_prompts: setting 'key_mode' must be one of {list(KEY_MODES)}, got {h['key_mode']!r}")
+        check_routing_settings(self.name, h)
         if h["init"] not in ("previous", "random"):
             raise ValueError(f"task_prompts: setting 'init' must be 'previous' or 'random', got {h['init']!r}")
         self.pool: TaskPromptPool | None = None
@@ -105,7 +100,7 @@ class TaskPrompts(Method):
         embed = lm.get_input_embeddings().weight
         encoder = query_encoder(model, self.hparams["query_cache"])
         h = self.hparams
-        with readable([embed]):    # ZeRO-3 may have partitioned the model at loading
+        with whole([embed]):    # ZeRO-3 may have partitioned the model at loading
             dim, std, device = embed.shape[1], float(embed.detach().float().std()), embed.device
         self.pool = attach(model, self.name, TaskPromptPool(
             len(stream), h["length"], dim, std, h["seed"], h["top_k"],
@@ -119,18 +114,16 @@ class TaskPrompts(Method):
         pool = self.pool
         if task.index > 0 and self.hparams["init"] == "previous" and not bool(pool.key_ready[task.index]):
             new, old = pool.slots[task.index].prompt, pool.slots[task.index - 1].prompt
-            with torch.no_grad(), writable([new, old]):
+            with torch.no_grad(), whole([new, old], modifier_rank=0):
                 new.copy_(old)
         pool.train_only(task.index)
         return train_data
 
     def loss(self, model, batch: dict, outputs, task: Task):
-        term = key_term_on_batch(self.pool, batch, task.index)
-        return None if term is None or self.hparams["key_weight"] == 0 else self.hparams["key_weight"] * term
+        return key_term_on_batch(self.pool, batch, task.index, self.hparams["key_weight"])
 
     def after_task(self, task: Task, model, train_data: list) -> None:
-        if self.pool.key_mode == "prototypes":
-            self.pool.fit(task.index)
+        self.pool.finish_task(task.index)
 
 
 def _install_prompt_hooks(language_model, pool: TaskPromptPool) -> None:

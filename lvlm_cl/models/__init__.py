@@ -179,5 +179,5 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-__all__ = ["BUILTIN_PRETRAINED", "BUILTIN_RANDOM", "ModelError", "QUANTIZATIONS", "quantization_config", "apply_training_setup", "count_parameters",
-           "load_model_dir", "load_processor", "parts", "resolve_model_dir", "trainable_state_dict"]
+__all__ = ["BUILTIN_PRETRAINED", "BUILTIN_RANDOM", "ModelError", "QUANTIZATIONS", "apply_training_setup",
+           "count_parameters", "quantization_config", "load_model_dir", "load_processor", "parts", "resolve_model_dir", "trainable_state_dict"]
