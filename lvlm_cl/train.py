@@ -144,6 +144,9 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
         metrics = cl_metrics_partial(state.rows, state.initial, len(stream))
         log(f"after {task.name}: " + " ".join(f"{n}={s:.1f}" for n, s in zip(names, row)) + " | "
             + " ".join(f"{k}={v:.2f}" for k, v in metrics.items() if v is not None))
+    # Every process waits for the main one's last writes before the process group is torn down: a process
+    # leaving early aborted now and then in 2-process CI runs ("terminate called without an active exception").
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return model, processor, state
 
