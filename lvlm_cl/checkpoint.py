@@ -8,6 +8,14 @@
           trainable.safetensors the parameters that trained, by name
           methods.pt            each method's state_dict
           meta.json             written last: a checkpoint without it is incomplete and is not used
+      checkpoints/step/         the latest step checkpoint inside the task in training (trainer.save_every);
+                                removed once that task's own checkpoint is written
+          accelerate/           accelerate's save_state: optimizer, scheduler, every process's RNG states
+                                (under DeepSpeed, its engine checkpoint: trained weights and ZeRO shards)
+          trainable.safetensors the parameters that train (without DeepSpeed)
+          methods-rank<r>.pt    each method's state_dict on process r (mid-task state is per process)
+          meta.json             written last: task, step, loss curve so far, and every file's size and
+                                sha256 (a damaged step checkpoint is refused and the task starts over)
       predictions/<stage>/<task>.jsonl
       metrics.json, report.md, accuracy_matrix.png
 """
@@ -24,7 +32,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lvlm_cl.io import atomic_replace_dir, atomic_write_json
+from lvlm_cl.distributed import uses_deepspeed
+from lvlm_cl.io import atomic_replace_dir, atomic_write_json, complete_dir
 
 
 class CheckpointError(RuntimeError):
@@ -56,14 +65,19 @@ class RunState:
 
 def prepare_run_dir(run_dir: Path, resolved_config: dict, *, overwrite: bool) -> None:
     """Create the output folder. ``overwrite`` starts over; otherwise a folder holding a different run is
-    refused (the same recipe resumes)."""
+    refused (the same recipe resumes; ``output_dir`` itself may differ: a run folder moved or copied
+    elsewhere resumes there)."""
     cfg_path = run_dir / "config.json"
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     elif cfg_path.is_file():
-        old = json.loads(cfg_path.read_text(encoding="utf-8"))
-        if old != resolved_config:
-            changed = sorted(k for k in set(old) | set(resolved_config) if old.get(k) != resolved_config.get(k))
+        try:
+            old = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{cfg_path} is unreadable ({e}); pass --overwrite to start over") from None
+        keys = (set(old) | set(resolved_config)) - {"output_dir"}
+        changed = sorted(k for k in keys if old.get(k) != resolved_config.get(k))
+        if changed:
             raise CheckpointError(f"{run_dir} holds a different run (keys differ: {changed}); choose another "
                                   "output_dir, or pass --overwrite to start over")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -93,11 +107,80 @@ def save_task_checkpoint(run_dir: Path, index: int, name: str, trainable: dict[s
     return atomic_replace_dir(tmp, final)
 
 
+def step_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / "step"
+
+
+def _manifest(folder: Path) -> dict[str, list]:
+    """[size, sha256] of every file under ``folder``, by relative path."""
+    out = {}
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.name != "meta.json":
+            with open(f, "rb") as fh:
+                out[f.relative_to(folder).as_posix()] = [f.stat().st_size, hashlib.file_digest(fh, "sha256").hexdigest()]
+    return out
+
+
+def save_step_checkpoint(accelerator, run_dir: Path, meta: dict, trainable: dict[str, torch.Tensor] | None,
+                         methods_state: dict) -> Path:
+    """The state in the middle of a task, written by every process into one folder that replaces the
+    previous step checkpoint only when complete. Every process must call it (DeepSpeed saves collectively).
+
+    ``trainable`` (main process, without DeepSpeed) holds the trained parameters; under DeepSpeed its engine
+    checkpoint holds them (frozen parameters excluded)."""
+    final = step_dir(run_dir)
+    tmp = final.with_name(".step.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "accelerate"),
+                           **({"exclude_frozen_parameters": True} if uses_deepspeed(accelerator) else {}))
+    torch.save(methods_state, tmp / f"methods-rank{accelerator.process_index}.pt")
+    if accelerator.is_main_process and trainable is not None:
+        save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_json(tmp / "meta.json", {**meta, "processes": accelerator.num_processes,
+                                              "files": _manifest(tmp)})
+        atomic_replace_dir(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_step_checkpoint(run_dir: Path, task_index: int, processes: int) -> tuple[dict | None, str | None]:
+    """(meta, None) when a complete, undamaged step checkpoint of task ``task_index`` exists, saved by
+    ``processes`` processes; otherwise (None, why it cannot be used, or None when there is none)."""
+    folder = complete_dir(step_dir(run_dir), "meta.json")
+    if folder is None:
+        return None, None
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        return None, f"{folder / 'meta.json'} is unreadable ({e})"
+    if meta.get("task_index") != task_index:
+        return None, None                       # an older task's: stale
+    if meta.get("processes") != processes:
+        return None, (f"{folder} was saved by {meta.get('processes')} processes and this run has {processes}; "
+                      "its per-process state cannot be split differently")
+    files = _manifest(folder)
+    for name, want in meta.get("files", {}).items():
+        if files.get(name) != want:
+            return None, f"{folder / name} is missing or damaged (size or sha256 differs from meta.json)"
+    meta["folder"] = str(folder)
+    return meta, None
+
+
+def remove_step_checkpoint(run_dir: Path) -> None:
+    for name in ("step", ".step.old", ".step.tmp"):
+        shutil.rmtree(step_dir(run_dir).with_name(name), ignore_errors=True)
+
+
 def load_task_checkpoint(run_dir: Path, index: int, name: str) -> tuple[dict, dict, dict]:
     """(trainable tensors, methods state, meta); a checkpoint missing any part is refused."""
-    d = task_dir(run_dir, index, name)
-    if not (d / "meta.json").is_file():
-        raise CheckpointError(f"checkpoint {d} is missing or incomplete (no meta.json)")
+    d = complete_dir(task_dir(run_dir, index, name), "meta.json")
+    if d is None:
+        raise CheckpointError(f"checkpoint {task_dir(run_dir, index, name)} is missing or incomplete (no meta.json)")
     try:
         tensors = load_file(str(d / "trainable.safetensors"))
         methods_state = torch.load(d / "methods.pt", weights_only=False)
@@ -105,6 +188,17 @@ def load_task_checkpoint(run_dir: Path, index: int, name: str) -> tuple[dict, di
     except Exception as e:  # safetensors/pickle/json each raise their own types on damaged files
         raise CheckpointError(f"checkpoint {d} is damaged ({type(e).__name__}: {e})") from None
     return tensors, methods_state, meta
+
+
+def set_aside(run_dir: Path, task) -> Path | None:
+    """Move a task checkpoint that cannot be used out of the way (kept for inspection, never read again)."""
+    d = task_dir(run_dir, task.index, task.name)
+    if not d.exists():
+        return None
+    target = d.with_name(f".damaged-{d.name}")
+    shutil.rmtree(target, ignore_errors=True)
+    d.rename(target)
+    return target
 
 
 def restore_trainable(model, tensors: dict[str, torch.Tensor], where: str) -> None:

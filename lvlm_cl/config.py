@@ -42,7 +42,8 @@ class ModelConfig:
     """Which model to tune and which of its parts train."""
 
     # "builtin:tiny-llava" (the pretrained tiny base, built by recipes/pretrain_tiny.yaml on first use),
-    # "builtin:tiny-llava-random" (randomly initialised), or a local Hugging Face directory.
+    # "builtin:tiny-llava-random" (randomly initialised), "builtin:tiny-gemma3-random" (a tiny Gemma 3,
+    # randomly initialised: the second family), or a local Hugging Face directory (docs/models.md).
     path: str = "builtin:tiny-llava"
     tiny: TinyLlavaSize = field(default_factory=TinyLlavaSize)
     # Recipe that builds the builtin:tiny-llava base (relative to the repository or absolute).
@@ -55,6 +56,12 @@ class ModelConfig:
     freeze_projector: bool = False
     freeze_language_model: bool = False
     lora: Union[LoraSettings, None] = None
+    # Load the language model's weights quantized through bitsandbytes: "4bit" (NF4 with double
+    # quantisation: QLoRA) or "8bit" (LLM.int8); the vision tower, projector and lm_head stay unquantized.
+    # Quantized weights do not train: set freeze_language_model: true and train adapters on them.
+    quantization: Union[Literal["4bit", "8bit"], None] = None
+    # Recompute activations in the backward pass instead of keeping them (less memory, about 30% more time).
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -103,6 +110,10 @@ class TrainerConfig:
     max_new_tokens: int = 16
     eval_max_samples: Union[int, None] = None  # per task; None = the whole test split
     log_every: int = 20
+    # Mixed precision through accelerate: "no" (fp32), "bf16" or "fp16" (autocast; weights stay fp32). Under
+    # DeepSpeed the JSON's bf16/fp16 "enabled": "auto" follow this setting.
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    save_every: int = 100          # optimizer steps between step checkpoints inside a task (0: none)
 
 
 @dataclass
@@ -284,6 +295,8 @@ def validate(cfg: RunConfig, where: str) -> None:
     tr = cfg.trainer
     if (tr.steps_per_task is None) == (tr.epochs_per_task is None):
         raise ConfigError(f"{where}: set exactly one of 'trainer.steps_per_task' or 'trainer.epochs_per_task'")
+    if tr.save_every < 0:
+        raise ConfigError(f"{where}: key 'trainer.save_every' must be 0 (no step checkpoints) or more, got {tr.save_every}")
     for key in ("batch_size", "grad_accum", "eval_batch_size", "max_new_tokens", "log_every"):
         if getattr(tr, key) < 1:
             raise ConfigError(f"{where}: key 'trainer.{key}' must be at least 1, got {getattr(tr, key)}")
@@ -291,6 +304,10 @@ def validate(cfg: RunConfig, where: str) -> None:
         raise ConfigError(f"{where}: key 'trainer.steps_per_task' must be at least 1")
     if tr.lr <= 0:
         raise ConfigError(f"{where}: key 'trainer.lr' must be positive, got {tr.lr}")
+    if cfg.model.quantization and not cfg.model.freeze_language_model:
+        raise ConfigError(f"{where}: key 'model.quantization' ({cfg.model.quantization}) needs "
+                          "'model.freeze_language_model: true': quantized weights cannot be trained; train LoRA "
+                          "adapters on them (model.lora, or a method with its own adapters such as task_lora)")
     if cfg.model.max_length < 8:
         raise ConfigError(f"{where}: key 'model.max_length' is too small ({cfg.model.max_length})")
     try:

@@ -29,14 +29,18 @@ def make_accelerator(cfg, project_dir: str):
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1        # set by accelerate launch / torchrun
     handlers = [InitProcessGroupKwargs(backend="gloo")] if several and not torch.cuda.is_available() else []
     accelerator = Accelerator(gradient_accumulation_steps=cfg.trainer.grad_accum, log_with=cfg.report_to or None,
-                              project_dir=project_dir, kwargs_handlers=handlers)
+                              project_dir=project_dir, kwargs_handlers=handlers,
+                              mixed_precision=cfg.trainer.mixed_precision)
     configure_deepspeed(accelerator, cfg.trainer)
     return accelerator
 
 
+def uses_deepspeed(accelerator) -> bool:
+    return accelerator.state.deepspeed_plugin is not None
+
+
 def zero_stage(accelerator) -> int:
-    plugin = accelerator.state.deepspeed_plugin
-    return int(plugin.zero_stage) if plugin is not None else 0
+    return int(accelerator.state.deepspeed_plugin.zero_stage) if uses_deepspeed(accelerator) else 0
 
 
 def configure_deepspeed(accelerator, trainer) -> None:

@@ -50,12 +50,25 @@ def atomic_save(path: str | os.PathLike, save: Callable[[str], None]) -> Path:
     return _atomic(path, save)
 
 
+def _old_twin(final_dir: Path) -> Path:
+    return final_dir.with_name(f".{final_dir.name}.old")
+
+
+def complete_dir(final_dir: str | os.PathLike, marker: str) -> Path | None:
+    """The folder ``atomic_replace_dir`` put at ``final_dir`` when it holds ``marker`` (the file written
+    last); else its previous version, when a kill came between the two renames of a replacement; else None."""
+    for folder in (Path(final_dir), _old_twin(Path(final_dir))):
+        if (folder / marker).is_file():
+            return folder
+    return None
+
+
 def atomic_replace_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike) -> Path:
     """Move a fully written folder into place; an older folder of that name is removed after the move."""
     tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
     old = None
     if final_dir.exists():
-        old = final_dir.with_name(f".{final_dir.name}.old")
+        old = _old_twin(final_dir)
         if old.exists():
             shutil.rmtree(old)
         os.replace(final_dir, old)

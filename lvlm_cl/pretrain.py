@@ -30,6 +30,10 @@ def _recipe_path(name: str) -> Path:
     raise FileNotFoundError(f"model.pretrain_recipe: {name} not found (looked in the working folder and {REPO_ROOT})")
 
 
+LATER_SETTINGS = [("model", "quantization", None), ("model", "gradient_checkpointing", False),
+                  ("trainer", "mixed_precision", "no")]
+
+
 def pretrain_config(model_cfg, cache: Path):
     """The pretraining recipe with the continual recipe's tiny sizes, cache and a cache-keyed output folder."""
     import dataclasses
@@ -45,6 +49,12 @@ def pretrain_config(model_cfg, cache: Path):
     cfg.report_to = []
     resolved = to_dict(cfg)
     resolved.pop("output_dir"), resolved.pop("cache_dir")
+    # Settings added to the schema after the first pretrained bases were cached leave the key alone at their
+    # defaults (a cached base stays valid); how often step checkpoints are taken never changes the result.
+    resolved["trainer"].pop("save_every")
+    for section, key, default in LATER_SETTINGS:
+        if resolved[section].get(key) == default:
+            resolved[section].pop(key)
     key = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:12]
     cfg.output_dir = str(cache / "pretrain-runs" / key)
     return cfg, key

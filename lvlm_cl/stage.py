@@ -66,9 +66,11 @@ def stage_index(run_dir: Path, state: RunState, index: int | None) -> int:
 def load_stage(run_dir: str | Path, index: int | None = None, *, quantization: str | None = None) -> Stage:
     """``index`` is the 0-based task after which the stage was saved (default: the last trained one).
     ``quantization`` ("4bit" / "8bit") loads the base language model quantized; refused when the run trained
-    weights that quantization would replace (full fine-tuning of the language model)."""
+    weights that quantization would replace (full fine-tuning of the language model). A run trained on a
+    quantized model (``model.quantization``) loads quantized the same way unless told otherwise."""
     run_dir = Path(run_dir)
     cfg, state = read_run(run_dir)
+    quantization = quantization or cfg.model.quantization
     index = stage_index(run_dir, state, index)
     if quantization and not cfg.model.freeze_language_model and cfg.model.lora is None:
         raise CheckpointError(f"{run_dir}: this run trained the language model's own weights "

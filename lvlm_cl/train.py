@@ -4,7 +4,8 @@
 
 Reads top to bottom: recipe -> model -> task stream -> methods -> for each task: method hooks, the
 training loop, a checkpoint, evaluation on every task, the report. Running the same command again
-resumes after the last finished task.
+resumes: from the last step checkpoint inside a task (every ``trainer.save_every`` optimizer steps) or
+after the last finished task.
 """
 
 from __future__ import annotations
@@ -23,22 +24,23 @@ if __package__ in (None, ""):  # run as a script (accelerate launch lvlm_cl/trai
 import torch
 from tqdm.auto import tqdm
 
-from lvlm_cl.checkpoint import (CheckpointError, RunState, data_fingerprint, prepare_run_dir, restore_task,
-                                save_task_checkpoint)
-from lvlm_cl.config import RunConfig, cache_dir, load_recipe, to_dict
+from lvlm_cl.checkpoint import (CheckpointError, RunState, data_fingerprint, prepare_run_dir, read_step_checkpoint,
+                                remove_step_checkpoint, restore_task, restore_trainable, save_step_checkpoint,
+                                save_task_checkpoint, set_aside)
+from lvlm_cl.config import ConfigError, RunConfig, cache_dir, load_recipe, to_dict
 from lvlm_cl.data.dataset import EncodingCache, StepBatchOrder
-from lvlm_cl.data.encoding import collate_train
-from lvlm_cl.data.records import final_answer, user_text
+from lvlm_cl.data.encoding import EncodingError, collate_train
+from lvlm_cl.data.records import RecordError, final_answer, user_text
 from lvlm_cl.data.stream import build_stream
 from lvlm_cl.distributed import (checkpoint_state, gathered, make_accelerator, refuse_unsupported, shard,
-                                 unshard, zero_stage)
+                                 unshard, uses_deepspeed, zero_stage)
 from lvlm_cl.evaluation import cl_metrics_partial, score_many, write_predictions, write_report
 from lvlm_cl.evaluation.generate import generate_answers
 from lvlm_cl.io import atomic_replace_dir, atomic_write_json
 from lvlm_cl.methods import build_methods
 from lvlm_cl.methods.routing import TASK_IDS
-from lvlm_cl.models import (BUILTIN_PRETRAINED, BUILTIN_RANDOM, apply_training_setup, count_parameters,
-                            load_model_dir, resolve_model_dir)
+from lvlm_cl.models import (BUILTIN_GEMMA3, BUILTIN_PRETRAINED, BUILTIN_RANDOM, ModelError, apply_training_setup, count_parameters,
+                            load_model_dir, resolve_model_dir, trainable_state_dict)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,8 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.lr=1e-4")
     parser.add_argument("--overwrite", action="store_true", help="start over in an output folder holding another run")
     args = parser.parse_args(argv)
-    cfg = load_recipe(args.recipe, args.overrides)
-    run(cfg, overwrite=args.overwrite)
+    try:
+        cfg = load_recipe(args.recipe, args.overrides)
+        run(cfg, overwrite=args.overwrite)
+    except (ConfigError, RecordError, ModelError, CheckpointError, FloatingPointError) as e:
+        # What the user can fix (the recipe, the data, the model folder, the run folder, the learning rate):
+        # one message naming what is wrong and where, no traceback.
+        print(f"lvlm_cl: error: {e}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 
@@ -58,6 +66,10 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
 
     run_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, str(run_dir / "logs"))
+    # Step checkpoints keep the trained parameters themselves (only those): accelerate's save_state would
+    # write the whole model, frozen base included, and its load_state would read it back.
+    accelerator.register_save_state_pre_hook(lambda models, weights, folder: weights.clear())
+    accelerator.register_load_state_pre_hook(lambda models, folder: models.clear())
     log = _logger(accelerator)
     if accelerator.is_main_process:
         prepare_run_dir(run_dir, to_dict(cfg), overwrite=overwrite)
@@ -68,8 +80,8 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
 
     # The model: every source is a Hugging Face directory, loaded the same way.
     model_dir = resolve_model_dir(cfg.model, cfg.seed, cache)
-    model, processor = load_model_dir(model_dir, cfg.model)
-    if cfg.model.path in (BUILTIN_PRETRAINED, BUILTIN_RANDOM) and accelerator.is_main_process \
+    model, processor = load_model_dir(model_dir, cfg.model, quantization=cfg.model.quantization)
+    if cfg.model.path in (BUILTIN_PRETRAINED, BUILTIN_RANDOM, BUILTIN_GEMMA3) and accelerator.is_main_process \
             and not (run_dir / "base_model").exists():
         tmp = run_dir / ".base_model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -94,10 +106,26 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
     if state.tasks != names or state.data != fingerprint:
         raise CheckpointError(f"{run_dir} was started on other data (tasks {state.tasks}, fingerprint {state.data}; "
                               f"now {names}, {fingerprint}): the task files changed. Pass --overwrite to start over.")
-    if state.trained:
+    check_encodings(stream[state.trained:], stream, files, encodings, cfg.trainer, progress and accelerator.is_main_process)
+    while state.trained:
         last = stream[state.trained - 1]
-        restore_task(run_dir, last, model, methods)
+        try:
+            restore_task(run_dir, last, model, methods)
+        except CheckpointError as e:
+            # The previous good checkpoint is used and the task is trained again (from its own seed: the same
+            # result). Every process sees the same files, so all of them take the same branch.
+            log(f"{e}; task {last.name} will be trained again")
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                set_aside(run_dir, last)
+                state.trained -= 1
+                del state.rows[state.trained:]
+                state.save(run_dir)
+            accelerator.wait_for_everyone()
+            state = RunState.load(run_dir)
+            continue
         log(f"resuming after task {state.trained}/{len(stream)} ({last.name})")
+        break
 
     trainable, total = count_parameters(model)
     log(f"model: {model_dir} | {trainable:,} trainable of {total:,} parameters | methods: "
@@ -114,11 +142,15 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
     for task in stream[len(state.rows):]:
         if task.index >= state.trained:
             started = time.time()
+            # Each task starts from its own seed, so a run resumed after a finished task draws the same random
+            # numbers (adapter initialisations...) as one that never stopped.
+            set_seed(cfg.seed * 1000 + task.index)
             train_data = task.train_records
             for m in methods:
                 train_data = m.before_task(task, model, train_data)
             state.extra.setdefault("trainable_parameters", {})[task.name] = count_parameters(model)[0]
-            curve = train_task(accelerator, model, methods, task, train_data, encodings, cfg, log, progress, names)
+            curve = train_task(accelerator, model, methods, task, train_data, encodings, cfg, log, progress, names,
+                               run_dir)
             state.extra.setdefault("train_loss", {})[task.name] = curve
             for m in methods:
                 m.after_task(task, model, train_data)
@@ -133,6 +165,8 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
                                      {"train_samples": len(train_data), "task_records": len(task.train_records)})
             state.trained = task.index + 1
             _save_progress(accelerator, run_dir, state, stream)
+            if accelerator.is_main_process:
+                remove_step_checkpoint(run_dir)     # the task's own checkpoint supersedes it
         started = time.time()
         row, routing = evaluate_stream(accelerator, model, processor, stream, encodings, cfg, run_dir,
                                        f"after-{task.index:02d}-{task.name}", progress)
@@ -151,12 +185,34 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
     return model, processor, state
 
 
-def train_task(accelerator, model, methods, task, train_data, encodings, cfg, log, progress, names) -> list[float]:
+def check_encodings(to_train, stream, files: list[str], encodings, trainer, progress: bool) -> None:
+    """Encode every training sample of the tasks still to train and every test prompt, before any training
+    time is spent: a sample longer than ``model.max_length`` (truncation would cut its answer or image
+    tokens) or one the chat template cannot encode stops the run here, naming its file and id. The
+    encodings are kept for the loop."""
+    work = [(files[2 * t.index], t.train_records, encodings.train) for t in to_train]
+    work += [(files[2 * t.index + 1], eval_records(t, trainer), encodings.prompt) for t in stream]
+    with tqdm(total=sum(len(records) for _, records, _ in work), desc="checking samples", disable=not progress) as bar:
+        for path, records, encode in work:
+            for r in records:
+                try:
+                    encode(r)
+                except EncodingError as e:
+                    raise EncodingError(e.reason, path=path, record_id=r["id"], field=e.field) from None
+                bar.update(1)
+
+
+def train_task(accelerator, model, methods, task, train_data, encodings, cfg, log, progress, names,
+               run_dir: Path) -> list[float]:
     """The loop for one task: AdamW over whatever requires grad, a fresh optimizer per task. Returns the
     training loss every ``log_every`` steps (mean over the window and over processes).
 
     ``model`` is the plain model; it is wrapped by ``accelerator.prepare`` (DDP, DeepSpeed) for this task
     only and released at the end, so no optimizer state outlives its task. Hooks see the plain model.
+
+    Every ``trainer.save_every`` optimizer steps a step checkpoint is written; a step checkpoint of this
+    task found at the start is resumed from (parameters, optimizer, scheduler, RNG states, methods' state,
+    the loss curve; the batch order continues at the next step).
     """
     from transformers import get_scheduler
 
@@ -166,7 +222,7 @@ def train_task(accelerator, model, methods, task, train_data, encodings, cfg, lo
     steps = tr.steps_per_task or max(1, math.ceil(tr.epochs_per_task * len(train_data) / samples_per_step))
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError(f"task {task.name!r}: nothing trains: every part of the model is frozen and no method adds "
+        raise ConfigError(f"task {task.name!r}: nothing trains: every part of the model is frozen and no method adds "
                          "trainable parameters (check the recipe's model section and methods)")
     optimizer = torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay)
     scheduler = get_scheduler(tr.lr_schedule, optimizer, num_warmup_steps=tr.warmup_steps, num_training_steps=steps)
@@ -182,10 +238,25 @@ def train_task(accelerator, model, methods, task, train_data, encodings, cfg, lo
             batch[TASK_IDS] = task_ids[indices]
         return batch
 
+    step, running, curve = 0, [], []
+    resumed = resume_step(accelerator, model, methods, task, run_dir, len(train_data), log)
+    if resumed is not None:
+        step, running, curve = resumed["step"], resumed["running"], resumed["curve"]
+        order.start = step * tr.grad_accum
+    deepspeed = uses_deepspeed(accelerator)
+
+    def save_step():
+        trainable = trainable_state_dict(model) if not deepspeed and accelerator.is_main_process else None
+        save_step_checkpoint(accelerator, run_dir, {"task_index": task.index, "task": task.name, "step": step,
+                                                    "steps": steps, "train_samples": len(train_data),
+                                                    "curve": curve, "running": running},
+                             trainable, {m.name: m.state_dict() for m in methods})
+
     loader = torch.utils.data.DataLoader(list(range(len(train_data))), batch_sampler=order, collate_fn=collate)
     wrapped.train()
-    bar = tqdm(total=steps, desc=f"task {task.index + 1} {task.name}", disable=not (progress and accelerator.is_main_process))
-    step, running, curve, started = 0, [], [], time.time()
+    bar = tqdm(total=steps, initial=step, desc=f"task {task.index + 1} {task.name}",
+               disable=not (progress and accelerator.is_main_process))
+    first, started = step, time.time()
     for batch in loader:
         with accelerator.accumulate(wrapped):
             outputs = wrapped(**batch)
@@ -208,6 +279,8 @@ def train_task(accelerator, model, methods, task, train_data, encodings, cfg, lo
         running.append(loss.detach().item())
         if accelerator.sync_gradients:
             step += 1
+            for m in methods:
+                m.after_step(model, task)
             bar.update(1)
             if step % tr.log_every == 0 or step == steps:
                 mean = sum(running) / len(running)
@@ -219,10 +292,39 @@ def train_task(accelerator, model, methods, task, train_data, encodings, cfg, lo
                 accelerator.log({f"train/loss/{task.name}": mean, "train/lr": scheduler.get_last_lr()[0]},
                                 step=task.index * 100_000 + step)
                 if not progress:
-                    log(f"task {task.name} step {step}/{steps} loss {mean:.4f} ({step / (time.time() - started):.1f} steps/s)")
+                    log(f"task {task.name} step {step}/{steps} loss {mean:.4f} "
+                        f"({(step - first) / (time.time() - started):.1f} steps/s)")
+            if tr.save_every and step % tr.save_every == 0 and step < steps:
+                save_step()
     bar.close()
     accelerator.free_memory()
     return curve
+
+
+def resume_step(accelerator, model, methods, task, run_dir: Path, train_samples: int, log) -> dict | None:
+    """Load this task's step checkpoint into the prepared model, optimizer and scheduler and the methods;
+    its meta, or None to start the task from its beginning (none, or one that cannot be used: said why)."""
+    meta, problem = read_step_checkpoint(run_dir, task.index, accelerator.num_processes)
+    if problem:
+        log(f"step checkpoint not used, task {task.name} starts over: {problem}")
+        return None
+    if meta is None:
+        return None
+    if meta["train_samples"] != train_samples:
+        raise CheckpointError(f"{meta['folder']}: task {task.name} had {meta['train_samples']} training samples "
+                              f"and has {train_samples} now; the run's data or methods changed")
+    folder = Path(meta["folder"])
+    deepspeed = uses_deepspeed(accelerator)
+    accelerator.load_state(str(folder / "accelerate"), **({"load_module_strict": False} if deepspeed else {}))
+    if not deepspeed:
+        from safetensors.torch import load_file
+
+        restore_trainable(model, load_file(str(folder / "trainable.safetensors")), str(folder))
+    states = torch.load(folder / f"methods-rank{accelerator.process_index}.pt", weights_only=False)
+    for m in methods:
+        m.load_state_dict(states.get(m.name, {}))
+    log(f"resuming task {task.name} at step {meta['step']}/{meta['steps']}")
+    return meta
 
 
 def task_indices(train_data: list[dict], names: list[str]) -> torch.Tensor:

@@ -7,10 +7,15 @@ size (the built-in tiny LLaVA and a larger config of the same family), a worker 
 the model, trains it in full for 3 steps with AdamW through ``accelerator.prepare``, and measures on
 itself, in bytes:
 - parameters: what the process holds of every parameter (a ZeRO-3 shard is ``p.ds_tensor``);
-- gradients: ``p.grad`` after the last backward, before the optimizer step. Only DDP keeps gradients
-  there; DeepSpeed keeps its gradient partitions in buffers of its optimizer that have no public
-  accessor (summing its attributes named "grad" gave 0 under ZeRO-2 and a whole-model-sized buffer under
-  ZeRO-3, neither a partition), so under ZeRO the column says "not measured";
+- gradients: the buffer the process keeps its gradients in after a backward pass, before the optimizer
+  step: DDP ``p.grad`` (whole); ZeRO-2 the storage behind the optimizer's ``averaged_gradients`` (the
+  process's partition, in a flat buffer) and ZeRO-3 its ``grad_partitions_flat_buffer`` (the process's
+  partition; ``contiguous_gradients`` as in recipes/accelerate/). DeepSpeed has no public accessor for them: these attribute names are those of
+  deepspeed 0.19 and the script fails loudly if they are gone;
+- left by forward + backward: every byte the first forward and backward pass leave allocated (torch's
+  profiler, ``profile_memory``: allocations minus frees in that window): the gradients plus whatever
+  buffers the launch mode adds (under DDP it equals ``p.grad``; under ZeRO-3 DeepSpeed's gathering and
+  communication buffers come on top);
 - optimizer state: the tensors in the inner torch optimizer's state (Adam's two moments, over the whole
   model with DDP, over the process's flat partition under ZeRO);
 - peak resident memory of the process.
@@ -30,11 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SIZES = {
-    "tiny (default)": {},
-    "larger": {"text_hidden": 512, "text_layers": 4, "text_intermediate": 1376, "text_heads": 8,
-               "vision_hidden": 256, "vision_layers": 4, "vision_heads": 4},
-}
+from lvlm_cl.models.tiny import BENCHMARK_SIZES as SIZES  # noqa: E402
+
 MODES = ["ddp", "zero2", "zero3"]
 
 
@@ -69,12 +71,35 @@ def worker(size_name: str, out: Path) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-    grads = 0
+    deepspeed = zero_stage(accelerator) > 0
+    grads, left = 0, 0
     for step in range(3):
+        if step == 0:   # what the first forward and backward leave allocated: gradients and their buffers
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                loss = wrapped(**batch).loss
+                # DeepSpeed's engine directly: accelerate's backward would also take the optimizer step.
+                wrapped.backward(loss) if deepspeed else accelerator.backward(loss)
+            left = sum(e.self_cpu_memory_usage for e in prof.events())
+            stage = zero_stage(accelerator)
+            if stage == 0:
+                grads = sum(_tensor_bytes(p.grad) for p in model.parameters() if p.grad is not None)
+            else:
+                name = "averaged_gradients" if stage in (1, 2) else "grad_partitions_flat_buffer"
+                held = getattr(wrapped.optimizer, name, None)
+                if held is None or (isinstance(held, dict) and not held):
+                    raise SystemExit(f"DeepSpeed's ZeRO-{stage} optimizer holds no {name} (another deepspeed version?)")
+                tensors = [t for ts in held.values() for t in ts] if isinstance(held, dict) else [held]
+                grads = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+            if deepspeed:
+                wrapped.step()
+            else:
+                optimizer.step()
+                optimizer.zero_grad()
+            continue
         loss = wrapped(**batch).loss
         accelerator.backward(loss)
-        if step == 2:   # measured before the step: gradients are alive
-            grads = sum(_tensor_bytes(p.grad) for p in model.parameters() if p.grad is not None)
         optimizer.step()
         optimizer.zero_grad()
     params = sum(_tensor_bytes(p.ds_tensor) if hasattr(p, "ds_tensor") else _tensor_bytes(p)
@@ -87,6 +112,7 @@ def worker(size_name: str, out: Path) -> None:
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     result = {"rank": accelerator.process_index, "world": accelerator.num_processes, "zero": zero_stage(accelerator),
               "model_parameters": total, "parameters_bytes": params, "gradients_bytes": grads,
+              "left_by_forward_backward_bytes": left,
               "optimizer_state_bytes": opt_state,
               "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
               "loss": float(loss.detach())}
@@ -126,14 +152,17 @@ def main(argv=None) -> int:
                 rows.append({"size": size, "mode": mode, **r})
     lines = ["# Per-process memory under DDP, ZeRO-2 and ZeRO-3", "",
              "Written by `python scripts/benchmark_distributed.py` (2 processes on CPU through gloo, full "
-             "fine-tuning in fp32, AdamW, 3 steps; see the script's docstring for what each column counts). "
+             "fine-tuning in fp32, AdamW, 3 steps; see the script's docstring for what each column counts: "
+             "gradients are the buffer each process keeps them in). "
              "MiB per process.", "",
-             "| model | parameters | launch | rank | parameters | gradients | optimizer state | peak RSS |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | parameters | launch | rank | parameters | gradients | left by forward + backward "
+             "| optimizer state | peak RSS |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['size']} | {r['model_parameters']:,} | {r['mode']} | {r['rank']} | "
                      f"{mib(r['parameters_bytes'])} | "
-                     f"{mib(r['gradients_bytes']) if r['zero'] == 0 else 'not measured'} | {mib(r['optimizer_state_bytes'])} "
+                     f"{mib(r['gradients_bytes'])} | {mib(r['left_by_forward_backward_bytes'])} | "
+                     f"{mib(r['optimizer_state_bytes'])} "
                      f"| {mib(r['peak_rss_bytes'])} |")
     from lvlm_cl.io import atomic_write_json, atomic_write_text
 

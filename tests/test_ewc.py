@@ -20,11 +20,19 @@ def linear() -> torch.nn.Linear:
     return model
 
 
-def backward_with(method: EWC, model, t: Task, weight_grad, bias_grad) -> None:
-    """One simulated micro-step without accumulation: gradients cleared, set, then the hook."""
-    model.weight.grad = torch.tensor([weight_grad])
-    model.bias.grad = torch.tensor(bias_grad)
+def micro_step(method: EWC, model, t: Task, weight_grad, bias_grad, scale: float = 1.0) -> None:
+    """One real backward pass whose gradient is ``scale`` x (weight_grad, bias_grad): a loss linear in the
+    parameters (the method's penalty is left out, so the gradient is exactly the one given)."""
+    method.loss(model, {}, None, t)                  # the loop calls it before every backward
+    loss = (torch.tensor([weight_grad]) * model.weight).sum() + (torch.tensor(bias_grad) * model.bias).sum()
+    (scale * loss).backward()
     method.after_backward(model, t)
+
+
+def backward_with(method: EWC, model, t: Task, weight_grad, bias_grad) -> None:
+    """One optimizer step without accumulation: a micro-step, the step, the gradients cleared."""
+    micro_step(method, model, t, weight_grad, bias_grad)
+    method.after_step(model, t)
     model.zero_grad(set_to_none=True)
 
 
@@ -79,7 +87,8 @@ def test_penalty_matches_the_formula_and_its_gradient_pulls_back():
 
 
 def test_accumulated_gradients_give_each_micro_steps_own_gradient():
-    # grad_accum = 2: accelerate divides each micro-batch loss by 2 and p.grad sums the window.
+    # grad_accum = 2: accelerate divides each micro-batch loss by 2 and p.grad sums the window; the hooks
+    # see each micro-batch's own (halved) gradient.
     def run(accumulate: bool) -> EWC:
         model, m, t = linear(), EWC(), task(0)
         micro = [([1.0, 2.0], [3.0]), ([3.0, 0.0], [-1.0]), ([2.0, 2.0], [0.0]), ([0.0, 4.0], [1.0])]
@@ -87,13 +96,10 @@ def test_accumulated_gradients_give_each_micro_steps_own_gradient():
             train_task(m, model, t, micro)
             return m
         for i, (w, b) in enumerate(micro):
-            if i % 2 == 0:
+            micro_step(m, model, t, w, b, scale=0.5)         # p.grad sums the window's halved gradients
+            if i % 2 == 1:
+                m.after_step(model, t)
                 model.zero_grad(set_to_none=True)
-            m.loss(model, {}, None, t)                       # before backward: the snapshot
-            w, b = torch.tensor([w]) / 2, torch.tensor(b) / 2
-            model.weight.grad = w if model.weight.grad is None else model.weight.grad + w
-            model.bias.grad = b if model.bias.grad is None else model.bias.grad + b
-            m.after_backward(model, t)
         m.after_task(t, model, [])
         return m
 
@@ -109,8 +115,10 @@ def test_untouched_trainable_parameters_get_zero_fisher_and_frozen_ones_none():
     model.bias.requires_grad_(False)
     extra = torch.nn.Linear(1, 1)
     model.add_module("extra", extra)
-    model.weight.grad = torch.tensor([[1.0, 1.0]])
+    m.loss(model, {}, None, task(0))
+    model.weight.sum().backward()                        # extra gets no gradient, bias is frozen
     m.after_backward(model, task(0))
+    m.after_step(model, task(0))
     m.after_task(task(0), model, [])
     fisher = m.anchors[0]["fisher"]
     assert set(fisher) == {"weight", "extra.weight", "extra.bias"}       # only what requires grad
@@ -156,8 +164,8 @@ def test_state_round_trip_gives_the_same_penalty_and_continues():
         model.weight.mul_(1.3)
     resumed = EWC(lambda_=3.0, gamma=0.7)
     resumed.load_state_dict(state)
-    assert resumed.loss(model, {}, None, task(1)).item() == pytest.approx(m.loss(model, {}, None, task(1)).item())
-    assert resumed.loss(model, {}, None, task(1)).item() > 0
+    assert resumed.penalty(model).item() == pytest.approx(m.penalty(model).item())
+    assert resumed.penalty(model).item() > 0
     state["anchors"][0]["fisher"]["weight"].zero_()                       # a copy, not shared
     assert m.anchors[0]["fisher"]["weight"].abs().sum() > 0
     for method in (m, resumed):

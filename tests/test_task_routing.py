@@ -34,6 +34,19 @@ def tiny():
     return model, processor
 
 
+@pytest.fixture(scope="module", params=["llava", "gemma3"])
+def tiny_any(request, tiny):
+    """The tiny model of each supported family (Gemma 3 builds its attention masks above its language model)."""
+    if request.param == "llava":
+        return tiny
+    from lvlm_cl.models.tiny import TinyLlavaSize
+    from lvlm_cl.models.tiny_gemma3 import build_tiny_gemma3
+
+    model, processor = build_tiny_gemma3(TinyLlavaSize(text_hidden=64, vision_hidden=64, text_intermediate=128), seed=0)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
 @pytest.fixture(scope="module")
 def stream(tmp_path_factory):
     files = write_colour_tasks(tmp_path_factory.mktemp("routing"), n_train=8, n_test=4)
@@ -82,9 +95,9 @@ def test_instruction_tokens_are_the_same_in_training_and_at_inference(tiny, stre
 @pytest.mark.parametrize("cls, kwargs", [(TaskPrompts, {"length": 4}), (TaskLoRA, {"r": 4}),
                                          (TaskPrompts, {"length": 4, "key_mode": "learned"}),
                                          (TaskLoRA, {"r": 4, "key_mode": "learned"})])
-def test_routes_each_instruction_to_its_task(tiny, stream, cls, kwargs):
-    model = copy.deepcopy(tiny[0]).eval()
-    processor = tiny[1]
+def test_routes_each_instruction_to_its_task(tiny_any, stream, cls, kwargs):
+    model = copy.deepcopy(tiny_any[0]).eval()
+    processor = tiny_any[1]
     router = _two_tasks_known(cls(**kwargs), model, processor, stream)
     for task in stream:
         batch = _prompts(processor, task.test_records)
@@ -95,9 +108,9 @@ def test_routes_each_instruction_to_its_task(tiny, stream, cls, kwargs):
 
 
 @pytest.mark.parametrize("cls, kwargs", [(TaskPrompts, {"length": 4}), (TaskLoRA, {"r": 4})])
-def test_generation_routes_by_itself_and_equals_unbatched_and_uncached(tiny, stream, cls, kwargs):
-    model = copy.deepcopy(tiny[0]).eval()
-    processor = tiny[1]
+def test_generation_routes_by_itself_and_equals_unbatched_and_uncached(tiny_any, stream, cls, kwargs):
+    model = copy.deepcopy(tiny_any[0]).eval()
+    processor = tiny_any[1]
     method = cls(**kwargs)
     _two_tasks_known(method, model, processor, stream)
     g = torch.Generator().manual_seed(0)

@@ -52,7 +52,10 @@ def _conversation(record: dict, upto: int | None = None) -> list[dict]:
 
 
 def image_token_id(processor) -> int:
-    return processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    """The id of the tokens an image becomes in the text (the model's ``image_token_id``): the tokenizer's
+    image token where it names one (Gemma 3's processor calls the begin-of-image marker its image token)."""
+    token = getattr(processor.tokenizer, "image_token", None) or processor.image_token
+    return processor.tokenizer.convert_tokens_to_ids(token)
 
 
 @dataclass

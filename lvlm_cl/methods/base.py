@@ -6,7 +6,9 @@ these, in this order for every task of the stream:
     setup(model, stream)                               once, before the first task
     before_task(task, model, train_data) -> train_data  may change the task's training records
     loss(model, batch, outputs, task) -> term | None   every micro-step: a term added to outputs.loss
-    after_backward(model, task)                        after each backward pass, before the optimizer step
+    after_backward(model, task)                        after each backward pass (every micro-step)
+    after_step(model, task)                            after each optimizer step (every trainer.grad_accum
+                                                       micro-steps)
     after_task(task, model, train_data)                after the task's last step, before evaluation
     state_dict() / load_state_dict(state)              everything the method needs to resume
 
@@ -63,6 +65,9 @@ class Method:
         return None
 
     def after_backward(self, model: torch.nn.Module, task: Task) -> None:
+        pass
+
+    def after_step(self, model: torch.nn.Module, task: Task) -> None:
         pass
 
     def after_task(self, task: Task, model: torch.nn.Module, train_data: list) -> None:

@@ -26,22 +26,24 @@ Settings (``lambda_`` keeps the trailing underscore because ``lambda`` is a Pyth
 Which Fisher. The hooks never see the processor, so the method cannot re-encode a task's records after
 training to run extra backward passes. F is therefore the *empirical Fisher from the training gradients*
 (the cheap variant several continual-learning libraries offer): the mean, over every micro-step of the
-task, of the squared per-micro-batch gradient of each trainable parameter, read in ``after_backward``.
-Precisely:
+task, of the squared per-micro-batch gradient of each trainable parameter. Precisely:
 
-- With gradient accumulation (``trainer.grad_accum`` = m > 1), ``p.grad`` holds the running sum of the
-  window's micro-batch gradients, each scaled by 1/m by accelerate. The ``loss`` hook (called before every
-  backward) snapshots ``p.grad`` when it is not empty, and ``after_backward`` takes the difference, so each
-  micro-step's own gradient is used; a window starts when the gradients were cleared (``p.grad`` None or
-  absent from the snapshot: the loop's ``zero_grad`` sets them to None, accelerate's default), and when
-  it closes its squares are multiplied by m², undoing accelerate's
-  scaling. F does not depend on m.
+- The gradient is read by a hook on each trainable parameter (``Tensor.register_hook``), which autograd
+  calls with that backward pass's own gradient before it is accumulated into ``p.grad``, reduced across
+  processes by DDP or moved into DeepSpeed ZeRO's partitioned buffers. So F is the same computation in one
+  process, under DDP and under ZeRO-1/2, and each micro-step's gradient is its own even when gradients
+  accumulate over ``trainer.grad_accum`` = m micro-steps.
+- accelerate (and DeepSpeed) divide each micro-batch loss by m; the window of micro-steps between two
+  optimizer steps (the ``after_step`` hook) gives m, and the window's squares are multiplied by m². F does
+  not depend on m.
+- With several processes each one sees its own micro-batches; at the end of the task the sums are added
+  over processes (an all-reduce), so F is the mean over every micro-batch of every process, the same on all.
 - The gradient is that of the whole training loss: from the second task on it includes the EWC penalty's
   own gradient and the terms of any other method in the recipe.
-- Under fp16 mixed precision the gradients the hook sees are multiplied by the loss scale (accelerate
-  unscales them only at clipping / the optimizer step): use bf16 or fp32 with EWC. DeepSpeed ZeRO keeps
-  gradients out of ``p.grad``, so EWC is refused at start under ZeRO (use DDP); ``after_task`` also
-  raises if it saw no gradient at all.
+- Under fp16 mixed precision the gradients the hook sees are multiplied by the loss scale: use bf16 or
+  fp32 with EWC. Under ZeRO-3 the penalty would need every parameter's whole value at each step outside
+  the forward, so EWC is refused at start there (ZeRO-2 or DDP run it). ``after_task`` raises if no
+  gradient was seen at all.
 - A trainable parameter that never received a gradient during the task gets F = 0 for it.
 
 F and θ* are kept only for parameters that require grad (F in float32, θ* in the parameter's dtype), on the
@@ -61,8 +63,8 @@ from lvlm_cl.methods.base import Method, Task
 
 class EWC(Method):
     name = "ewc"
-    zero_unsupported = ("its Fisher is read from each parameter's gradient after every backward pass, and "
-                        "DeepSpeed ZeRO keeps gradients in partitioned buffers, not in p.grad")
+    zero3_unsupported = ("its penalty reads every trainable parameter's whole value at each step, outside the "
+                         "forward, and ZeRO-3 keeps only a shard of each parameter on a process")
     defaults = {
         "lambda_": 100.0,   # λ, the penalty's weight
         "online": True,     # one running Fisher/anchor (True) or one per task (False)
@@ -88,53 +90,68 @@ class EWC(Method):
         self.anchors: list[dict] = []
         self.tasks: list[str] = []              # tasks anchored so far
         self.micro_steps: dict[str, int] = {}   # micro-steps the Fisher of each task averaged over
+        self._hooks: list = []                  # gradient hooks of the task in training
         self._reset_accumulators()
 
     # Fisher estimation
 
     def _reset_accumulators(self) -> None:
-        self._acc: dict[str, torch.Tensor] = {}      # Σ over closed windows of m² · Σ_k d_k²
+        self._acc: dict[str, torch.Tensor] = {}      # Σ over closed windows of m² · Σ_k g_k²
         self._acc_steps = 0                          # micro-steps in closed windows
-        self._window: dict[str, torch.Tensor] = {}   # Σ_k d_k² in the open window
+        self._window: dict[str, torch.Tensor] = {}   # Σ_k g_k² in the open window
         self._window_len = 0
-        self._snapshot: dict[str, torch.Tensor] = {}
-        self._snapshot_taken = False
+
+    def _watch(self, model: torch.nn.Module) -> None:
+        """Hook every trainable parameter's gradient (once per task, at its first micro-step, when every
+        method has added what it trains)."""
+        def record(name):
+            def hook(grad):
+                sq = grad.detach().float().pow(2)
+                self._window[name] = self._window[name] + sq if name in self._window else sq
+            return hook
+
+        self._hooks = [p.register_hook(record(n)) for n, p in model.named_parameters() if p.requires_grad]
+
+    def _unwatch(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     def _close_window(self) -> None:
         m = self._window_len
         if m:
             for n, sq in self._window.items():
                 sq = sq * float(m * m)
-                self._acc[n] = self._acc[n] + sq if n in self._acc else sq
+                self._acc[n] = self._acc[n].to(sq.device) + sq if n in self._acc else sq
             self._acc_steps += m
         self._window, self._window_len = {}, 0
 
     def after_backward(self, model: torch.nn.Module, task: Task) -> None:
-        snapshot = self._snapshot if self._snapshot_taken else {}
-        if not snapshot:                     # gradients were cleared before this backward: a new window
-            self._close_window()
-        for n, p in model.named_parameters():
-            if not p.requires_grad or p.grad is None:
-                continue
-            d = p.grad.detach().float()
-            if n in snapshot:
-                d = d - snapshot[n]
-            sq = d * d
-            self._window[n] = self._window[n] + sq if n in self._window else sq
         self._window_len += 1
-        self._snapshot, self._snapshot_taken = {}, False
+
+    def after_step(self, model: torch.nn.Module, task: Task) -> None:
+        self._close_window()
 
     def after_task(self, task: Task, model: torch.nn.Module, train_data: list) -> None:
         self._close_window()
+        self._unwatch()
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if trainable and not self._acc:
             raise RuntimeError(f"ewc: no gradient was seen during task {task.name!r}, so there is no Fisher to "
-                               "estimate (DeepSpeed ZeRO keeps gradients out of p.grad; EWC needs them there)")
-        steps = max(self._acc_steps, 1)
-        fisher = {n: (self._acc[n] / steps if n in self._acc else torch.zeros_like(p, dtype=torch.float32))
-                  for n, p in trainable.items()}
+                               "estimate")
+        sums = {n: self._acc[n] if n in self._acc else torch.zeros_like(p, dtype=torch.float32)
+                for n, p in trainable.items()}
+        steps = self._acc_steps
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:     # every process's micro-batches
+            for n in sorted(sums):
+                torch.distributed.all_reduce(sums[n])
+            count = torch.tensor(float(steps), device=next(iter(sums.values())).device if sums else "cpu")
+            torch.distributed.all_reduce(count)
+            steps = int(count.item())
+        fisher = {n: s / max(steps, 1) for n, s in sums.items()}
         params = {n: p.detach().clone() for n, p in trainable.items()}
-        self.micro_steps[task.name] = self._acc_steps
+        self.micro_steps[task.name] = steps
         self._reset_accumulators()
         if self.hparams["online"] and self.anchors:
             old, gamma = self.anchors[0], float(self.hparams["gamma"])
@@ -151,11 +168,8 @@ class EWC(Method):
     # The penalty
 
     def loss(self, model: torch.nn.Module, batch: dict, outputs, task: Task) -> torch.Tensor | None:
-        # Called before every backward: remember the gradients accumulated so far in this window, so
-        # after_backward can take this micro-step's own gradient (only when accumulating: else p.grad is None).
-        self._snapshot = {n: p.grad.detach().float().clone() for n, p in model.named_parameters()
-                          if p.requires_grad and p.grad is not None}
-        self._snapshot_taken = True
+        if not self._hooks:
+            self._watch(model)
         return self.penalty(model)
 
     def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
@@ -193,6 +207,9 @@ class EWC(Method):
                         for a in self.anchors],
             "tasks": list(self.tasks),
             "micro_steps": dict(self.micro_steps),
+            # Mid-task (a step checkpoint, taken between optimizer steps): this process's Fisher sums so far.
+            "running": {"sums": {n: t.detach().cpu().clone() for n, t in self._acc.items()},
+                        "micro_steps": self._acc_steps},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -213,6 +230,9 @@ class EWC(Method):
         self.anchors = anchors
         self.tasks = list(state.get("tasks", []))
         self.micro_steps = dict(state.get("micro_steps", {}))
+        running = state.get("running") or {}
+        self._acc = {n: t.clone() for n, t in running.get("sums", {}).items()}
+        self._acc_steps = int(running.get("micro_steps", 0))
 
 
 def _is_number(v) -> bool:

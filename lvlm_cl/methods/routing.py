@@ -70,6 +70,13 @@ class InstructionEncoder:
     def __init__(self, language_model: torch.nn.Module, image_token_id: int,
                  pad_token_id: int, cache_size: int = 100_000):
         trains_in_full = any(p.requires_grad for n, p in language_model.named_parameters() if "lora_" not in n)
+        if trains_in_full and any(hasattr(p, "ds_id") for p in language_model.parameters()):
+            from lvlm_cl.config import ConfigError
+
+            raise ConfigError("task routing under DeepSpeed ZeRO-3 with the language model trained in full: the "
+                              "instruction queries need a frozen whole copy of the language model on every process, "
+                              "which ZeRO-3 partitions. Train the language model with LoRA (model.lora, "
+                              "model.freeze_language_model: true) or use ZeRO-2 (recipes/accelerate/zero2.yaml).")
         self.lm = copy.deepcopy(language_model).eval().requires_grad_(False) if trains_in_full else language_model
         self.image_token_id, self.pad_token_id = image_token_id, pad_token_id
         self.cache_size = cache_size
@@ -245,6 +252,7 @@ class TaskKeyRouter(torch.nn.Module):
         self.selected: torch.Tensor | None = None      # the batch's task per sample (set by ``choose``)
         self.sims: torch.Tensor | None = None
         self.image_counts: torch.Tensor | None = None   # image tokens per sample (to map images to samples)
+        self.input_mask: torch.Tensor | None = None     # the model call's 2-D attention mask
         self._seen: dict[bytes, torch.Tensor] = {}     # this task's training queries, by instruction
 
     @property
@@ -360,6 +368,22 @@ class TaskKeyRouter(torch.nn.Module):
         self._seen = {}
 
 
+class RouterState:
+    """``state_dict`` / ``load_state_dict`` for a method whose ``TaskKeyRouter`` is ``self.router``: the keys
+    and prompts live in the model (saved with its parameters); what is left is the training queries of the
+    task in training seen so far, which prototype keys are fitted from at its end (non-empty only in a step
+    checkpoint taken inside the task, one per process)."""
+
+    router: "TaskKeyRouter | None"
+
+    def state_dict(self) -> dict:
+        return {"seen": dict(self.router._seen)} if self.router is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.router is not None:
+            self.router._seen = dict(state.get("seen", {}))
+
+
 def install_selector(model: torch.nn.Module, router: TaskKeyRouter) -> None:
     """Make ``router`` choose each batch's tasks before the model runs: from the training batch's
     ``cl_task_ids`` (removed from the forward's arguments), or by routing at the first step of a generation
@@ -385,6 +409,8 @@ def install_selector(model: torch.nn.Module, router: TaskKeyRouter) -> None:
 
         def select(module, args, kwargs):
             task_ids = kwargs.pop(TASK_IDS, None)
+            for r in chosen:    # the 2-D padding mask, for hooks below that receive built masks (Gemma 3)
+                r.input_mask = kwargs.get("attention_mask")
             past = kwargs.get("past_key_values")
             if past is not None and past.get_seq_length() > 0:
                 return args, kwargs

@@ -28,13 +28,13 @@ import torch
 
 from lvlm_cl.methods.adapters import inject_lora, refuse_recipe_lora, set_trainable_adapter, targets
 from lvlm_cl.methods.base import Method, Task
-from lvlm_cl.methods.routing import (ROUTING_DEFAULTS, TaskKeyRouter, attach, check_routing_settings,
+from lvlm_cl.methods.routing import (ROUTING_DEFAULTS, RouterState, TaskKeyRouter, attach, check_routing_settings,
                                      install_selector, key_term_on_batch, query_encoder, unwrap)
 
 BASE = "__base__"      # PEFT's name for "no adapter" in a mixed batch
 
 
-class TaskLoRA(Method):
+class TaskLoRA(RouterState, Method):
     name = "task_lora"
     defaults = {
         "r": 8,

@@ -39,7 +39,7 @@ import torch
 
 from lvlm_cl.distributed import whole
 from lvlm_cl.methods.base import Method, Task
-from lvlm_cl.methods.routing import (ROUTING_DEFAULTS, TaskKeyRouter, attach, check_routing_settings,
+from lvlm_cl.methods.routing import (ROUTING_DEFAULTS, RouterState, TaskKeyRouter, attach, check_routing_settings,
                                      install_selector, key_term_on_batch, query_encoder)
 from lvlm_cl.models import parts
 
@@ -73,7 +73,7 @@ class TaskPromptPool(TaskKeyRouter):
         return torch.einsum("bt,tpd->bpd", self.weights().to(device, stack.dtype), stack).to(dtype)
 
 
-class TaskPrompts(Method):
+class TaskPrompts(RouterState, Method):
     name = "task_prompts"
     defaults = {
         "length": 8,              # prompt vectors per task
@@ -94,6 +94,10 @@ class TaskPrompts(Method):
         if h["init"] not in ("previous", "random"):
             raise ValueError(f"task_prompts: setting 'init' must be 'previous' or 'random', got {h['init']!r}")
         self.pool: TaskPromptPool | None = None
+
+    @property
+    def router(self) -> TaskPromptPool | None:
+        return self.pool
 
     def setup(self, model, stream: list[Task]) -> None:
         lm = parts(model)["language_model"]
@@ -144,6 +148,14 @@ def _install_prompt_hooks(language_model, pool: TaskPromptPool) -> None:
             kwargs["inputs_embeds"] = torch.cat([pool.batch_prompts(embeds.dtype, embeds.device), embeds], dim=1)
             pool._strip = P
         mask = kwargs.get("attention_mask")
+        if isinstance(mask, dict):
+            # Masks already built for the unprompted sequence (Gemma 3 builds them above its language model):
+            # hand the language model the 2-D padding mask instead, extended below, and it builds its own.
+            mask = pool.input_mask
+            if mask is None:
+                mask = torch.ones(embeds.shape[0], (past.get_seq_length() if past is not None else 0)
+                                  + embeds.shape[1], dtype=torch.long, device=embeds.device)
+            kwargs["attention_mask"] = mask
         if mask is not None:
             if mask.dim() != 2:
                 raise ValueError("task_prompts needs a 2-D attention mask")

@@ -7,6 +7,7 @@ same code. Nothing keys off a model's name.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from lvlm_cl.models.tiny import (TinyLlavaSize, build_tiny_llava, build_tiny_pro
 
 BUILTIN_RANDOM = "builtin:tiny-llava-random"
 BUILTIN_PRETRAINED = "builtin:tiny-llava"
+BUILTIN_GEMMA3 = "builtin:tiny-gemma3-random"     # a second family, randomly initialised (docs/models.md)
 
 
 class ModelError(ValueError):
@@ -35,16 +37,23 @@ def parts(model) -> dict[str, torch.nn.Module]:
                          f"language_model): {e}") from None
 
 
-def random_model_dir(size: TinyLlavaSize, seed: int, cache: Path) -> Path:
-    """The randomly initialised tiny LLaVA, written once per (size, seed) into the cache."""
+def random_model_dir(size: TinyLlavaSize, seed: int, cache: Path, family: str = "llava") -> Path:
+    """A randomly initialised tiny model of ``family`` ("llava" or "gemma3"), written once per (size, seed)
+    into the cache."""
     import dataclasses
     import hashlib
     import json
 
-    key = hashlib.sha256(json.dumps([dataclasses.asdict(size), seed], sort_keys=True).encode()).hexdigest()[:12]
-    path = cache / "models" / f"tiny-llava-random-{key}"
+    payload = [dataclasses.asdict(size), seed] if family == "llava" else [family, dataclasses.asdict(size), seed]
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+    path = cache / "models" / f"tiny-{family}-random-{key}"
     if not (path / "config.json").is_file():
-        model, processor = build_tiny_llava(size, seed)
+        if family == "gemma3":
+            from lvlm_cl.models.tiny_gemma3 import build_tiny_gemma3
+
+            model, processor = build_tiny_gemma3(size, seed)
+        else:
+            model, processor = build_tiny_llava(size, seed)
         save_model_dir(model, processor, path)
     return path
 
@@ -53,13 +62,15 @@ def resolve_model_dir(model_cfg, seed: int, cache: Path) -> Path:
     """The Hugging Face directory the recipe's ``model.path`` stands for (building it if it is built-in)."""
     if model_cfg.path == BUILTIN_RANDOM:
         return random_model_dir(model_cfg.tiny, seed, cache)
+    if model_cfg.path == BUILTIN_GEMMA3:
+        return random_model_dir(model_cfg.tiny, seed, cache, family="gemma3")
     if model_cfg.path == BUILTIN_PRETRAINED:
         from lvlm_cl.pretrain import pretrained_tiny_dir
 
         return pretrained_tiny_dir(model_cfg, cache)
     if model_cfg.path.startswith("builtin:"):
         raise ModelError(f"model.path: unknown built-in model {model_cfg.path!r}; "
-                         f"available: {[BUILTIN_PRETRAINED, BUILTIN_RANDOM]}")
+                         f"available: {[BUILTIN_PRETRAINED, BUILTIN_RANDOM, BUILTIN_GEMMA3]}")
     path = Path(model_cfg.path).expanduser()
     if not path.is_dir():
         raise ModelError(f"model.path: {path} is not a directory (expected a local Hugging Face model directory, "
@@ -132,7 +143,18 @@ def load_model_dir(path: Path, model_cfg=None, *, dtype=torch.float32, quantizat
 def apply_training_setup(model, model_cfg):
     """Freeze parts and wrap LoRA adapters as the recipe says; returns the model to train. Everything may be
     frozen here: methods can add what trains (prompts, per-task adapters); the loop refuses a task with
-    nothing to train."""
+    nothing to train.
+
+    A quantized model first goes through peft's ``prepare_model_for_kbit_training`` (layer norms and
+    unquantized parts in fp32, input gradients enabled for adapters behind frozen embeddings).
+    ``gradient_checkpointing`` recomputes activations in the backward pass (non-reentrant)."""
+    if getattr(model, "is_quantized", False):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if getattr(model_cfg, "gradient_checkpointing", False):
+        model.config.use_cache = False
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     for name, module in parts(model).items():
         frozen = getattr(model_cfg, f"freeze_{name}")
         for p in module.parameters():
@@ -170,14 +192,16 @@ def trainable_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts; whole sizes also under DeepSpeed ZeRO-3 (``ds_numel``)."""
+    """(trainable, total) parameter counts; whole sizes also under DeepSpeed ZeRO-3 (``ds_numel``) and for
+    bitsandbytes 4-bit weights (packed two to a byte: their ``quant_state`` keeps the shape)."""
     def size(p):
-        return getattr(p, "ds_numel", p.numel())
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        return math.prod(shape) if shape is not None else getattr(p, "ds_numel", p.numel())
 
     total = sum(size(p) for p in model.parameters())
     trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
     return trainable, total
 
 
-__all__ = ["BUILTIN_PRETRAINED", "BUILTIN_RANDOM", "ModelError", "QUANTIZATIONS", "apply_training_setup",
+__all__ = ["BUILTIN_GEMMA3", "BUILTIN_PRETRAINED", "BUILTIN_RANDOM", "ModelError", "QUANTIZATIONS", "apply_training_setup",
            "count_parameters", "quantization_config", "load_model_dir", "load_processor", "parts", "resolve_model_dir", "trainable_state_dict"]

@@ -43,19 +43,25 @@ def _corpus() -> list[str]:
     return lines + [line.capitalize() + "?" for line in lines] + [line.upper() for line in lines[:4]]
 
 
-def build_tokenizer(vocab_size: int = 1024):
-    """A byte-level BPE trained in memory on a fixed corpus: deterministic and offline."""
+def build_tokenizer(vocab_size: int = 1024, special: dict | None = None):
+    """A byte-level BPE trained in memory on a fixed corpus: deterministic and offline. ``special`` gives
+    another family's special tokens: {"unk", "bos", "eos", "pad", "extra": {attribute: token}}."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    special = special or {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>",
+                          "extra": {"image_token": IMAGE_TOKEN}}
+    tokens = list(dict.fromkeys([special["unk"], special["bos"], special["eos"], special["pad"],
+                                 *special["extra"].values(), *special.get("more", [])]))
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=tokens,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_corpus(), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", extra_special_tokens={"image_token": IMAGE_TOKEN},
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=special["unk"], bos_token=special["bos"],
+                                   eos_token=special["eos"], pad_token=special["pad"],
+                                   extra_special_tokens=dict(special["extra"]),
                                    padding_side="left", clean_up_tokenization_spaces=False)
 
 
@@ -82,6 +88,14 @@ class TinyLlavaSize:
     text_intermediate: int = 384
     vocab_size: int = 1024
     max_position_embeddings: int = 512
+
+
+# The sizes the benchmark scripts measure: the default, and a 16.7 M-parameter configuration of the same family.
+BENCHMARK_SIZES = {
+    "tiny (default)": {},
+    "larger": {"text_hidden": 512, "text_layers": 4, "text_intermediate": 1376, "text_heads": 8,
+               "vision_hidden": 256, "vision_layers": 4, "vision_heads": 4},
+}
 
 
 def build_tiny_llava(size: TinyLlavaSize, seed: int):

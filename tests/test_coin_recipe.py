@@ -1,0 +1,93 @@
+"""recipes/coin_llava15_7b.yaml cannot rot: its structure (CoIN's eight tasks in order with their metrics,
+LoRA with the projector in modules_to_save, the llava15 chat template, bf16, gradient checkpointing, step
+checkpoints) runs end to end on the tiny model, with only sizes overridden and tiny stand-in data written
+where the recipe expects CoIN's converted files."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import SMALL_MODEL, stage_scores
+from lvlm_cl.config import load_recipe
+from lvlm_cl.stage import load_stage
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipes" / "coin_llava15_7b.yaml"
+COIN = ["scienceqa", "textvqa", "imagenet", "gqa", "vizwiz", "grounding", "vqav2", "ocrvqa"]
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+
+
+def question_answer(task: str, colour: str, i: int) -> tuple[str, str]:
+    """A question in the task's CoIN style and its answer in the form the task's metric scores."""
+    names = list(COLOURS)
+    if task == "scienceqa":
+        options = " ".join(f"{letter}. {c}" for letter, c in zip("ABC", names))
+        return f"Which color is shown?\n{options}\nAnswer with the option's letter from the given choices directly.", \
+            "ABC"[names.index(colour)]
+    if task == "grounding":
+        return ("Please provide the bounding box coordinate of the region this sentence describes: the "
+                f"{colour} area.", "[0.00, 0.00, 1.00, 1.00]")
+    if task == "vizwiz" and i % 3 == 2:
+        return "What is written on the label? When the question cannot be answered, answer unanswerable.", "unanswerable"
+    return f"What color is this image? Answer the question using a single word or phrase. ({task})", colour
+
+
+@pytest.mark.slow
+def test_the_coin_recipe_runs_its_eight_tasks_on_the_tiny_model(tmp_path):
+    cfg = load_recipe(RECIPE)
+    assert [t.name for t in cfg.tasks] == COIN
+    assert [t.metric for t in cfg.tasks] == ["multiple_choice", "vqa", "contains", "vqa", "vqa", "iou", "vqa", "vqa"]
+    assert cfg.model.lora.r == 128 and cfg.model.lora.modules_to_save == ["multi_modal_projector"]
+    assert cfg.model.gradient_checkpointing and cfg.trainer.mixed_precision == "bf16"
+
+    # Stand-in data at the paths the recipe names (relative to where it runs), in each task's answer style.
+    (tmp_path / "img").mkdir()
+    for c, rgb in COLOURS.items():
+        Image.new("RGB", (32, 32), rgb).save(tmp_path / "img" / f"{c}.png")
+    for t in cfg.tasks:
+        for split, n in (("train", 4), ("test", 2)):
+            lines = []
+            for i in range(n):
+                colour = list(COLOURS)[i % 3]
+                q, a = question_answer(t.name, colour, i)
+                lines.append(json.dumps({"id": f"{t.name}-{split}-{i}", "task": t.name,
+                                         "images": [str(tmp_path / "img" / f"{colour}.png")],
+                                         "messages": [{"role": "user", "content": [{"type": "image"},
+                                                                                  {"type": "text", "text": q}]},
+                                                      {"role": "assistant", "content": [{"type": "text", "text": a}]}]}))
+            path = tmp_path / getattr(t, "train" if split == "train" else "eval")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("\n".join(lines) + "\n")
+
+    out = tmp_path / "run"
+    sizes = [*SMALL_MODEL, "model.path=builtin:tiny-llava-random", "model.lora.r=4", "model.lora.alpha=8",
+             "trainer.epochs_per_task=null", "trainer.steps_per_task=2", "trainer.batch_size=2",
+             "trainer.eval_batch_size=4", "trainer.max_new_tokens=4", "trainer.save_every=1", "report_to=[]"]
+    proc = subprocess.run([sys.executable, str(ROOT / "lvlm_cl" / "train.py"), str(RECIPE), f"output_dir={out}",
+                           *sizes], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tasks"] == COIN and metrics["num_completed"] == 8
+    assert len(metrics["matrix"]) == 8 and all(len(row) == 8 for row in metrics["matrix"])
+    assert metrics["initial"] is not None and metrics["metrics"]["FWT"] is not None
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "checkpoints" / "task-07-ocrvqa" / "trainable.safetensors"))
+    assert any("multi_modal_projector" in n for n in saved) and any("lora_A" in n for n in saved)
+    grounding = [json.loads(line) for line in (out / "predictions" / "after-07-ocrvqa" / "grounding.jsonl")
+                 .read_text().splitlines()]
+    assert [r["answer"] for r in grounding] == ["[0.00, 0.00, 1.00, 1.00]"] * 2
+    # The saved run reloads in one process and scores what the run scored.
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert stage_scores(load_stage(out)) == metrics["matrix"][-1]
+    finally:
+        os.chdir(cwd)
