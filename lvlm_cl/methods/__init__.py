@@ -21,7 +21,17 @@ from lvlm_cl.methods.task_prompts import TaskPrompts
 
 def _registry() -> dict[str, type[Method]]:
     registry: dict[str, type[Method]] = {}
-    for cls in (Finetune, Multitask, Replay, EWC, LwF, TaskPrompts, TaskLoRA, OLoRA, MoELoRA):
+    for cls in (
+        Finetune,
+        Multitask,
+        Replay,
+        EWC,
+        LwF,
+        TaskPrompts,
+        TaskLoRA,
+        OLoRA,
+        MoELoRA,
+    ):
         if not cls.name:
             raise TypeError(f"{cls.__name__} has no registry name")
         if cls.name in registry:
