@@ -66,6 +66,16 @@ def pretrained_tiny_dir(model_cfg, cache: Path) -> Path:
     final = cache / "models" / f"tiny-llava-pretrained-{key}"
     if (final / "config.json").is_file():
         return final
+    from filelock import FileLock
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final) + ".lock"):     # two runs started at once on a fresh cache: one builds, one waits
+        if (final / "config.json").is_file():
+            return final
+        return _build(cfg, model_cfg, final)
+
+
+def _build(cfg, model_cfg, final: Path) -> Path:
     from lvlm_cl.train import run
 
     print(f"[lvlm_cl] building the pretrained tiny base (once, cached in {final}) with {model_cfg.pretrain_recipe}",
