@@ -114,6 +114,9 @@ class TrainerConfig:
     # DeepSpeed the JSON's bf16/fp16 "enabled": "auto" follow this setting.
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     save_every: int = 100          # optimizer steps between step checkpoints inside a task (0: none)
+    # AdamW's implementation: "adamw_fused" (torch's fused kernel: one pass over all parameters, the fastest
+    # on CPU and GPU) or "adamw" (torch's default implementation, a loop of per-tensor operations on CPU).
+    optimizer: Literal["adamw_fused", "adamw"] = "adamw_fused"
 
 
 @dataclass

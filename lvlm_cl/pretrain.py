@@ -31,7 +31,7 @@ def _recipe_path(name: str) -> Path:
 
 
 LATER_SETTINGS = [("model", "quantization", None), ("model", "gradient_checkpointing", False),
-                  ("trainer", "mixed_precision", "no")]
+                  ("trainer", "mixed_precision", "no"), ("trainer", "optimizer", "adamw")]
 
 
 def pretrain_config(model_cfg, cache: Path):

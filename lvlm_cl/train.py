@@ -224,7 +224,8 @@ def train_task(accelerator, model, methods, task, train_data, encodings, cfg, lo
     if not params:
         raise ConfigError(f"task {task.name!r}: nothing trains: every part of the model is frozen and no method adds "
                          "trainable parameters (check the recipe's model section and methods)")
-    optimizer = torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay,
+                                  **({"fused": True} if tr.optimizer == "adamw_fused" else {}))
     scheduler = get_scheduler(tr.lr_schedule, optimizer, num_warmup_steps=tr.warmup_steps, num_training_steps=steps)
     wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     order = StepBatchOrder(len(train_data), tr.batch_size * world, steps * tr.grad_accum,
