@@ -1,17 +1,19 @@
 """Evaluation speed: lvlm-cl's batched generation against one-sample-at-a-time generation (the way the
 LLaVA and CoIN evaluation scripts run: one prompt, one ``generate`` call), on the same model and data.
 
-    python scripts/benchmark_eval.py [--recipe recipes/seq5.yaml] [--rounds 3] [--output docs/benchmarks_eval.json]
+    python scripts/benchmark_eval.py [--recipe recipes/seq5.yaml] [--rounds 3] [--per-task N] \
+        [--batch-sizes 64 125 250] [--output docs/benchmarks_eval.json]
 
-The model is the recipe's (the pretrained tiny base for seq5) and the data its tasks' test prompts. The two
-ways alternate (A, B, A, B, ...) so that machine noise hits both; medians of the rounds and their ratio
-are printed and written. The predictions of the two ways are compared and must be identical.
+The model is the recipe's (the pretrained tiny base for seq5) and the data its tasks' test prompts (all of
+them, or ``--per-task`` of each), evaluated task by task as the training loop does after every task. The
+ways alternate within each round (one by one, then each batch size) so that machine noise hits all;
+medians of the rounds and the ratios are printed and written. Every way's predictions are compared with
+the one-by-one predictions and must be identical.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -34,50 +36,58 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="recipes/seq5.yaml")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--per-task", type=int, default=50, help="test prompts per task")
+    parser.add_argument("--per-task", type=int, default=None, help="test prompts per task (default: all)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                        help="batched generation's batch sizes (default: the recipe's trainer.eval_batch_size)")
     parser.add_argument("--output", type=Path, default=Path("docs/benchmarks_eval.json"))
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(torch.get_num_threads())
     cfg = load_recipe(args.recipe)
     cache = cache_dir(cfg)
     model, processor = load_model_dir(resolve_model_dir(cfg.model, cfg.seed, cache), cfg.model)
     model.eval()
     stream, _ = build_stream(cfg, cache)
-    records = [r for t in stream for r in t.test_records[:args.per_task]]
+    per_task = [t.test_records[:args.per_task] for t in stream]
+    records = [r for rs in per_task for r in rs]
     encodings = EncodingCache(processor, cfg.model.max_length)
-    for r in records:                               # encoded once, outside the timings (both ways use them)
+    for r in records:                               # encoded once, outside the timings (every way uses them)
         encodings.prompt(r)
     tr = cfg.trainer
+    sizes = args.batch_sizes or [tr.eval_batch_size]
 
-    def batched():
-        return generate_answers(model, processor, records, encodings, batch_size=tr.eval_batch_size,
-                                max_new_tokens=tr.max_new_tokens, progress=False)
+    def batched(size):
+        return [a for rs in per_task for a in generate_answers(model, processor, rs, encodings, batch_size=size,
+                                                               max_new_tokens=tr.max_new_tokens, progress=False)]
 
     def one_by_one():
         return [generate_answers(model, processor, [r], encodings, batch_size=1, max_new_tokens=tr.max_new_tokens,
                                  progress=False)[0] for r in records]
 
-    times = {"batched": [], "one_by_one": []}
+    ways = {"one_by_one": one_by_one, **{f"batched_{b}": (lambda b=b: batched(b)) for b in sizes}}
+    times = {name: [] for name in ways}
     answers = {}
     for k in range(args.rounds):
-        for name, fn in (("batched", batched), ("one_by_one", one_by_one)):
+        for name, fn in ways.items():
             start = time.perf_counter()
             answers[name] = fn()
             times[name].append(time.perf_counter() - start)
             print(f"[benchmark] round {k + 1} {name}: {times[name][-1]:.2f} s", flush=True)
-    differ = [r["id"] for r, a, b in zip(records, answers["batched"], answers["one_by_one"]) if a != b]
+    differ = {name: [r["id"] for r, a, b in zip(records, answers[name], answers["one_by_one"]) if a != b]
+              for name in ways if name != "one_by_one"}
     med = {name: statistics.median(t) for name, t in times.items()}
-    result = {"recipe": args.recipe, "prompts": len(records), "batch_size": tr.eval_batch_size,
+    result = {"recipe": args.recipe, "prompts": len(records), "tasks": len(stream), "batch_sizes": sizes,
               "max_new_tokens": tr.max_new_tokens, "threads": torch.get_num_threads(), "rounds": args.rounds,
-              "seconds": times, "median_seconds": med, "speedup": med["one_by_one"] / med["batched"],
+              "seconds": times, "median_seconds": med,
+              "speedup": {n: med["one_by_one"] / s for n, s in med.items() if n != "one_by_one"},
               "prompts_per_second": {n: len(records) / s for n, s in med.items()},
-              "identical_predictions": not differ, "differing_ids": differ[:20]}
+              "identical_predictions": not any(differ.values()),
+              "differing_ids": {n: d[:20] for n, d in differ.items() if d}}
     atomic_write_json(args.output, result)
-    print(f"[benchmark] {len(records)} prompts: batched {med['batched']:.2f} s, one by one {med['one_by_one']:.2f} s "
-          f"(median of {args.rounds}): {result['speedup']:.1f}x; identical predictions: {not differ} "
-          f"({len(differ)} differ)")
-    return 0 if not differ else 1
+    for n, speedup in result["speedup"].items():
+        print(f"[benchmark] {len(records)} prompts, {n}: {med[n]:.2f} s against one by one {med['one_by_one']:.2f} s "
+              f"(medians of {args.rounds}): {speedup:.1f}x; identical predictions: {not differ[n]} "
+              f"({len(differ[n])} differ)")
+    return 0 if result["identical_predictions"] else 1
 
 
 if __name__ == "__main__":
