@@ -11,6 +11,7 @@ torch reaches on this machine, measured in the same run; and a profile of where 
   updates are not counted, which is the usual "model FLOPs" convention).
 - Achieved: those FLOPs over the median wall time of ``train_task`` with ``finetune`` on the recipe's first
   task (``--steps`` steps, the same batches), timed as in ``benchmark_train.py``.
+- Padding: the share of the batches' positions that are padding (computed, and counted in the FLOPs).
 - Profile: ``torch.profiler`` over a run of the loop, self CPU time grouped into matmuls (forward and
   backward), attention, optimizer, element-wise and other operators, and the Python outside operators
   (data collation, hooks, the loop), plus the top operators.
@@ -60,6 +61,17 @@ def peak_matmul_flops(sizes=(256, 512, 1024, 2048), repeats: int = 7, min_second
             rates.append(2 * n ** 3 * calls / (time.perf_counter() - start))
         best[n] = statistics.median(rates)
     return {"flops_by_size": best, "peak_flops": max(best.values())}
+
+
+def padding(ctx) -> float:
+    """The share of the training batches' positions that are padding."""
+    from benchmark_train import batches
+
+    real = total = 0
+    for batch in batches(ctx):
+        real += int(batch["attention_mask"].sum())
+        total += batch["attention_mask"].numel()
+    return 1 - real / total
 
 
 def model_flops(ctx) -> int:
@@ -136,17 +148,17 @@ def measure(recipe: str, size_name: str, steps: int, rounds: int) -> dict:
             "batch_size": ctx.cfg.trainer.batch_size, "threads": torch.get_num_threads(),
             "train_flops": flops, "seconds": seconds, "achieved_flops": achieved,
             "peak": {"before": peak_before, "after": peak_after}, "peak_flops": peak,
-            "efficiency": achieved / peak, "profile": prof}
+            "efficiency": achieved / peak, "padding_fraction": padding(ctx), "profile": prof}
 
 
 def markdown(rows: list[dict], command: str) -> str:
     lines = [f"    {command}", "",
-             "| model | parameters | FLOPs per step (fwd+bwd) | achieved | peak matmul | efficiency |",
-             "|---|---|---|---|---|---|"]
+             "| model | parameters | FLOPs per step (fwd+bwd) | achieved | peak matmul | efficiency | padding |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['size']} | {r['parameters']:,} | {r['train_flops'] / r['steps'] / 1e9:.2f} G | "
                      f"{r['achieved_flops'] / 1e9:.1f} GFLOP/s | {r['peak_flops'] / 1e9:.1f} GFLOP/s | "
-                     f"{100 * r['efficiency']:.1f}% |")
+                     f"{100 * r['efficiency']:.1f}% | {100 * r['padding_fraction']:.0f}% |")
     lines += ["", "Where the time of one run of the loop goes (self CPU time under `torch.profiler`, which "
               "slows small operators; shares of that run's wall time):", "",
               "| group | " + " | ".join(r["size"] for r in rows) + " |", "|---|" + "---|" * len(rows)]

@@ -1,0 +1,73 @@
+"""The performance benchmark scripts run on a tiny model, and their arithmetic is right. (Their numbers are
+measured by running them by hand, never here: docs/benchmarks.md.)"""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import SMALL_MODEL, write_recipe
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+import benchmark_efficiency  # noqa: E402
+import benchmark_scaling  # noqa: E402
+import benchmark_train  # noqa: E402
+
+
+def test_growth_exponent_is_the_log_log_slope():
+    assert benchmark_scaling.exponent([2, 5, 10], [3 * 2 ** 2, 3 * 5 ** 2, 3 * 10 ** 2]) == pytest.approx(2.0)
+    assert benchmark_scaling.exponent([2, 4], [7.0, 14.0]) == pytest.approx(1.0)
+
+
+def test_scaling_streams_cycle_the_tasks_under_new_names(tmp_path, colour_tasks):
+    from types import SimpleNamespace
+
+    from lvlm_cl.config import load_recipe
+
+    tasks = [{"name": n, "train": str(tr), "eval": str(te), "metric": "exact_match"} for n, (tr, te) in colour_tasks.items()]
+    args = SimpleNamespace(steps=3, eval_samples=4)
+    path = benchmark_scaling.write_recipe(tmp_path / "r.yaml", tasks, 5, [{"name": "replay", "memory_per_task": 2}], args)
+    cfg = load_recipe(path, [f"output_dir={tmp_path / 'out'}"])
+    assert [t.name for t in cfg.tasks] == ["colour", "warmth", "colour-2", "warmth-2", "colour-3"]
+    assert cfg.tasks[4].train == str(colour_tasks["colour"][0])
+    assert cfg.trainer.steps_per_task == 3 and cfg.trainer.eval_max_samples == 4
+
+
+def test_operator_groups():
+    assert benchmark_efficiency.group_of("aten::addmm") == "matmul"
+    assert benchmark_efficiency.group_of("aten::_scaled_dot_product_attention_math") == "attention"
+    assert benchmark_efficiency.group_of("aten::_fused_adamw_") == "optimizer"
+    assert benchmark_efficiency.group_of("aten::gelu") == "other operators"
+
+
+def test_peak_matmul_is_measured_per_size():
+    peak = benchmark_efficiency.peak_matmul_flops(sizes=(64, 128), repeats=2, min_seconds=0.01)
+    assert set(peak["flops_by_size"]) == {64, 128}
+    assert peak["peak_flops"] == max(peak["flops_by_size"].values()) > 0
+
+
+@pytest.mark.slow
+def test_training_benchmark_loops_run_the_same_batches(tmp_path, colour_tasks):
+    recipe = write_recipe(tmp_path / "r.yaml", colour_tasks, tmp_path / "out", batch_size=4)
+    ctx = benchmark_train.prepare(str(recipe), 2, SMALL_MODEL)
+    batches = list(benchmark_train.batches(ctx))
+    assert len(batches) == 2 and all(b["input_ids"].shape[0] == 4 for b in batches)
+    assert benchmark_train.plain_loop(ctx) > 0
+    assert benchmark_train.plain_loop(ctx, fused=True) > 0
+    assert benchmark_train.lvlm_cl_loop(ctx, "finetune") > 0
+    # The count covers the forward and the backward, which costs about twice the forward (gradients of
+    # the inputs and of the weights; the first layers need no input gradient, hence a little under 3x).
+    import copy
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = copy.deepcopy(ctx.base)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        for b in batches:
+            model(**b)
+    forward = counter.get_total_flops()
+    assert 2.5 * forward < benchmark_efficiency.model_flops(ctx) <= 3 * forward
+    assert 0 <= benchmark_efficiency.padding(ctx) < 1
