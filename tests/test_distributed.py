@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ OVERRIDES = [*SMALL_MODEL, "model.freeze_vision_tower=true", "model.freeze_langu
              "model.lora={r: 4, alpha: 8}", "methods=[task_prompts]", "trainer.log_every=1", "trainer.lr=1e-3"]
 # Single process: 8 samples per step. Two processes: 4 each, the same 8 (StepBatchOrder slices a global batch).
 STEPS = 4
+GLOO_ABORT = "terminate called without an active exception"
 
 
 def _free_port() -> str:
@@ -36,7 +38,15 @@ def _launch(config: str, recipe: Path, out: Path, extra=()) -> subprocess.Comple
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"recipes/accelerate/{config}.yaml",
            "--main_process_port", _free_port(), "lvlm_cl/train.py", str(recipe), f"output_dir={out}", *OVERRIDES,
            "trainer.batch_size=4", *extra]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0 and GLOO_ABORT in proc.stderr:
+        # Now and then (seen twice in CI, not reproduced on demand) a process of a 2-process gloo run on CPU
+        # aborts in native code near the end of a run (docs/distributed.md, "Known issues"). The
+        # same command resumes the run, which is what a user does: the test then checks the resumed run.
+        warnings.warn(f"gloo abort in a 2-process run, launched again to resume it:\n{proc.stderr[-2000:]}")
+        cmd[cmd.index("--main_process_port") + 1] = _free_port()
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return proc
 
 
 @pytest.fixture(scope="module")
