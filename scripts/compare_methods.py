@@ -7,7 +7,12 @@ so wall times compare; its peak resident memory comes from the operating system 
 that already finished in ``--runs`` is read, not retrained (``--rerun`` retrains); an interrupted one
 resumes. The table has, per recipe: MFT, MFN, MAA, BWT, forgetting (``metrics.json``), the mean routing
 accuracy after the last task (methods that route), the most parameters trained in one task, the memory
-bank's size, peak memory and wall time. Extra ``key=value`` overrides (``--set``) apply to every recipe.
+bank's size, peak memory, wall time and the commit of the code that ran it. Extra ``key=value``
+overrides (``--set``) apply to every recipe.
+
+``--keep`` adds to an existing table instead of replacing it: the rows of ``<output>.json`` whose recipe
+is not on the command line are kept as they are (with the commit that measured them, "earlier" when it was
+not recorded), and the rows of the recipes given are run and replaced or appended.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from lvlm_cl.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 NOTES_MARKER = "<!-- notes: everything below this line is kept when the tables above are regenerated -->"
 COLUMNS = ["recipe", "methods", "MFT", "MFN", "MAA", "BWT", "forgetting", "routing", "trainable", "memory",
-           "peak RSS", "wall"]
+           "peak RSS", "wall", "commit"]
 
 
 def run_recipe(recipe: Path, out: Path, overrides: list[str], rerun: bool) -> dict:
@@ -49,9 +54,32 @@ def run_recipe(recipe: Path, out: Path, overrides: list[str], rerun: bool) -> di
     if code != 0:
         raise SystemExit(f"[compare] {recipe} failed (exit {code}); fix it and run the same command again to resume")
     # ru_maxrss is in KiB on Linux. A resumed run's wall time covers only what was left: say so.
-    record = {"wall_seconds": round(wall, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "resumed": resumed}
+    record = {"wall_seconds": round(wall, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "resumed": resumed,
+              "commit": _commit()}
     atomic_write_json(timing_file, record)
     return record
+
+
+def _commit() -> str | None:
+    """The short commit of the code that runs the recipes ("+" when the tree has uncommitted changes)."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return rev + ("+" if dirty else "")
+
+
+def _table_command(path: Path) -> str | None:
+    """The first command an existing table names (rows written before commands were kept per row)."""
+    if not path.is_file():
+        return None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip().startswith("python scripts/compare_methods.py"):
+            return line.strip()
+    return None
 
 
 def _finished(out: Path) -> bool:
@@ -101,23 +129,26 @@ def _fmt(v, digits: int = 2) -> str:
     return str(v)
 
 
-def markdown(rows: list[dict], command: str) -> str:
+def markdown(rows: list[dict], commands: list[str]) -> str:
     lines = ["# Results: every method on seq5", "",
              "The tables are written by `scripts/compare_methods.py` (regenerate them, do not edit them); the "
-             "notes after them are kept. Command:", "",
-             f"    {command}", "",
+             "notes after them are kept. " + ("Command:" if len(commands) == 1 else
+                                              "Commands (the later ones added rows with `--keep`):"), "",
+             *(f"    {c}" for c in commands), "",
              "One process per recipe, run one after another on the same machine (2 CPU cores, no GPU), seed 0. "
              "Metrics as in `docs/metrics.md` (percent; BWT and forgetting in points). *routing*: mean routing "
              "accuracy over the tasks after the last task, for methods that route by task keys. *trainable*: the "
              "most parameters trained in one task. *memory*: records in the replay bank at the end, and their "
              "share of all training records. *peak RSS*: the training process's peak resident memory. *wall*: "
-             "the process's wall time (training, evaluation after every task, reports).", "",
+             "the process's wall time (training, evaluation after every task, reports). *commit*: the code that "
+             "ran the row (rows of an earlier command are kept by `--keep`; \"earlier\": not recorded).", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         memory = "—" if not r["memory_records"] else f"{r['memory_records']} ({r['memory_percent']:.1f}%)"
         cells = [r["recipe"], r["methods"], _fmt(r["MFT"]), _fmt(r["MFN"]), _fmt(r["MAA"]), _fmt(r["BWT"]),
                  _fmt(r["forgetting"]), _fmt(r["routing"], 1), f"{r['trainable']:,}", memory,
-                 f"{r['peak_rss_mib']:.0f} MiB", f"{r['wall_seconds']:.0f} s" + (" (resumed)" if r["resumed"] else "")]
+                 f"{r['peak_rss_mib']:.0f} MiB", f"{r['wall_seconds']:.0f} s" + (" (resumed)" if r["resumed"] else ""),
+                 r.get("commit") or "earlier"]
         lines.append("| " + " | ".join(cells) + " |")
     tasks = list(rows[0]["per_task_final"]) if rows else []
     lines += ["", "## Final score per task (after the last task)", "",
@@ -155,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override for every recipe (repeatable)")
     parser.add_argument("--rerun", action="store_true", help="retrain runs that already finished")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the existing table's rows of recipes not given here (add to the table)")
     args = parser.parse_args(argv)
     for recipe in args.recipes:          # every recipe must load before hours are spent on the first
         load_recipe(recipe, args.overrides)
@@ -166,11 +199,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[compare] {recipe.name}: MFT={rows[-1]['MFT']:.2f} MFN={rows[-1]['MFN']:.2f} "
               f"BWT={rows[-1]['BWT']:.2f} wall={timing['wall_seconds']:.0f}s", flush=True)
     command = "python scripts/compare_methods.py " + " ".join(str(r) for r in args.recipes) + \
-        "".join(f" --set {o}" for o in args.overrides) + f" --output {args.output}"
+        "".join(f" --set {o}" for o in args.overrides) + (" --keep" if args.keep else "") + f" --output {args.output}"
+    for r in rows:
+        r["command"] = command
+    kept_from = args.output.with_suffix(".json")
+    if args.keep and kept_from.is_file():
+        ran = {r["recipe"]: r for r in rows}
+        earlier = _table_command(args.output)
+        old = [{"command": earlier, **r} for r in json.loads(kept_from.read_text())]
+        rows = [ran.pop(r["recipe"], r) for r in old] + list(ran.values())
     notes = ""
     if args.output.is_file() and NOTES_MARKER in args.output.read_text(encoding="utf-8"):
         notes = args.output.read_text(encoding="utf-8").split(NOTES_MARKER, 1)[1]   # hand-written analysis kept
-    atomic_write_text(args.output, markdown(rows, command) + "\n" + NOTES_MARKER + notes)
+    commands = list(dict.fromkeys(r["command"] for r in rows if r.get("command")))
+    atomic_write_text(args.output, markdown(rows, commands) + "\n" + NOTES_MARKER + notes)
     atomic_write_json(args.output.with_suffix(".json"), rows)
     plot(rows, args.output.with_suffix(".png"))
     print(f"[compare] wrote {args.output}, {args.output.with_suffix('.json')} and {args.output.with_suffix('.png')}")
