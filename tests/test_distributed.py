@@ -111,6 +111,9 @@ ZERO2_METHODS = {
     "lwf": ["methods=[lwf]"],
     "task_lora": ["methods=[{name: task_lora, r: 2}]"], "olora": ["methods=[{name: olora, r: 2}]"],
     "moelora": ["methods=[{name: moelora, r: 4, experts: 2}]"], "ewc": ["methods=[ewc]"],
+    "dual_modality": ["methods=[{name: dual_modality, r: 2, length: 2}]"],
+    "cross_modal_moe": ["methods=[{name: cross_modal_moe, anchors_per_task: 4}]"],
+    "semantic_transfer": ["methods=[{name: semantic_transfer}]"],
 }
 
 
@@ -124,12 +127,12 @@ def test_every_method_runs_under_zero(setup, config, name):
     out = root / f"{config}-{name}"
     extra = ZERO2_METHODS[name] or [f"methods=[{name}]"]
     lora_free = ["model.lora=null", "trainer.steps_per_task=2"]
-    if name in ("task_lora", "olora", "moelora"):
+    if name in ("task_lora", "olora", "moelora", "dual_modality", "cross_modal_moe"):
         lora_free += ["model.freeze_language_model=true"]
     else:
         lora_free += ["model.freeze_language_model=false"]
     proc = _launch(config, recipe, out, [*lora_free, *extra])
-    if config == "zero3" and name in ("lwf", "olora", "ewc"):     # they read whole parameters outside the forward
+    if config == "zero3" and name in ("lwf", "olora", "ewc", "semantic_transfer"):   # whole parameters outside the forward
         assert proc.returncode != 0 and f"method {name!r} does not run under DeepSpeed ZeRO-3" in proc.stderr
         return
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import Iterable
 
 from lvlm_cl.methods.base import Method, Task
+from lvlm_cl.methods.cross_modal_moe import CrossModalMoE
+from lvlm_cl.methods.dual_modality import DualModality
 from lvlm_cl.methods.ewc import EWC
 from lvlm_cl.methods.finetune import Finetune
 from lvlm_cl.methods.lwf import LwF
@@ -15,6 +17,7 @@ from lvlm_cl.methods.multitask import Multitask
 from lvlm_cl.methods.moelora import MoELoRA
 from lvlm_cl.methods.olora import OLoRA
 from lvlm_cl.methods.replay import Replay
+from lvlm_cl.methods.semantic_transfer import SemanticTransfer
 from lvlm_cl.methods.task_lora import TaskLoRA
 from lvlm_cl.methods.task_prompts import TaskPrompts
 
@@ -31,6 +34,9 @@ def _registry() -> dict[str, type[Method]]:
         TaskLoRA,
         OLoRA,
         MoELoRA,
+        DualModality,
+        CrossModalMoE,
+        SemanticTransfer,
     ):
         if not cls.name:
             raise TypeError(f"{cls.__name__} has no registry name")
