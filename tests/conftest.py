@@ -127,3 +127,39 @@ def stage_scores(stage) -> list[float]:
         scores = score_many(task.metric, predictions, [final_answer(r) for r in task.test_records])
         row.append(100.0 * sum(scores) / len(scores))
     return row
+
+
+@pytest.fixture(scope="module")
+def tiny_left(tiny_small):
+    """``tiny_small`` with a processor of its own that pads on the left (generation); tests deep-copy the
+    model before changing it."""
+    import copy
+
+    model, processor = tiny_small
+    processor = copy.deepcopy(processor)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+def colour_stream(root: Path, n_train: int = 8, n_test: int = 4) -> list:
+    """The two colour tasks as the stream of ``Task`` objects the method hooks see."""
+    from lvlm_cl.data.records import load_records
+    from lvlm_cl.methods.base import Task
+
+    files = write_colour_tasks(root, n_train=n_train, n_test=n_test)
+    return [Task(i, name, "exact_match", load_records(tr, task=name), load_records(te, task=name))
+            for i, (name, (tr, te)) in enumerate(files.items())]
+
+
+def task_batch(processor, records: list[dict], task_ids, max_length: int = 512) -> dict:
+    """A training batch of ``records`` carrying each sample's task index (an int: all the same)."""
+    import torch
+
+    from lvlm_cl.data.encoding import collate_train, encode_record
+    from lvlm_cl.methods.routing import TASK_IDS
+
+    batch = collate_train([encode_record(processor, r, max_length) for r in records], processor.tokenizer.pad_token_id)
+    ids = [task_ids] * len(records) if isinstance(task_ids, int) else list(task_ids)
+    batch[TASK_IDS] = torch.tensor(ids)
+    return batch
+

@@ -10,35 +10,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import SMALL_MODEL, write_colour_tasks, write_recipe
+from conftest import SMALL_MODEL, colour_stream, task_batch, write_colour_tasks, write_recipe
 from lvlm_cl.config import load_recipe
-from lvlm_cl.data.encoding import collate_prompts, collate_train, encode_prompt, encode_record
-from lvlm_cl.data.records import load_records
-from lvlm_cl.methods.base import Task
+from lvlm_cl.data.encoding import collate_prompts, encode_prompt, encode_record
 from lvlm_cl.methods.cross_modal_moe import CrossModalMoE, alignment_loss, cosine_matrix, relation_loss
-from lvlm_cl.methods.routing import TASK_IDS
 from lvlm_cl.models import parts, trainable_state_dict
 from lvlm_cl.train import run
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_small):
-    model, processor = tiny_small
-    processor.tokenizer.padding_side = "left"
-    return model, processor
+def tiny(tiny_left):
+    return tiny_left
 
 
 @pytest.fixture(scope="module")
 def stream(tmp_path_factory):
-    files = write_colour_tasks(tmp_path_factory.mktemp("moe"), n_train=8, n_test=4)
-    return [Task(i, name, "exact_match", load_records(tr, task=name), load_records(te, task=name))
-            for i, (name, (tr, te)) in enumerate(files.items())]
+    return colour_stream(tmp_path_factory.mktemp("moe"))
 
 
-def _batch(processor, records, task_ids):
-    batch = collate_train([encode_record(processor, r, 512) for r in records], processor.tokenizer.pad_token_id)
-    batch[TASK_IDS] = torch.as_tensor(task_ids)
-    return batch
+_batch = task_batch
 
 
 def _prompts(processor, records):

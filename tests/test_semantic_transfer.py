@@ -9,11 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import SMALL_MODEL, png, record, write_recipe
-from lvlm_cl.data.encoding import collate_train, encode_record
+from conftest import SMALL_MODEL, png, record, task_batch, write_recipe
 from lvlm_cl.methods.base import Task
 from lvlm_cl.methods.lwf import LwF, distillation
-from lvlm_cl.methods.routing import TASK_IDS, TaskKeyRouter
+from lvlm_cl.methods.routing import TaskKeyRouter
 from lvlm_cl.methods.semantic_transfer import (AnswerPrototypes, SemanticTransfer, first_answers, is_closed_set,
                                                nearest_similarity, prototype_loss, refine_prototypes,
                                                relevance_weights, weighted_distillation)
@@ -174,9 +173,7 @@ def _tasks(images):
 
 
 def _batch(processor, records, ids):
-    batch = collate_train([encode_record(processor, r, 256) for r in records], processor.tokenizer.pad_token_id)
-    batch[TASK_IDS] = torch.tensor(ids)
-    return batch
+    return task_batch(processor, records, ids, max_length=256)
 
 
 @pytest.fixture

@@ -8,10 +8,9 @@ import json
 import pytest
 import torch
 
-from conftest import SMALL_MODEL, write_colour_tasks, write_recipe
+from conftest import SMALL_MODEL, colour_stream, task_batch, write_colour_tasks, write_recipe
 from lvlm_cl.config import load_recipe
-from lvlm_cl.data.encoding import collate_prompts, collate_train, encode_prompt, encode_record
-from lvlm_cl.data.records import load_records
+from lvlm_cl.data.encoding import collate_prompts, encode_prompt, encode_record
 from lvlm_cl.methods.base import Task
 from lvlm_cl.methods.routing import TASK_IDS, InstructionEncoder, is_continual, routers
 from lvlm_cl.methods.task_lora import TaskLoRA
@@ -49,15 +48,11 @@ def tiny_any(request, tiny):
 
 @pytest.fixture(scope="module")
 def stream(tmp_path_factory):
-    files = write_colour_tasks(tmp_path_factory.mktemp("routing"), n_train=8, n_test=4)
-    return [Task(i, name, "exact_match", load_records(tr, task=name), load_records(te, task=name))
-            for i, (name, (tr, te)) in enumerate(files.items())]
+    return colour_stream(tmp_path_factory.mktemp("routing"))
 
 
 def _train_batch(processor, records, task_index):
-    batch = collate_train([encode_record(processor, r, 512) for r in records], processor.tokenizer.pad_token_id)
-    batch[TASK_IDS] = torch.full((len(records),), task_index)
-    return batch
+    return task_batch(processor, records, task_index)
 
 
 def _prompts(processor, records):
