@@ -50,9 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.lr=1e-4")
     parser.add_argument("--overwrite", action="store_true", help="start over in an output folder holding another run")
     args = parser.parse_args(argv)
-    # A process that dies in native code (a signal, an abort inside a communication library) prints the Python
-    # stack of every thread: where it was is the first thing to know about such a failure.
-    faulthandler.enable()
     try:
         cfg = load_recipe(args.recipe, args.overrides)
         run(cfg, overwrite=args.overwrite)
@@ -415,4 +412,7 @@ def _versions() -> dict:
 
 
 if __name__ == "__main__":
+    # A training process that dies in native code (a signal, an abort inside a communication library) prints
+    # the Python stack of every thread: where it was is the first thing to know about such a failure.
+    faulthandler.enable()
     sys.exit(main())
