@@ -78,3 +78,8 @@ class Method:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def is_number(value) -> bool:
+    """A setting's value is a number (int or float; YAML's true/false are not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -64,14 +64,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lvlm_cl.distributed import whole
 from lvlm_cl.methods.adapters import inject_lora, refuse_recipe_lora, set_trainable_adapter, targets
-from lvlm_cl.methods.base import Method, Task
-from lvlm_cl.methods.routing import (ROUTING_DEFAULTS, TASK_IDS, RouterState, attach, check_routing_settings,
-                                     install_selector, key_term_on_batch, query_encoder)
-# Private in their modules; shared here so both halves are exactly task_lora's and task_prompts' mechanisms.
-from lvlm_cl.methods.task_lora import _install_adapter_hooks
-from lvlm_cl.methods.task_prompts import TaskPromptPool, _install_prompt_hooks
+from lvlm_cl.methods.base import Method, Task, is_number
+from lvlm_cl.methods.routing import (ROUTING_DEFAULTS, TASK_IDS, RouterState, check_routing_settings,
+                                     install_selector, key_term_on_batch)
+# Both halves are exactly task_lora's and task_prompts' mechanisms.
+from lvlm_cl.methods.task_lora import install_adapter_hooks
+from lvlm_cl.methods.task_prompts import TaskPromptPool, attach_prompt_pool, begin_task_prompt, install_prompt_hooks
 from lvlm_cl.models import parts
 
 
@@ -108,9 +107,9 @@ class DualModality(RouterState, Method):
             if not isinstance(h[key], int) or isinstance(h[key], bool) or h[key] < 1:
                 raise ValueError(f"dual_modality: setting {key!r} must be an integer >= 1, got {h[key]!r}")
         for key in ("alpha", "dropout", "contrast_weight"):
-            if not _is_number(h[key]) or not math.isfinite(h[key]) or h[key] < 0:
+            if not is_number(h[key]) or not math.isfinite(h[key]) or h[key] < 0:
                 raise ValueError(f"dual_modality: setting {key!r} must be a finite number >= 0, got {h[key]!r}")
-        if not _is_number(h["temperature"]) or not math.isfinite(h["temperature"]) or h["temperature"] <= 0:
+        if not is_number(h["temperature"]) or not math.isfinite(h["temperature"]) or h["temperature"] <= 0:
             raise ValueError(f"dual_modality: setting 'temperature' must be a finite number > 0, "
                              f"got {h['temperature']!r}")
         if not isinstance(h["language"], bool):
@@ -131,24 +130,16 @@ class DualModality(RouterState, Method):
     def setup(self, model, stream: list[Task]) -> None:
         refuse_recipe_lora(model, self.name)
         h = self.hparams
-        encoder = query_encoder(model, h["query_cache"])       # before any adapter: the base's queries
-        pieces = parts(model)
-        embed = pieces["language_model"].get_input_embeddings().weight
-        with whole([embed]):    # ZeRO-3 may have partitioned the model at loading
-            dim, std, device = embed.shape[1], float(embed.detach().float().std()), embed.device
-        self.pool = attach(model, self.name, TaskPromptPool(
-            len(stream), h["length"], dim, std, h["seed"], key_mode=h["key_mode"], keys_per_task=h["keys_per_task"]))
-        self.pool.to(device).requires_grad_(False)
-        self.pool.encoder = encoder
+        self.pool = attach_prompt_pool(model, self.name, len(stream), h)   # before any adapter: the base's queries
         self.names = [f"cl_{self.name}_{i:02d}" for i in range(len(stream))]
         layers: list[str] = []
         for name in self.names:
             layers = inject_lora(model, name, r=h["r"], alpha=h["alpha"], dropout=h["dropout"],
                                  target_modules=targets(language=h["language"], vision=True))
         install_selector(model, self.pool)
-        _install_adapter_hooks(model, layers, self.pool, self.names)
-        _install_prompt_hooks(pieces["language_model"], self.pool)
-        self._install_capture(pieces["projector"])
+        install_adapter_hooks(model, layers, self.pool, self.names)
+        install_prompt_hooks(parts(model)["language_model"], self.pool)
+        self._install_capture(parts(model)["projector"])
 
     def _install_capture(self, projector: torch.nn.Module) -> None:
         """Keep the training forward's image features and prompts (with their graphs) for the term: read
@@ -169,12 +160,7 @@ class DualModality(RouterState, Method):
             slot.register_forward_hook(keep_prompt(i))
 
     def before_task(self, task: Task, model, train_data: list) -> list:
-        pool = self.pool
-        if task.index > 0 and self.hparams["init"] == "previous" and not bool(pool.key_ready[task.index]):
-            new, old = pool.slots[task.index].prompt, pool.slots[task.index - 1].prompt
-            with torch.no_grad(), whole([new, old], modifier_rank=0):
-                new.copy_(old)
-        pool.train_only(task.index)
+        begin_task_prompt(self.pool, task.index, self.hparams["init"])
         set_trainable_adapter(model, self.names, self.names[task.index])
         return train_data
 
@@ -213,7 +199,3 @@ class DualModality(RouterState, Method):
 
     def after_task(self, task: Task, model, train_data: list) -> None:
         self.pool.finish_task(task.index)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)

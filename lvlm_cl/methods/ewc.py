@@ -58,7 +58,7 @@ import math
 
 import torch
 
-from lvlm_cl.methods.base import Method, Task
+from lvlm_cl.methods.base import Method, Task, is_number
 
 
 class EWC(Method):
@@ -75,12 +75,12 @@ class EWC(Method):
         super().__init__(**hparams)
         h = self.hparams
         lam = h["lambda_"]
-        if not _is_number(lam) or not math.isfinite(lam) or lam < 0:
+        if not is_number(lam) or not math.isfinite(lam) or lam < 0:
             raise ValueError(f"ewc: setting 'lambda_' must be a finite number >= 0, got {lam!r}")
         if not isinstance(h["online"], bool):
             raise ValueError(f"ewc: setting 'online' must be true or false, got {h['online']!r}")
         gamma = h["gamma"]
-        if not _is_number(gamma) or not 0 < gamma <= 1:
+        if not is_number(gamma) or not 0 < gamma <= 1:
             raise ValueError(f"ewc: setting 'gamma' must be a number in (0, 1], got {gamma!r}")
         if not h["online"] and "gamma" in hparams:
             raise ValueError("ewc: setting 'gamma' applies only with 'online: true' (online: false keeps one "
@@ -233,8 +233,3 @@ class EWC(Method):
         running = state.get("running") or {}
         self._acc = {n: t.clone() for n, t in running.get("sums", {}).items()}
         self._acc_steps = int(running.get("micro_steps", 0))
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-

@@ -37,7 +37,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lvlm_cl.methods.base import Method, Task
+from lvlm_cl.methods.base import Method, Task, is_number
 
 IGNORE_INDEX = -100
 
@@ -57,9 +57,9 @@ class LwF(Method):
             raise ValueError(f"lwf: no setting {unknown[0]!r}; its settings: {sorted(self.defaults)}")
         super().__init__(**hparams)
         alpha, temperature = self.hparams["alpha"], self.hparams["temperature"]
-        if not _is_number(alpha) or not math.isfinite(alpha) or alpha < 0:
+        if not is_number(alpha) or not math.isfinite(alpha) or alpha < 0:
             raise ValueError(f"lwf: setting 'alpha' must be a finite number >= 0, got {alpha!r}")
-        if not _is_number(temperature) or not math.isfinite(temperature) or temperature <= 0:
+        if not is_number(temperature) or not math.isfinite(temperature) or temperature <= 0:
             raise ValueError(f"lwf: setting 'temperature' must be a finite number > 0, got {temperature!r}")
         self.hparams["alpha"], self.hparams["temperature"] = float(alpha), float(temperature)
         self.teacher: dict[str, torch.Tensor] | None = None   # trainable values after the last finished task
@@ -142,7 +142,3 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tenso
     t = teacher[:, :-1][mask].to(s.device).float() / temperature
     kl = F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), log_target=True, reduction="sum")
     return kl / s.shape[0] * temperature ** 2
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)

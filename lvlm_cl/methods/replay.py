@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import random
 
-from lvlm_cl.methods.base import Method, Task
+from lvlm_cl.methods.base import Method, Task, is_number
 
 SELECTIONS = ("random", "reservoir", "task_balanced")
 
@@ -152,10 +152,10 @@ class Replay(Method):
             v = h[key]
             if v is not None and (not _is_int(v) or v < 0):
                 raise ValueError(f"replay: setting {key!r} must be a non-negative integer or null, got {v!r}")
-        if fraction is not None and (not _is_number(fraction) or not 0 <= fraction <= 1):
+        if fraction is not None and (not is_number(fraction) or not 0 <= fraction <= 1):
             raise ValueError(f"replay: setting 'memory_fraction' must be a number in [0, 1] or null, got {fraction!r}")
         ratio = h["replay_ratio"]
-        if not _is_number(ratio) or not 0 <= ratio < 1:
+        if not is_number(ratio) or not 0 <= ratio < 1:
             raise ValueError(f"replay: setting 'replay_ratio' must be a number in [0, 1), got {ratio!r} "
                              "(it is the share of replayed records in the training data)")
         if not _is_int(h["seed"]):
@@ -219,7 +219,3 @@ class Replay(Method):
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)

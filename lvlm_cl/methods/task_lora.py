@@ -24,8 +24,6 @@ misrouted (reported as routing accuracy). Costs: r * (d_in + d_out) parameters p
 
 from __future__ import annotations
 
-import torch
-
 from lvlm_cl.methods.adapters import inject_lora, refuse_recipe_lora, set_trainable_adapter, targets
 from lvlm_cl.methods.base import Method, Task
 from lvlm_cl.methods.routing import (ROUTING_DEFAULTS, RouterState, TaskKeyRouter, attach, check_routing_settings,
@@ -75,7 +73,7 @@ class TaskLoRA(RouterState, Method):
             layers = inject_lora(model, name, r=h["r"], alpha=h["alpha"], dropout=h["dropout"],
                                  target_modules=targets(language=h["language"], vision=h["vision"]))
         install_selector(model, self.router)
-        _install_adapter_hooks(model, layers, self.router, self.names)
+        install_adapter_hooks(model, layers, self.router, self.names)
 
     def before_task(self, task: Task, model, train_data: list) -> list:
         set_trainable_adapter(model, self.names, self.names[task.index])
@@ -89,7 +87,7 @@ class TaskLoRA(RouterState, Method):
         self.router.finish_task(task.index)
 
 
-def _install_adapter_hooks(model, layer_paths: list[str], router: TaskKeyRouter, names: list[str]) -> None:
+def install_adapter_hooks(model, layer_paths: list[str], router: TaskKeyRouter, names: list[str]) -> None:
     """Pass PEFT's ``adapter_names`` to every adapted layer: the routed task's adapter per sample, and per
     image in the vision tower (a sample's images follow its route)."""
     def per_input(kind: str, n: int) -> list[str]:

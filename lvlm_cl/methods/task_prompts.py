@@ -100,27 +100,12 @@ class TaskPrompts(RouterState, Method):
         return self.pool
 
     def setup(self, model, stream: list[Task]) -> None:
-        lm = parts(model)["language_model"]
-        embed = lm.get_input_embeddings().weight
-        encoder = query_encoder(model, self.hparams["query_cache"])
-        h = self.hparams
-        with whole([embed]):    # ZeRO-3 may have partitioned the model at loading
-            dim, std, device = embed.shape[1], float(embed.detach().float().std()), embed.device
-        self.pool = attach(model, self.name, TaskPromptPool(
-            len(stream), h["length"], dim, std, h["seed"], h["top_k"],
-            key_mode=h["key_mode"], keys_per_task=h["keys_per_task"]))
-        self.pool.to(device).requires_grad_(False)
-        self.pool.encoder = encoder
+        self.pool = attach_prompt_pool(model, self.name, len(stream), self.hparams, self.hparams["top_k"])
         install_selector(model, self.pool)
-        _install_prompt_hooks(lm, self.pool)
+        install_prompt_hooks(parts(model)["language_model"], self.pool)
 
     def before_task(self, task: Task, model, train_data: list) -> list:
-        pool = self.pool
-        if task.index > 0 and self.hparams["init"] == "previous" and not bool(pool.key_ready[task.index]):
-            new, old = pool.slots[task.index].prompt, pool.slots[task.index - 1].prompt
-            with torch.no_grad(), whole([new, old], modifier_rank=0):
-                new.copy_(old)
-        pool.train_only(task.index)
+        begin_task_prompt(self.pool, task.index, self.hparams["init"])
         return train_data
 
     def loss(self, model, batch: dict, outputs, task: Task):
@@ -130,7 +115,32 @@ class TaskPrompts(RouterState, Method):
         self.pool.finish_task(task.index)
 
 
-def _install_prompt_hooks(language_model, pool: TaskPromptPool) -> None:
+def attach_prompt_pool(model, name: str, num_tasks: int, h: dict, top_k: int = 1) -> TaskPromptPool:
+    """A frozen ``TaskPromptPool`` under ``<model>.continual.<name>`` with the query encoder of the base model
+    (taken now, before any adapter is added): prompts initialised at the input embeddings' scale. ``h``: the
+    method's settings (``length``, ``seed`` and the routing settings)."""
+    encoder = query_encoder(model, h["query_cache"])
+    embed = parts(model)["language_model"].get_input_embeddings().weight
+    with whole([embed]):    # ZeRO-3 may have partitioned the model at loading
+        dim, std, device = embed.shape[1], float(embed.detach().float().std()), embed.device
+    pool = attach(model, name, TaskPromptPool(num_tasks, h["length"], dim, std, h["seed"], top_k,
+                                              key_mode=h["key_mode"], keys_per_task=h["keys_per_task"]))
+    pool.to(device).requires_grad_(False)
+    pool.encoder = encoder
+    return pool
+
+
+def begin_task_prompt(pool: TaskPromptPool, index: int, init: str) -> None:
+    """Task ``index``'s prompt trains from now on, the others frozen; with ``init: previous`` it starts as a
+    copy of the previous task's (not when a resumed run had already started it)."""
+    if index > 0 and init == "previous" and not bool(pool.key_ready[index]):
+        new, old = pool.slots[index].prompt, pool.slots[index - 1].prompt
+        with torch.no_grad(), whole([new, old], modifier_rank=0):
+            new.copy_(old)
+    pool.train_only(index)
+
+
+def install_prompt_hooks(language_model, pool: TaskPromptPool) -> None:
     """Prompts in and out around the language model (see the module docstring)."""
 
     def prepend(module, args, kwargs):
