@@ -30,7 +30,7 @@ from lvlm_cl.checkpoint import (CheckpointError, RunState, data_fingerprint, pre
                                 save_task_checkpoint, set_aside)
 from lvlm_cl.config import ConfigError, RunConfig, cache_dir, load_recipe, to_dict
 from lvlm_cl.data.dataset import EncodingCache, StepBatchOrder
-from lvlm_cl.data.encoding import EncodingError, collate_train
+from lvlm_cl.data.encoding import IGNORE_INDEX, EncodingError, collate_train
 from lvlm_cl.data.records import RecordError, final_answer, user_text
 from lvlm_cl.data.stream import build_stream
 from lvlm_cl.distributed import (checkpoint_state, gathered, make_accelerator, refuse_unsupported, shard,
@@ -259,10 +259,10 @@ def train_task(accelerator, model, methods, task, train_data, encodings, cfg, lo
     bar = tqdm(total=steps, initial=step, desc=f"task {task.index + 1} {task.name}",
                disable=not (progress and accelerator.is_main_process))
     first, started = step, time.time()
+    full = any(m.full_outputs for m in methods)
     for batch in loader:
         with accelerator.accumulate(wrapped):
-            outputs = wrapped(**batch)
-            loss = outputs.loss
+            outputs, loss = language_modelling_loss(wrapped, batch, full)
             for m in methods:
                 term = m.loss(model, batch, outputs, task)
                 if term is not None:
@@ -301,6 +301,39 @@ def train_task(accelerator, model, methods, task, train_data, encodings, cfg, lo
     bar.close()
     accelerator.free_memory()
     return curve
+
+
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: the positions whose next token is an answer token (labels[:, 1:] != -100)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
+
+
+def language_modelling_loss(model, batch: dict, full: bool = False):
+    """``(outputs, loss)``: the model's forward on a training batch and the mean cross-entropy of its answer
+    tokens.
+
+    By default the logits are computed only at the positions that predict an answer token (transformers'
+    ``logits_to_keep`` with a boolean mask): the projection onto the vocabulary and the loss skip the image,
+    instruction and padding positions, which are most of a sample (measured in docs/benchmarks.md; a 7B model
+    with a 32k vocabulary would otherwise also hold B x L x 32000 float32 logits). The loss is the
+    same as the model's own (the mean over the batch's answer tokens, upcast to float32). ``full``: the
+    model's own forward with ``labels`` (every position's logits), for methods that need them
+    (``Method.full_outputs``).
+    """
+    if full:
+        outputs = model(**batch)
+        return outputs, outputs.loss
+    labels = batch["labels"]
+    keep = answer_positions(labels)
+    outputs = model(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=keep)
+    targets = labels[:, 1:][keep[:, :-1]]
+    if outputs.logits.shape[:-1] != targets.shape:
+        raise RuntimeError(f"logits_to_keep gave logits {tuple(outputs.logits.shape)} for {targets.numel()} answer "
+                           f"tokens: a forward hook changed the sequence length without restoring it (set "
+                           f"full_outputs = True on the method)")
+    return outputs, torch.nn.functional.cross_entropy(outputs.logits.float(), targets.to(outputs.logits.device))
 
 
 def resume_step(accelerator, model, methods, task, run_dir: Path, train_samples: int, log) -> dict | None:

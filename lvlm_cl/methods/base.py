@@ -20,6 +20,13 @@ runs for every method in list order; ``before_task`` is chained through its retu
 A method that needs each training sample's task inside the model's forward (to pick a prompt or an
 adapter) sets ``uses_task_ids = True``: training batches then carry ``cl_task_ids`` (the index in the
 stream of each sample's task, replayed samples included), which the method's forward hook must remove.
+
+The loop computes the language model's logits only at the positions that predict an answer token
+(transformers' ``logits_to_keep``), and the loss from those: ``outputs.logits`` is then (N, V), one row per
+answer token of the batch, and the forward gets no ``labels``. A method whose ``loss`` reads the logits at
+every position, or whose forward hooks read the forward's ``labels``, sets ``full_outputs = True``: when any
+method of the run does, the loop runs the model with the labels and the logits of every position, and
+``outputs.loss`` is the model's own.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ class Method:
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
     uses_task_ids: ClassVar[bool] = False
+    full_outputs: ClassVar[bool] = False             # needs (B, L, V) logits or the labels in the forward
     zero_unsupported: ClassVar[str | None] = None    # why the method cannot run under any DeepSpeed ZeRO stage
     zero3_unsupported: ClassVar[str | None] = None   # why it cannot run under ZeRO-3 (parameters partitioned)
 
@@ -61,7 +69,7 @@ class Method:
         return train_data
 
     def loss(self, model: torch.nn.Module, batch: dict, outputs: Any, task: Task) -> torch.Tensor | None:
-        """An extra term added to the language-modelling loss (``outputs.loss``); None adds nothing."""
+        """An extra term added to the language-modelling loss; None adds nothing."""
         return None
 
     def after_backward(self, model: torch.nn.Module, task: Task) -> None:

@@ -162,6 +162,7 @@ class CrossModalMoE(Method):
         "seed": 0,
     }
     uses_task_ids = True           # anchors are taken from the task's own samples, not replayed ones
+    full_outputs = True            # its router reads the forward's labels (where each instruction ends)
 
     def __init__(self, **hparams):
         super().__init__(**hparams)

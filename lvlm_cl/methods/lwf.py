@@ -44,6 +44,7 @@ IGNORE_INDEX = -100
 
 class LwF(Method):
     name = "lwf"
+    full_outputs = True            # distils the logits of every answer position against the teacher's (B, L, V)
     zero3_unsupported = ("its teacher swaps whole parameter values into the model, and ZeRO-3 keeps only a "
                          "shard of each parameter on each process")
     defaults = {

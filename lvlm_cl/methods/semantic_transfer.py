@@ -218,6 +218,7 @@ class AnswerPrototypes:
 class SemanticTransfer(Method):
     name = "semantic_transfer"
     uses_task_ids = True
+    full_outputs = True            # LwF's distillation on (B, L, V) logits
     zero3_unsupported = LwF.zero3_unsupported
     defaults = {
         "alpha": 1.0,                   # weight of the distillation term (0 turns SG-AKT off)
