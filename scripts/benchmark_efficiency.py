@@ -8,7 +8,8 @@ torch reaches on this machine, measured in the same run; and a profile of where 
   with torch's default threads (2 on this machine), measured before and after the loop (the higher kept).
 - Model FLOPs: counted by ``torch.utils.flop_counter.FlopCounterMode`` over the forward and backward of
   every batch the loop trains on (matmuls, convolutions and attention; the optimizer's element-wise
-  updates are not counted, which is the usual "model FLOPs" convention).
+  updates are not counted, which is the usual "model FLOPs" convention), with the loop's loss (logits of the
+  answer positions only); the count with every position's logits is reported beside it.
 - Achieved: those FLOPs over the median wall time of ``train_task`` with ``finetune`` on the recipe's first
   task (``--steps`` steps, the same batches), timed as in ``benchmark_train.py``.
 - Padding: the share of the batches' positions that are padding (computed, and counted in the FLOPs).
@@ -74,21 +75,24 @@ def padding(ctx) -> float:
     return 1 - real / total
 
 
-def model_flops(ctx) -> int:
-    """Forward + backward FLOPs of every batch the loop trains on (a fresh copy of the model, no update)."""
+def model_flops(ctx, full_logits: bool = False) -> int:
+    """Forward + backward FLOPs of every batch the loop trains on (a fresh copy of the model, no update), with
+    the loop's loss (logits of the answer positions only) or, ``full_logits``, the model's own loss over
+    every position."""
     import copy
 
     from torch.utils.flop_counter import FlopCounterMode
 
     from benchmark_train import batches
     from lvlm_cl.models import apply_training_setup
+    from lvlm_cl.train import language_modelling_loss
 
     model = apply_training_setup(copy.deepcopy(ctx.base), ctx.cfg.model)
     model.train()
     counter = FlopCounterMode(display=False)
     with counter:
         for batch in batches(ctx):
-            model(**batch).loss.backward()
+            language_modelling_loss(model, batch, full_logits)[1].backward()
             model.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())
 
@@ -135,6 +139,7 @@ def measure(recipe: str, size_name: str, steps: int, rounds: int) -> dict:
                      *(f"model.tiny.{k}={v}" for k, v in BENCHMARK_SIZES[size_name].items())]
     ctx = prepare(recipe, steps, overrides)
     flops = model_flops(ctx)
+    flops_full = model_flops(ctx, full_logits=True)
     peak_before = peak_matmul_flops()
     seconds = []
     for k in range(rounds):
@@ -146,17 +151,19 @@ def measure(recipe: str, size_name: str, steps: int, rounds: int) -> dict:
     prof = profile(ctx)
     return {"size": size_name, "parameters": count_parameters(ctx.base)[0], "steps": steps,
             "batch_size": ctx.cfg.trainer.batch_size, "threads": torch.get_num_threads(),
-            "train_flops": flops, "seconds": seconds, "achieved_flops": achieved,
+            "train_flops": flops, "train_flops_full_logits": flops_full, "seconds": seconds, "achieved_flops": achieved,
             "peak": {"before": peak_before, "after": peak_after}, "peak_flops": peak,
             "efficiency": achieved / peak, "padding_fraction": padding(ctx), "profile": prof}
 
 
 def markdown(rows: list[dict], command: str) -> str:
     lines = [f"    {command}", "",
-             "| model | parameters | FLOPs per step (fwd+bwd) | achieved | peak matmul | efficiency | padding |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | parameters | FLOPs per step (fwd+bwd) | with every position's logits | achieved | peak matmul "
+             "| efficiency | padding |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['size']} | {r['parameters']:,} | {r['train_flops'] / r['steps'] / 1e9:.2f} G | "
+                     f"{r['train_flops_full_logits'] / r['steps'] / 1e9:.2f} G | "
                      f"{r['achieved_flops'] / 1e9:.1f} GFLOP/s | {r['peak_flops'] / 1e9:.1f} GFLOP/s | "
                      f"{100 * r['efficiency']:.1f}% | {100 * r['padding_fraction']:.0f}% |")
     lines += ["", "Where the time of one run of the loop goes (self CPU time under `torch.profiler`, which "

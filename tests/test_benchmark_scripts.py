@@ -55,6 +55,7 @@ def test_training_benchmark_loops_run_the_same_batches(tmp_path, colour_tasks):
     assert len(batches) == 2 and all(b["input_ids"].shape[0] == 4 for b in batches)
     assert benchmark_train.plain_loop(ctx) > 0
     assert benchmark_train.plain_loop(ctx, fused=True) > 0
+    assert benchmark_train.plain_loop(ctx, fused=True, answer_logits=True) > 0
     assert benchmark_train.lvlm_cl_loop(ctx, "finetune") > 0
     # The count covers the forward and the backward, which costs about twice the forward (gradients of
     # the inputs and of the weights; the first layers need no input gradient, hence a little under 3x).
@@ -69,5 +70,6 @@ def test_training_benchmark_loops_run_the_same_batches(tmp_path, colour_tasks):
         for b in batches:
             model(**b)
     forward = counter.get_total_flops()
-    assert 2.5 * forward < benchmark_efficiency.model_flops(ctx) <= 3 * forward
+    assert 2.5 * forward < benchmark_efficiency.model_flops(ctx, full_logits=True) <= 3 * forward
+    assert benchmark_efficiency.model_flops(ctx) < benchmark_efficiency.model_flops(ctx, full_logits=True)
     assert 0 <= benchmark_efficiency.padding(ctx) < 1
