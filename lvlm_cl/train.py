@@ -191,16 +191,18 @@ def check_encodings(to_train, stream, files: list[str], encodings, trainer, prog
     time is spent: a sample longer than ``model.max_length`` (truncation would cut its answer or image
     tokens) or one the chat template cannot encode stops the run here, naming its file and id. The
     encodings are kept for the loop."""
-    work = [(files[2 * t.index], t.train_records, encodings.train) for t in to_train]
-    work += [(files[2 * t.index + 1], eval_records(t, trainer), encodings.prompt) for t in stream]
+    work = [(files[2 * t.index], t.train_records, False) for t in to_train]
+    work += [(files[2 * t.index + 1], eval_records(t, trainer), True) for t in stream]
+    chunk = 64
     with tqdm(total=sum(len(records) for _, records, _ in work), desc="checking samples", disable=not progress) as bar:
-        for path, records, encode in work:
-            for r in records:
+        for path, records, prompt in work:
+            for start in range(0, len(records), chunk):
+                part = records[start:start + chunk]
                 try:
-                    encode(r)
+                    encodings.encode_all(part, prompt=prompt, chunk=chunk)
                 except EncodingError as e:
-                    raise EncodingError(e.reason, path=path, record_id=r["id"], field=e.field) from None
-                bar.update(1)
+                    raise EncodingError(e.reason, path=path, record_id=e.record_id, field=e.field) from None
+                bar.update(len(part))
 
 
 def train_task(accelerator, model, methods, task, train_data, encodings, cfg, log, progress, names,

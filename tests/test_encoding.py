@@ -99,3 +99,47 @@ def test_any_utf8_text_encodes_without_unknown_tokens(tiny_processor):
     text = "héllo ✓ 中文 🙂 \t tabs"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.unk_token_id not in ids and tok.decode(ids) == text
+
+
+def _mixed_records(image, other):
+    multi = record("multi", image, "What color?", "green")
+    multi["messages"] = ([{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}] + multi["messages"]
+                         + [{"role": "user", "content": [{"type": "text", "text": "Sure?"}]},
+                            {"role": "assistant", "content": [{"type": "text", "text": "yes"}]}])
+    return [record("a", image, "What color?", "green"), record("text-only", None, "Say hi.", "hi there"), multi,
+            record("b", other, "Which color is the square in this picture, please?", "red")]
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3"])
+@pytest.mark.parametrize("prompt", [False, True])
+def test_encoding_many_records_in_one_call_equals_one_call_each(tmp_path, image, family, prompt, monkeypatch):
+    import lvlm_cl.data.encoding as encoding
+    from lvlm_cl.data.encoding import encode_many
+    from lvlm_cl.models.tiny import TinyLlavaSize, build_tiny_processor
+    from lvlm_cl.models.tiny_gemma3 import build_tiny_gemma3_processor
+
+    size = TinyLlavaSize(text_hidden=64, vision_hidden=64, text_intermediate=128)
+    processor = build_tiny_processor(size) if family == "llava" else build_tiny_gemma3_processor(size)
+    other = tmp_path / "b.png"
+    Image.new("RGB", (48, 20), (200, 0, 0)).save(other)
+    records = _mixed_records(image, str(other))
+    one = encode_prompt if prompt else encode_record
+    expected = [one(processor, r, 256) for r in records]
+    for name in ("encode_prompt", "encode_record"):       # the batched path, not the one-by-one fallback
+        monkeypatch.setattr(encoding, name, lambda *a, **k: pytest.fail("fell back to one call per record"))
+    got = encode_many(processor, records, 256, prompt=prompt)
+    assert len(got) == len(records)
+    assert len({e.input_ids.numel() for e in expected}) > 1            # padding had to be cut away
+    for e, g in zip(expected, got):
+        assert torch.equal(e.input_ids, g.input_ids) and torch.equal(e.labels, g.labels)
+        assert (e.pixel_values is None) == (g.pixel_values is None)
+        if e.pixel_values is not None:
+            assert torch.equal(e.pixel_values, g.pixel_values)
+
+
+def test_encoding_many_names_the_bad_record(tiny_processor, image):
+    from lvlm_cl.data.encoding import encode_many
+
+    records = [record("ok", image, "q", "a"), record("long-one", image, "word " * 300, "x"), record("ok2", image, "q", "a")]
+    with pytest.raises(EncodingError, match=r"record 'long-one'.*exceed model.max_length=64"):
+        encode_many(tiny_processor, records, 64, prompt=False)

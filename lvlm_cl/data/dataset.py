@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lvlm_cl.data.encoding import Encoded, encode_prompt, encode_record
+from lvlm_cl.data.encoding import Encoded, encode_many, encode_prompt, encode_record
 
 
 class EncodingCache:
@@ -26,6 +26,17 @@ class EncodingCache:
 
     def prompt(self, record: dict) -> Encoded:
         return self._get(self._prompt, record, encode_prompt)
+
+    def encode_all(self, records: list[dict], *, prompt: bool, chunk: int = 64) -> None:
+        """Encode and keep every record not encoded yet, ``chunk`` records per processor call
+        (``encode_many``). An ``EncodingError`` names its record."""
+        store = self._prompt if prompt else self._train
+        todo = [r for r in records if (r.get("task", ""), r["id"]) not in store]
+        for start in range(0, len(todo), chunk):
+            part = todo[start:start + chunk]
+            for record, encoded in zip(part, encode_many(self.processor, part, self.max_length, prompt=prompt)):
+                if self.keep:
+                    store[(record.get("task", ""), record["id"])] = encoded
 
     def _get(self, store, record, encode) -> Encoded:
         key = (record.get("task", ""), record["id"])
