@@ -4,11 +4,13 @@ LLaVA and CoIN evaluation scripts run: one prompt, one ``generate`` call), on th
     python scripts/benchmark_eval.py [--recipe recipes/seq5.yaml] [--rounds 3] [--per-task N] \
         [--batch-sizes 64 125 250] [--output docs/benchmarks_eval.json]
 
-The model is the recipe's (the pretrained tiny base for seq5) and the data its tasks' test prompts (all of
-them, or ``--per-task`` of each), evaluated task by task as the training loop does after every task. The
-ways alternate within each round (one by one, then each batch size) so that machine noise hits all;
-medians of the rounds and the ratios are printed and written. Every way's predictions are compared with
-the one-by-one predictions and must be identical.
+The model is the recipe's (the pretrained tiny base for seq5), or with ``--run DIR [--stage K]`` a trained
+stage of a run with its methods (prompts, adapters, routing), as the loop evaluates after a task; the data
+are the tasks' test prompts (all of them, or ``--per-task`` of each), evaluated task by task as the
+training loop does after every task. One untimed pass first fills what the loop keeps between evaluations
+(the routing methods' instruction features). The ways alternate within each round (one by one, then each
+batch size) so that machine noise hits all; medians of the rounds and the ratios are printed and written.
+Every way's predictions are compared with the one-by-one predictions and must be identical.
 """
 
 from __future__ import annotations
@@ -39,14 +41,22 @@ def main(argv=None) -> int:
     parser.add_argument("--per-task", type=int, default=None, help="test prompts per task (default: all)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                         help="batched generation's batch sizes (default: the recipe's trainer.eval_batch_size)")
+    parser.add_argument("--run", type=Path, default=None, help="a run directory: time one of its trained stages")
+    parser.add_argument("--stage", type=int, default=None, help="with --run: the 0-based task after which (default: last)")
     parser.add_argument("--output", type=Path, default=Path("docs/benchmarks_eval.json"))
     args = parser.parse_args(argv)
 
-    cfg = load_recipe(args.recipe)
-    cache = cache_dir(cfg)
-    model, processor = load_model_dir(resolve_model_dir(cfg.model, cfg.seed, cache), cfg.model)
+    if args.run is not None:
+        from lvlm_cl.stage import load_stage
+
+        stage = load_stage(args.run, args.stage)
+        model, processor, cfg, stream = stage.model, stage.processor, stage.cfg, stage.stream
+    else:
+        cfg = load_recipe(args.recipe)
+        cache = cache_dir(cfg)
+        model, processor = load_model_dir(resolve_model_dir(cfg.model, cfg.seed, cache), cfg.model)
+        stream, _ = build_stream(cfg, cache)
     model.eval()
-    stream, _ = build_stream(cfg, cache)
     per_task = [t.test_records[:args.per_task] for t in stream]
     records = [r for rs in per_task for r in rs]
     encodings = EncodingCache(processor, cfg.model.max_length)
@@ -64,6 +74,7 @@ def main(argv=None) -> int:
                                  progress=False)[0] for r in records]
 
     ways = {"one_by_one": one_by_one, **{f"batched_{b}": (lambda b=b: batched(b)) for b in sizes}}
+    batched(sizes[0])                                 # untimed: fills the caches the loop keeps between stages
     times = {name: [] for name in ways}
     answers = {}
     for k in range(args.rounds):
@@ -75,7 +86,9 @@ def main(argv=None) -> int:
     differ = {name: [r["id"] for r, a, b in zip(records, answers[name], answers["one_by_one"]) if a != b]
               for name in ways if name != "one_by_one"}
     med = {name: statistics.median(t) for name, t in times.items()}
-    result = {"recipe": args.recipe, "prompts": len(records), "tasks": len(stream), "batch_sizes": sizes,
+    result = {"recipe": args.recipe if args.run is None else str(args.run / "config.json"),
+              "stage": None if args.run is None else stage.index, "methods": [m.name for m in cfg.methods],
+              "prompts": len(records), "tasks": len(stream), "batch_sizes": sizes,
               "max_new_tokens": tr.max_new_tokens, "threads": torch.get_num_threads(), "rounds": args.rounds,
               "seconds": times, "median_seconds": med,
               "speedup": {n: med["one_by_one"] / s for n, s in med.items() if n != "one_by_one"},

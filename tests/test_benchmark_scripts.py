@@ -73,3 +73,21 @@ def test_training_benchmark_loops_run_the_same_batches(tmp_path, colour_tasks):
     assert 2.5 * forward < benchmark_efficiency.model_flops(ctx, full_logits=True) <= 3 * forward
     assert benchmark_efficiency.model_flops(ctx) < benchmark_efficiency.model_flops(ctx, full_logits=True)
     assert 0 <= benchmark_efficiency.padding(ctx) < 1
+
+
+@pytest.mark.slow
+def test_evaluation_benchmark_times_a_trained_stage_with_its_routing(tmp_path, colour_tasks):
+    import json
+
+    import benchmark_eval
+    from lvlm_cl.config import load_recipe
+    from lvlm_cl.train import run
+
+    recipe = write_recipe(tmp_path / "r.yaml", colour_tasks, tmp_path / "run", steps_per_task=2)
+    run(load_recipe(recipe, [*SMALL_MODEL, "methods=[task_prompts]"]), progress=False)
+    out = tmp_path / "eval.json"
+    assert benchmark_eval.main(["--run", str(tmp_path / "run"), "--stage", "0", "--rounds", "1", "--per-task", "4",
+                                "--batch-sizes", "3", "8", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["stage"] == 0 and result["methods"] == ["task_prompts"] and result["prompts"] == 8
+    assert result["identical_predictions"] and set(result["speedup"]) == {"batched_3", "batched_8"}
