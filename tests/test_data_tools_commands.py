@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from data_tools.cli import main
 from conftest import IMG, png, read_jsonl, text

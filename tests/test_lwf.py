@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import SMALL_MODEL, png, record, write_recipe
 from lvlm_cl.data.encoding import collate_train, encode_record

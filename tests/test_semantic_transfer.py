@@ -15,7 +15,7 @@ from lvlm_cl.methods.lwf import LwF, distillation
 from lvlm_cl.methods.routing import TaskKeyRouter
 from lvlm_cl.methods.semantic_transfer import (AnswerPrototypes, SemanticTransfer, first_answers, is_closed_set,
                                                nearest_similarity, prototype_loss, refine_prototypes,
-                                               relevance_weights, weighted_distillation)
+                                               relevance_weights)
 
 COLOUR_Q, WARMTH_Q = "What color is the image?", "Is this color warm or cold? Answer in one word."
 
@@ -81,21 +81,21 @@ def _logits(seed: int, shape=(2, 5, 7)) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-def test_weighted_distillation_with_unit_weights_is_lwf_and_scales_per_sample():
+def test_distillation_weights_of_one_are_plain_lwf_and_scale_per_sample():
     student, teacher = _logits(0), _logits(1)
     mask = torch.tensor([[False, True, True, False], [False, False, True, True]])
-    ones = weighted_distillation(student, teacher, mask, torch.ones(2), 2.0)
+    ones = distillation(student, teacher, mask, 2.0, torch.ones(2))
     assert ones.item() == pytest.approx(distillation(student, teacher, mask, 2.0).item(), rel=1e-6)
-    only0 = weighted_distillation(student, teacher, mask, torch.tensor([1.0, 0.0]), 2.0)
-    only1 = weighted_distillation(student, teacher, mask, torch.tensor([0.0, 1.0]), 2.0)
+    only0 = distillation(student, teacher, mask, 2.0, torch.tensor([1.0, 0.0]))
+    only1 = distillation(student, teacher, mask, 2.0, torch.tensor([0.0, 1.0]))
     # By hand: sample 0's two positions' KL over the four positions of the batch, times T^2.
     lp_s, lp_t = F.log_softmax(student / 2, -1), F.log_softmax(teacher / 2, -1)
     kl = (lp_t.exp() * (lp_t - lp_s)).sum(-1)          # (B, L)
     assert only0.item() == pytest.approx(float(kl[0, 1] + kl[0, 2]) / 4 * 4, rel=1e-5)
     assert only1.item() == pytest.approx(float(kl[1, 2] + kl[1, 3]) / 4 * 4, rel=1e-5)
-    mixed = weighted_distillation(student, teacher, mask, torch.tensor([0.3, 0.7]), 2.0)
+    mixed = distillation(student, teacher, mask, 2.0, torch.tensor([0.3, 0.7]))
     assert mixed.item() == pytest.approx(0.3 * only0.item() + 0.7 * only1.item(), rel=1e-5)
-    assert weighted_distillation(student, teacher, mask, torch.zeros(2), 2.0).item() == 0.0
+    assert distillation(student, teacher, mask, 2.0, torch.zeros(2)).item() == 0.0
 
 
 # SE-VPR pieces

@@ -131,15 +131,21 @@ class LwF(Method):
         self.teacher_task = state.get("task") if state else None
 
 
-def distillation(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+def distillation(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
     """T^2 * mean over the masked positions of KL(teacher_T || student_T).
 
     ``student`` and ``teacher`` are (B, L, V) logits; ``mask`` is (B, L - 1) and selects the positions whose
-    next token (labels[:, 1:]) is an answer token, so logits[:, :-1] are compared.
+    next token (labels[:, 1:]) is an answer token, so logits[:, :-1] are compared. ``weights`` (B,): each
+    sample's positions count with its weight (``semantic_transfer``'s relevance); the sum is still divided
+    by the number of positions, so weights of 1 give the plain mean.
     """
     if student.shape != teacher.shape:
-        raise ValueError(f"lwf: student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ")
+        raise ValueError(f"distillation: student logits {tuple(student.shape)} and teacher logits "
+                         f"{tuple(teacher.shape)} differ")
     s = student[:, :-1][mask].float() / temperature
     t = teacher[:, :-1][mask].to(s.device).float() / temperature
-    kl = F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), log_target=True, reduction="sum")
-    return kl / s.shape[0] * temperature ** 2
+    kl = F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), log_target=True, reduction="none").sum(-1)
+    if weights is not None:
+        kl = kl * weights.to(s.device, s.dtype).unsqueeze(1).expand(mask.shape)[mask]
+    return kl.sum() / s.shape[0] * temperature ** 2

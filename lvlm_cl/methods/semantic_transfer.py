@@ -68,7 +68,7 @@ import torch.nn.functional as F
 
 from lvlm_cl.data.records import final_answer
 from lvlm_cl.methods.base import Method, Task
-from lvlm_cl.methods.lwf import LwF
+from lvlm_cl.methods.lwf import LwF, distillation
 from lvlm_cl.methods.routing import IGNORE_INDEX, TASK_IDS, InstructionEncoder, TaskKeyRouter, query_encoder, unwrap
 
 
@@ -88,21 +88,6 @@ def nearest_similarity(query: torch.Tensor, bank: torch.Tensor | None) -> torch.
     if bank is None or bank.shape[0] == 0:
         return torch.full((query.shape[0],), -1.0, dtype=query.dtype, device=query.device)
     return (F.normalize(query, dim=-1) @ F.normalize(bank.to(query), dim=-1).T).amax(dim=1)
-
-
-def weighted_distillation(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
-                          weights: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * sum over masked positions of w_sample * KL(teacher_T || student_T), over the number of positions.
-    Shapes as ``lwf.distillation`` (logits (B, L, V), ``mask`` (B, L - 1)), ``weights`` (B,); with every weight
-    1 it equals ``lwf.distillation``."""
-    if student.shape != teacher.shape:
-        raise ValueError(f"semantic_transfer: student logits {tuple(student.shape)} and teacher logits "
-                         f"{tuple(teacher.shape)} differ")
-    s = student[:, :-1][mask].float() / temperature
-    t = teacher[:, :-1][mask].to(s.device).float() / temperature
-    w = weights.to(s.device, s.dtype).unsqueeze(1).expand(mask.shape)[mask]
-    kl = F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), log_target=True, reduction="none").sum(-1)
-    return (w * kl).sum() / s.shape[0] * temperature ** 2
 
 
 def refine_prototypes(prototypes: torch.Tensor, text: torch.Tensor, relation_temperature: float,
@@ -319,8 +304,8 @@ class SemanticTransfer(Method):
             stats[0] += float(weights[own].sum())
             stats[1] += int(own.sum())
             teacher = self.teacher.teacher_logits(model, batch)
-            terms.append(self.hparams["alpha"] * weighted_distillation(outputs.logits, teacher, mask, weights,
-                                                                       self.hparams["temperature"]))
+            terms.append(self.hparams["alpha"] * distillation(outputs.logits, teacher, mask, self.hparams["temperature"],
+                                                              weights))
         if hidden is not None:
             if hidden.shape[:2] != labels.shape:
                 raise ValueError(f"semantic_transfer: the language-model head saw hidden states {tuple(hidden.shape)}"
