@@ -87,7 +87,7 @@ def main(argv=None) -> int:
               for name in ways if name != "one_by_one"}
     med = {name: statistics.median(t) for name, t in times.items()}
     result = {"recipe": args.recipe if args.run is None else str(args.run / "config.json"),
-              "stage": None if args.run is None else stage.index, "methods": [m.name for m in cfg.methods],
+              "stage": None if args.run is None else stage.index, "methods": [m.name for m in cfg.methods] if args.run is not None else [],
               "prompts": len(records), "tasks": len(stream), "batch_sizes": sizes,
               "max_new_tokens": tr.max_new_tokens, "threads": torch.get_num_threads(), "rounds": args.rounds,
               "seconds": times, "median_seconds": med,

@@ -61,6 +61,28 @@ def write_recipe(path: Path, tasks: list[dict], count: int, methods: list[dict],
     return path
 
 
+def tasks_row(out: Path, count: int, timing: dict) -> dict:
+    """The timings of a run of ``count`` tasks, from its metrics.json and the process's wall time and RSS."""
+    m = json.loads((out / "metrics.json").read_text())
+    train, evals = m["train_seconds"], m["eval_seconds"]
+    return {"tasks": count, "train_seconds": sum(train.values()), "eval_seconds": sum(evals.values()),
+            "eval_seconds_per_stage": list(evals.values()), "wall_seconds": timing["wall_seconds"],
+            "peak_rss_mib": timing["peak_rss_mib"]}
+
+
+def bank_row(out: Path, per_task: int) -> dict:
+    """The last task of a memory-bank run: its bank size, training and evaluation seconds, and the size of
+    the methods' state in its task checkpoint (the bank's records)."""
+    m = json.loads((out / "metrics.json").read_text())
+    last = m["tasks"][-1]
+    state_files = sorted((out / "checkpoints").glob(f"task-{len(m['tasks']) - 1:02d}-*/methods*"))
+    if not state_files:
+        raise FileNotFoundError(f"{out / 'checkpoints'}: no methods state of the last task")
+    return {"memory_per_task": per_task, "bank_records": m.get("memory_records", {}).get(last, 0),
+            "last_task_train_seconds": m["train_seconds"][last], "last_task_eval_seconds": m["eval_seconds"][last],
+            "methods_state_bytes": sum(f.stat().st_size for f in state_files)}
+
+
 def exponent(xs: list[float], ys: list[float]) -> float:
     lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
     mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
@@ -90,11 +112,7 @@ def main(argv=None) -> int:
         out = args.runs / f"tasks-{count}"
         recipe = write_recipe(args.runs / f"tasks-{count}.yaml", tasks, count, seq5_methods, args)
         timing = run_recipe(recipe, out, overrides, rerun=False)
-        m = json.loads((out / "metrics.json").read_text())
-        train, evals = m["extra"]["train_seconds"], m["extra"]["eval_seconds"]
-        by_tasks.append({"tasks": count, "train_seconds": sum(train.values()), "eval_seconds": sum(evals.values()),
-                         "eval_seconds_per_stage": list(evals.values()), "wall_seconds": timing["wall_seconds"],
-                         "peak_rss_mib": timing["peak_rss_mib"]})
+        by_tasks.append(tasks_row(out, count, timing))
         print(f"[scaling] {count} tasks: train {by_tasks[-1]['train_seconds']:.1f} s, "
               f"eval {by_tasks[-1]['eval_seconds']:.1f} s", flush=True)
 
@@ -107,13 +125,7 @@ def main(argv=None) -> int:
                             "replay_ratio": 0.2})
         recipe = write_recipe(args.runs / f"bank-{per_task}.yaml", tasks, 3, methods, args)
         run_recipe(recipe, out, overrides, rerun=False)
-        m = json.loads((out / "metrics.json").read_text())
-        last = m["tasks"][-1]
-        state_files = sorted((out / "checkpoints").glob("task-02*/methods*"))
-        by_bank.append({"memory_per_task": per_task, "bank_records": m["extra"].get("memory_records", {}).get(last, 0),
-                        "last_task_train_seconds": m["extra"]["train_seconds"][last],
-                        "last_task_eval_seconds": m["extra"]["eval_seconds"][last],
-                        "methods_state_bytes": sum(f.stat().st_size for f in state_files)})
+        by_bank.append(bank_row(out, per_task))
         print(f"[scaling] bank {per_task}/task: last task train {by_bank[-1]['last_task_train_seconds']:.1f} s",
               flush=True)
 

@@ -91,3 +91,17 @@ def test_evaluation_benchmark_times_a_trained_stage_with_its_routing(tmp_path, c
     result = json.loads(out.read_text())
     assert result["stage"] == 0 and result["methods"] == ["task_prompts"] and result["prompts"] == 8
     assert result["identical_predictions"] and set(result["speedup"]) == {"batched_3", "batched_8"}
+
+
+@pytest.mark.slow
+def test_scaling_rows_are_read_from_a_real_run(tmp_path, colour_tasks):
+    from lvlm_cl.config import load_recipe
+    from lvlm_cl.train import run
+
+    recipe = write_recipe(tmp_path / "r.yaml", colour_tasks, tmp_path / "run", steps_per_task=2)
+    run(load_recipe(recipe, [*SMALL_MODEL, "methods=[{name: replay, memory_per_task: 3}]"]), progress=False)
+    row = benchmark_scaling.tasks_row(tmp_path / "run", 2, {"wall_seconds": 9.0, "peak_rss_mib": 100.0})
+    assert row["tasks"] == 2 and len(row["eval_seconds_per_stage"]) == 2
+    assert row["train_seconds"] > 0 and row["eval_seconds"] == pytest.approx(sum(row["eval_seconds_per_stage"]))
+    bank = benchmark_scaling.bank_row(tmp_path / "run", 3)
+    assert bank["bank_records"] == 6 and bank["methods_state_bytes"] > 0 and bank["last_task_train_seconds"] > 0

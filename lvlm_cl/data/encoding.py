@@ -106,8 +106,8 @@ def encode_many(processor, records: Sequence[dict], max_length: int, *, prompt: 
         return [one(processor, r, max_length) for r in records]
     try:
         conversations = [_conversation(r, upto=-1 if prompt else None) for r in records]
-        out = processor.apply_chat_template(conversations, tokenize=True, return_dict=True, padding=True,
-                                            return_tensors="pt",
+        out = processor.apply_chat_template(conversations, tokenize=True, return_dict=True, return_tensors="pt",
+                                            processor_kwargs={"padding": True},
                                             **({"add_generation_prompt": True} if prompt
                                                else {"return_assistant_tokens_mask": True}))
     except Exception:       # noqa: BLE001 - one record at a time says which one and why
