@@ -72,6 +72,15 @@ def _commit() -> str | None:
     return rev + ("+" if dirty else "")
 
 
+def _shown(path: Path) -> str:
+    """``path`` as the table's command names it: relative to the repository when inside it (a run from a git
+    worktree elsewhere names the same file as one from the checkout)."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def _table_command(path: Path) -> str | None:
     """The first command an existing table names (rows written before commands were kept per row)."""
     if not path.is_file():
@@ -199,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[compare] {recipe.name}: MFT={rows[-1]['MFT']:.2f} MFN={rows[-1]['MFN']:.2f} "
               f"BWT={rows[-1]['BWT']:.2f} wall={timing['wall_seconds']:.0f}s", flush=True)
     command = "python scripts/compare_methods.py " + " ".join(str(r) for r in args.recipes) + \
-        "".join(f" --set {o}" for o in args.overrides) + (" --keep" if args.keep else "") + f" --output {args.output}"
+        "".join(f" --set {o}" for o in args.overrides) + (" --keep" if args.keep else "") + f" --output {_shown(args.output)}"
     for r in rows:
         r["command"] = command
     kept_from = args.output.with_suffix(".json")

@@ -45,3 +45,9 @@ def test_a_table_then_a_row_added_with_keep(tmp_path, colour_tasks):
     assert f"compare_methods.py {a} --runs" not in text                   # --runs is not part of the command
     assert f"compare_methods.py {a} --output {out}" in text and f"compare_methods.py {b} --keep --output {out}" in text
     assert "| a_finetune.yaml |" in text and "| b_replay.yaml |" in text and "A hand-written note." in text
+
+
+def test_the_command_names_an_output_inside_the_repository_relative_to_it(tmp_path):
+    inside = compare_methods.ROOT / "docs" / "results.md"
+    assert compare_methods._shown(inside) == "docs/results.md"
+    assert compare_methods._shown(tmp_path / "r.md") == str(tmp_path / "r.md")
