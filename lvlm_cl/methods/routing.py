@@ -331,6 +331,14 @@ class TaskKeyRouter(torch.nn.Module):
         for q, tokens in zip(query.detach().float().cpu(), instructions):
             self._seen.setdefault(tokens.cpu().numpy().tobytes(), q)
 
+    def seen_queries(self) -> dict[bytes, torch.Tensor]:
+        """This task's training queries so far, one per distinct instruction (what ``fit`` clusters at the
+        task's end; per process, and part of a step checkpoint's method state)."""
+        return self._seen
+
+    def restore_seen(self, seen: dict[bytes, torch.Tensor]) -> None:
+        self._seen = dict(seen)
+
     def finish_task(self, task_index: int) -> None:
         """At the end of a task: prototype keys are fitted now (learned keys trained with the task)."""
         if self.key_mode == "prototypes":
@@ -377,11 +385,11 @@ class RouterState:
     router: "TaskKeyRouter | None"
 
     def state_dict(self) -> dict:
-        return {"seen": dict(self.router._seen)} if self.router is not None else {}
+        return {"seen": dict(self.router.seen_queries())} if self.router is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
         if self.router is not None:
-            self.router._seen = dict(state.get("seen", {}))
+            self.router.restore_seen(state.get("seen", {}))
 
 
 def install_selector(model: torch.nn.Module, router: TaskKeyRouter) -> None:

@@ -327,7 +327,7 @@ class SemanticTransfer(Method):
     def weights(self, query: torch.Tensor, task_index: int) -> torch.Tensor:
         """(B,) relevance of each sample to the earlier tasks (see the module docstring)."""
         old = self.router.similarities(query)[:, :task_index]
-        seen = self.router._seen
+        seen = self.router.seen_queries()
         if self._bank is None or self._bank[0] != len(seen):
             self._bank = (len(seen), torch.stack(list(seen.values())) if seen else None)
         current = nearest_similarity(query, self._bank[1])
@@ -392,7 +392,7 @@ class SemanticTransfer(Method):
             return {}
         return {"teacher": self.teacher.state_dict(),
                 "router": {k: v.detach().cpu().clone() for k, v in self.router.state_dict().items()},
-                "seen": dict(self.router._seen),
+                "seen": dict(self.router.seen_queries()),
                 "closed": dict(self.closed),
                 "answers": {t: a.state() for t, a in self.answer_sets.items()},
                 "current": None if self.current is None else self.current.state(),
@@ -404,7 +404,7 @@ class SemanticTransfer(Method):
         self.teacher.load_state_dict(state.get("teacher", {}))
         if self.router is not None and "router" in state:
             self.router.load_state_dict(state["router"])
-            self.router._seen = dict(state.get("seen", {}))
+            self.router.restore_seen(state.get("seen", {}))
         self.closed = dict(state.get("closed", {}))
         self.answer_sets = {int(t): AnswerPrototypes.from_state(a) for t, a in state.get("answers", {}).items()}
         current = state.get("current")
