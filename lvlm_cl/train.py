@@ -320,7 +320,8 @@ def language_modelling_loss(model, batch: dict, full: bool = False):
     ``logits_to_keep`` with a boolean mask): the projection onto the vocabulary and the loss skip the image,
     instruction and padding positions, which are most of a sample (measured in docs/benchmarks.md; a 7B model
     with a 32k vocabulary would otherwise also hold B x L x 32000 float32 logits). The loss is the
-    same as the model's own (the mean over the batch's answer tokens, upcast to float32). ``full``: the
+    same as the model's own (the mean over the batch's answer tokens, upcast to float32), and is also set as
+    ``outputs.loss``, as the model's own forward would. ``full``: the
     model's own forward with ``labels`` (every position's logits), for methods that need them
     (``Method.full_outputs``).
     """
@@ -335,7 +336,8 @@ def language_modelling_loss(model, batch: dict, full: bool = False):
         raise RuntimeError(f"logits_to_keep gave logits {tuple(outputs.logits.shape)} for {targets.numel()} answer "
                            f"tokens: a forward hook changed the sequence length without restoring it (set "
                            f"full_outputs = True on the method)")
-    return outputs, torch.nn.functional.cross_entropy(outputs.logits.float(), targets.to(outputs.logits.device))
+    outputs.loss = torch.nn.functional.cross_entropy(outputs.logits.float(), targets.to(outputs.logits.device))
+    return outputs, outputs.loss
 
 
 def resume_step(accelerator, model, methods, task, run_dir: Path, train_samples: int, log) -> dict | None:

@@ -63,6 +63,7 @@ def test_the_answer_only_loss_and_gradients_equal_the_models_own(family, stream)
     assert full_out.logits.shape[:2] == batch["input_ids"].shape
     assert out.logits.shape[0] == answers < batch["input_ids"].numel() / 4
     torch.testing.assert_close(loss, full_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss.detach(), loss)            # methods read the LM loss as outputs.loss
     assert grads.keys() == full_grads.keys() and len(grads) > 10
     for name, grad in grads.items():
         torch.testing.assert_close(grad, full_grads[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -23,7 +23,8 @@ stream of each sample's task, replayed samples included), which the method's for
 
 The loop computes the language model's logits only at the positions that predict an answer token
 (transformers' ``logits_to_keep``), and the loss from those: ``outputs.logits`` is then (N, V), one row per
-answer token of the batch, and the forward gets no ``labels``. A method whose ``loss`` reads the logits at
+answer token of the batch, the forward gets no ``labels``, and ``outputs.loss`` is that loss (the
+language-modelling loss, in both ways). A method whose ``loss`` reads the logits at
 every position, or whose forward hooks read the forward's ``labels``, sets ``full_outputs = True``: when any
 method of the run does, the loop runs the model with the labels and the logits of every position, and
 ``outputs.loss`` is the model's own.
