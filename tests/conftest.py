@@ -163,3 +163,10 @@ def task_batch(processor, records: list[dict], task_ids, max_length: int = 512) 
     batch[TASK_IDS] = torch.tensor(ids)
     return batch
 
+
+
+def prompt_batch(processor, records: list[dict], max_length: int = 512) -> dict:
+    """A left-padded generation batch of ``records``' prompts (everything before the last answer)."""
+    from lvlm_cl.data.encoding import collate_prompts, encode_prompt
+
+    return collate_prompts([encode_prompt(processor, r, max_length) for r in records], processor.tokenizer.pad_token_id)

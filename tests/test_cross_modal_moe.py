@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import SMALL_MODEL, colour_stream, task_batch, write_colour_tasks, write_recipe
+from conftest import SMALL_MODEL, colour_stream, prompt_batch, task_batch, write_colour_tasks, write_recipe
 from lvlm_cl.config import load_recipe
-from lvlm_cl.data.encoding import collate_prompts, encode_prompt, encode_record
+from lvlm_cl.data.encoding import encode_record
 from lvlm_cl.methods.cross_modal_moe import CrossModalMoE, alignment_loss, cosine_matrix, relation_loss
 from lvlm_cl.models import parts, trainable_state_dict
 from lvlm_cl.train import run
@@ -31,8 +31,7 @@ def stream(tmp_path_factory):
 _batch = task_batch
 
 
-def _prompts(processor, records):
-    return collate_prompts([encode_prompt(processor, r, 512) for r in records], processor.tokenizer.pad_token_id)
+_prompts = prompt_batch
 
 
 def _randomise(group, seed=0):

@@ -9,9 +9,8 @@ import math
 import pytest
 import torch
 
-from conftest import SMALL_MODEL, colour_stream, task_batch, write_colour_tasks, write_recipe
+from conftest import SMALL_MODEL, colour_stream, prompt_batch, task_batch, write_colour_tasks, write_recipe
 from lvlm_cl.config import load_recipe
-from lvlm_cl.data.encoding import collate_prompts, encode_prompt
 from lvlm_cl.methods.dual_modality import DualModality, separation_loss
 from lvlm_cl.methods.routing import TASK_IDS, is_continual, routers
 from lvlm_cl.models import parts, trainable_state_dict
@@ -145,7 +144,7 @@ def test_one_route_picks_both_the_vision_adapter_and_the_prompt(tiny, stream):
             if is_continual(n) and (n.endswith(".prompt") or "lora_B" in n):
                 p.copy_(torch.randn(p.shape, generator=g))
     records = stream[0].test_records[:2] + stream[1].test_records[:2]
-    prompts = collate_prompts([encode_prompt(tiny[1], r, 512) for r in records], tiny[1].tokenizer.pad_token_id)
+    prompts = prompt_batch(tiny[1], records)
     truth = torch.tensor([0, 0, 1, 1])
     images = []
     handle = parts(model)["projector"].register_forward_hook(lambda m, a, out: images.append(out))

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from conftest import SMALL_MODEL, colour_stream, task_batch, write_colour_tasks, write_recipe
+from conftest import SMALL_MODEL, colour_stream, prompt_batch, task_batch, write_colour_tasks, write_recipe
 from lvlm_cl.config import load_recipe
-from lvlm_cl.data.encoding import collate_prompts, encode_prompt, encode_record
+from lvlm_cl.data.encoding import encode_prompt, encode_record
 from lvlm_cl.methods.base import Task
 from lvlm_cl.methods.routing import TASK_IDS, InstructionEncoder, is_continual, routers
 from lvlm_cl.methods.task_lora import TaskLoRA
@@ -55,8 +55,7 @@ def _train_batch(processor, records, task_index):
     return task_batch(processor, records, task_index)
 
 
-def _prompts(processor, records):
-    return collate_prompts([encode_prompt(processor, r, 512) for r in records], processor.tokenizer.pad_token_id)
+_prompts = prompt_batch
 
 
 def _two_tasks_known(method, model, processor, stream):
