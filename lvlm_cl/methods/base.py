@@ -32,6 +32,7 @@ method of the run does, the loop runs the model with the labels and the logits o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -92,3 +93,25 @@ class Method:
 def is_number(value) -> bool:
     """A setting's value is a number (int or float; YAML's true/false are not)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_integer(method: str, settings: dict, key: str, low: int = 1) -> None:
+    """``settings[key]`` is an integer (not a bool) of at least ``low``; else a ValueError naming both."""
+    value = settings[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{method}: setting {key!r} must be an integer >= {low}, got {value!r}")
+
+
+def check_finite(method: str, settings: dict, key: str, *, low: float = 0.0, strict: bool = False,
+                 high: float | None = None, strict_high: bool = False) -> None:
+    """``settings[key]`` is a finite number (not a bool) >= ``low`` (> with ``strict``), and <= ``high`` (<
+    with ``strict_high``) when given; else a ValueError naming the method, the setting and the bounds."""
+    value = settings[key]
+    ok = is_number(value) and math.isfinite(value) and (value > low if strict else value >= low)
+    if ok and high is not None:
+        ok = value < high if strict_high else value <= high
+    if not ok:
+        bounds = f"{'>' if strict else '>='} {low:g}"
+        if high is not None:
+            bounds += f" and {'<' if strict_high else '<='} {high:g}"
+        raise ValueError(f"{method}: setting {key!r} must be a finite number {bounds}, got {value!r}")

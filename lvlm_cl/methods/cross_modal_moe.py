@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from lvlm_cl.distributed import whole
-from lvlm_cl.methods.base import Method, Task
+from lvlm_cl.methods.base import Method, Task, check_finite, check_integer
 from lvlm_cl.methods.routing import TASK_IDS, InstructionEncoder, attach, install_selector, query_encoder, unwrap
 from lvlm_cl.models import parts
 
@@ -169,13 +169,10 @@ class CrossModalMoE(Method):
         h = self.hparams
         for key, low in (("experts_per_task", 1), ("bottleneck", 1), ("align_dim", 1),
                          ("anchors_per_task", 2), ("query_cache", 1)):
-            if not isinstance(h[key], int) or isinstance(h[key], bool) or h[key] < low:
-                raise ValueError(f"cross_modal_moe: setting {key!r} must be an integer >= {low}, got {h[key]!r}")
+            check_integer(self.name, h, key, low)
         for key in ("align_weight", "relation_weight"):
-            if not _number(h[key]) or not math.isfinite(h[key]) or h[key] < 0:
-                raise ValueError(f"cross_modal_moe: setting {key!r} must be a finite number >= 0, got {h[key]!r}")
-        if not _number(h["temperature"]) or not math.isfinite(h["temperature"]) or h["temperature"] <= 0:
-            raise ValueError(f"cross_modal_moe: setting 'temperature' must be a number > 0, got {h['temperature']!r}")
+            check_finite(self.name, h, key)
+        check_finite(self.name, h, "temperature", strict=True)
         if not isinstance(h["seed"], int) or isinstance(h["seed"], bool):
             raise ValueError(f"cross_modal_moe: setting 'seed' must be an integer, got {h['seed']!r}")
         self.adapter: CrossModalAdapter | None = None
@@ -365,7 +362,3 @@ def relation_loss(current: torch.Tensor, reference: torch.Tensor) -> torch.Tenso
     sims = cosine_matrix(current.float())
     off = ~torch.eye(len(sims), dtype=torch.bool, device=sims.device)
     return ((sims - reference.to(sims.device)) ** 2)[off].mean()
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)

@@ -59,13 +59,11 @@ from the forward's own activations (no extra pass).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from lvlm_cl.methods.adapters import inject_lora, refuse_recipe_lora, set_trainable_adapter, targets
-from lvlm_cl.methods.base import Method, Task, is_number
+from lvlm_cl.methods.base import Method, Task, check_finite, check_integer
 from lvlm_cl.methods.routing import (ROUTING_DEFAULTS, TASK_IDS, RouterState, check_routing_settings,
                                      install_selector, key_term_on_batch)
 # Both halves are exactly task_lora's and task_prompts' mechanisms.
@@ -104,14 +102,10 @@ class DualModality(RouterState, Method):
         super().__init__(**hparams)
         h = self.hparams
         for key in ("r", "length"):
-            if not isinstance(h[key], int) or isinstance(h[key], bool) or h[key] < 1:
-                raise ValueError(f"dual_modality: setting {key!r} must be an integer >= 1, got {h[key]!r}")
+            check_integer(self.name, h, key)
         for key in ("alpha", "dropout", "contrast_weight"):
-            if not is_number(h[key]) or not math.isfinite(h[key]) or h[key] < 0:
-                raise ValueError(f"dual_modality: setting {key!r} must be a finite number >= 0, got {h[key]!r}")
-        if not is_number(h["temperature"]) or not math.isfinite(h["temperature"]) or h["temperature"] <= 0:
-            raise ValueError(f"dual_modality: setting 'temperature' must be a finite number > 0, "
-                             f"got {h['temperature']!r}")
+            check_finite(self.name, h, key)
+        check_finite(self.name, h, "temperature", strict=True)
         if not isinstance(h["language"], bool):
             raise ValueError(f"dual_modality: setting 'language' must be true or false, got {h['language']!r}")
         if h["init"] not in ("previous", "random"):

@@ -54,11 +54,9 @@ no penalty.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from lvlm_cl.methods.base import Method, Task, is_number
+from lvlm_cl.methods.base import Method, Task, check_finite, is_number
 
 
 class EWC(Method):
@@ -74,9 +72,7 @@ class EWC(Method):
     def __init__(self, **hparams):
         super().__init__(**hparams)
         h = self.hparams
-        lam = h["lambda_"]
-        if not is_number(lam) or not math.isfinite(lam) or lam < 0:
-            raise ValueError(f"ewc: setting 'lambda_' must be a finite number >= 0, got {lam!r}")
+        check_finite(self.name, h, "lambda_")
         if not isinstance(h["online"], bool):
             raise ValueError(f"ewc: setting 'online' must be true or false, got {h['online']!r}")
         gamma = h["gamma"]

@@ -32,12 +32,10 @@ ZeRO-3, whose parameters are partitioned across processes.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from lvlm_cl.methods.base import Method, Task, is_number
+from lvlm_cl.methods.base import Method, Task, check_finite
 
 IGNORE_INDEX = -100
 
@@ -57,12 +55,10 @@ class LwF(Method):
         if unknown:
             raise ValueError(f"lwf: no setting {unknown[0]!r}; its settings: {sorted(self.defaults)}")
         super().__init__(**hparams)
-        alpha, temperature = self.hparams["alpha"], self.hparams["temperature"]
-        if not is_number(alpha) or not math.isfinite(alpha) or alpha < 0:
-            raise ValueError(f"lwf: setting 'alpha' must be a finite number >= 0, got {alpha!r}")
-        if not is_number(temperature) or not math.isfinite(temperature) or temperature <= 0:
-            raise ValueError(f"lwf: setting 'temperature' must be a finite number > 0, got {temperature!r}")
-        self.hparams["alpha"], self.hparams["temperature"] = float(alpha), float(temperature)
+        check_finite(self.name, self.hparams, "alpha")
+        check_finite(self.name, self.hparams, "temperature", strict=True)
+        for key in ("alpha", "temperature"):
+            self.hparams[key] = float(self.hparams[key])
         self.teacher: dict[str, torch.Tensor] | None = None   # trainable values after the last finished task
         self.teacher_task: str | None = None
 

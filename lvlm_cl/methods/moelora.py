@@ -24,7 +24,7 @@ import re
 import torch
 
 from lvlm_cl.methods.adapters import refuse_recipe_lora, targets
-from lvlm_cl.methods.base import Method, Task
+from lvlm_cl.methods.base import Method, Task, check_integer
 from lvlm_cl.methods.routing import unwrap
 
 
@@ -82,8 +82,7 @@ class MoELoRA(Method):
         super().__init__(**hparams)
         h = self.hparams
         for key in ("r", "experts"):
-            if not isinstance(h[key], int) or isinstance(h[key], bool) or h[key] < 1:
-                raise ValueError(f"moelora: setting {key!r} must be an integer >= 1, got {h[key]!r}")
+            check_integer(self.name, h, key)
         if h["r"] % h["experts"]:
             raise ValueError(f"moelora: r={h['r']} must be a multiple of experts={h['experts']}")
         for key in ("alpha", "dropout"):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from lvlm_cl.methods.adapters import adapter_params, inject_lora, refuse_recipe_lora, set_trainable_adapter, targets
-from lvlm_cl.methods.base import Method, Task
+from lvlm_cl.methods.base import Method, Task, check_integer
 from lvlm_cl.methods.routing import unwrap
 
 
@@ -44,8 +44,7 @@ class OLoRA(Method):
     def __init__(self, **hparams):
         super().__init__(**hparams)
         h = self.hparams
-        if not isinstance(h["r"], int) or isinstance(h["r"], bool) or h["r"] < 1:
-            raise ValueError(f"olora: setting 'r' must be an integer >= 1, got {h['r']!r}")
+        check_integer(self.name, h, "r")
         for key in ("alpha", "dropout", "orth_weight", "l2_weight"):
             if not isinstance(h[key], (int, float)) or isinstance(h[key], bool) or h[key] < 0:
                 raise ValueError(f"olora: setting {key!r} must be a number >= 0, got {h[key]!r}")

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from lvlm_cl.distributed import whole
+from lvlm_cl.methods.base import check_integer
 
 CONTINUAL = "continual"          # the submodule of the model that holds every method's modules
 TASK_IDS = "cl_task_ids"         # the training batch key with each sample's task index (see train.py)
@@ -202,8 +203,7 @@ ROUTING_DEFAULTS = {
 
 def check_routing_settings(method: str, h: dict) -> None:
     for key in ("keys_per_task", "query_cache"):
-        if not isinstance(h[key], int) or isinstance(h[key], bool) or h[key] < 1:
-            raise ValueError(f"{method}: setting {key!r} must be an integer >= 1, got {h[key]!r}")
+        check_integer(method, h, key)
     if not isinstance(h["key_weight"], (int, float)) or isinstance(h["key_weight"], bool) or h["key_weight"] < 0:
         raise ValueError(f"{method}: setting 'key_weight' must be a number >= 0, got {h['key_weight']!r}")
     if h["key_mode"] not in KEY_MODES:

@@ -61,13 +61,11 @@ selector (installed at ``setup``) takes the ids first, drops them before the mod
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from lvlm_cl.data.records import final_answer
-from lvlm_cl.methods.base import Method, Task
+from lvlm_cl.methods.base import Method, Task, check_finite, check_integer
 from lvlm_cl.methods.lwf import LwF, distillation
 from lvlm_cl.methods.routing import IGNORE_INDEX, TASK_IDS, InstructionEncoder, TaskKeyRouter, query_encoder, unwrap
 
@@ -226,14 +224,13 @@ class SemanticTransfer(Method):
         super().__init__(**hparams)
         h = self.hparams
         for key in ("alpha", "proto_weight"):
-            _check_number(key, h[key], low=0.0)
+            check_finite(self.name, h, key)
         for key in ("temperature", "relevance_temperature", "proto_temperature", "relation_temperature"):
-            _check_number(key, h[key], low=0.0, strict=True)
-        _check_number("proto_momentum", h["proto_momentum"], low=0.0, high=1.0, strict_high=True)
-        _check_number("refine_weight", h["refine_weight"], low=0.0, high=1.0)
+            check_finite(self.name, h, key, strict=True)
+        check_finite(self.name, h, "proto_momentum", high=1.0, strict_high=True)
+        check_finite(self.name, h, "refine_weight", high=1.0)
         for key, low in (("keys_per_task", 1), ("query_cache", 1), ("max_answers", 2)):
-            if not isinstance(h[key], int) or isinstance(h[key], bool) or h[key] < low:
-                raise ValueError(f"semantic_transfer: setting {key!r} must be an integer >= {low}, got {h[key]!r}")
+            check_integer(self.name, h, key, low)
         for key in self.defaults:
             if key not in ("keys_per_task", "query_cache", "max_answers"):
                 h[key] = float(h[key])
@@ -411,14 +408,3 @@ class SemanticTransfer(Method):
         self.current = None if current is None else AnswerPrototypes.from_state(current)
         self.relevance = {k: list(v) for k, v in state.get("relevance", {}).items()}
         self._bank = None
-
-
-def _check_number(key: str, value, *, low: float, high: float | None = None, strict: bool = False,
-                  strict_high: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if strict else value >= low)
-    if ok and high is not None:
-        ok = value < high if strict_high else value <= high
-    if not ok:
-        bounds = f"{'>' if strict else '>='} {low:g}" + ("" if high is None else f" and {'<' if strict_high else '<='} {high:g}")
-        raise ValueError(f"semantic_transfer: setting {key!r} must be a finite number {bounds}, got {value!r}")

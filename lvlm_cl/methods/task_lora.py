@@ -25,7 +25,7 @@ misrouted (reported as routing accuracy). Costs: r * (d_in + d_out) parameters p
 from __future__ import annotations
 
 from lvlm_cl.methods.adapters import inject_lora, refuse_recipe_lora, set_trainable_adapter, targets
-from lvlm_cl.methods.base import Method, Task
+from lvlm_cl.methods.base import Method, Task, check_integer
 from lvlm_cl.methods.routing import (ROUTING_DEFAULTS, RouterState, TaskKeyRouter, attach, check_routing_settings,
                                      install_selector, key_term_on_batch, query_encoder, unwrap)
 
@@ -47,8 +47,7 @@ class TaskLoRA(RouterState, Method):
     def __init__(self, **hparams):
         super().__init__(**hparams)
         h = self.hparams
-        if not isinstance(h["r"], int) or isinstance(h["r"], bool) or h["r"] < 1:
-            raise ValueError(f"task_lora: setting 'r' must be an integer >= 1, got {h['r']!r}")
+        check_integer(self.name, h, "r")
         for key in ("alpha", "dropout"):
             if not isinstance(h[key], (int, float)) or isinstance(h[key], bool) or h[key] < 0:
                 raise ValueError(f"task_lora: setting {key!r} must be a number >= 0, got {h[key]!r}")

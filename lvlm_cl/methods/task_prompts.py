@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from lvlm_cl.distributed import whole
-from lvlm_cl.methods.base import Method, Task
+from lvlm_cl.methods.base import Method, Task, check_integer
 from lvlm_cl.methods.routing import (ROUTING_DEFAULTS, RouterState, TaskKeyRouter, attach, check_routing_settings,
                                      install_selector, key_term_on_batch, query_encoder)
 from lvlm_cl.models import parts
@@ -88,8 +88,7 @@ class TaskPrompts(RouterState, Method):
         super().__init__(**hparams)
         h = self.hparams
         for key in ("length", "top_k"):
-            if not isinstance(h[key], int) or isinstance(h[key], bool) or h[key] < 1:
-                raise ValueError(f"task_prompts: setting {key!r} must be an integer >= 1, got {h[key]!r}")
+            check_integer(self.name, h, key)
         check_routing_settings(self.name, h)
         if h["init"] not in ("previous", "random"):
             raise ValueError(f"task_prompts: setting 'init' must be 'previous' or 'random', got {h['init']!r}")
