@@ -31,15 +31,19 @@ class EncodingCache:
         """Encode and keep every record not encoded yet, ``chunk`` records per processor call
         (``encode_many``). An ``EncodingError`` names its record."""
         store = self._prompt if prompt else self._train
-        todo = [r for r in records if (r.get("task", ""), r["id"]) not in store]
+        todo = [r for r in records if self._key(r) not in store]
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
             for record, encoded in zip(part, encode_many(self.processor, part, self.max_length, prompt=prompt)):
                 if self.keep:
-                    store[(record.get("task", ""), record["id"])] = encoded
+                    store[self._key(record)] = encoded
+
+    @staticmethod
+    def _key(record: dict) -> tuple[str, str]:
+        return record.get("task", ""), record["id"]
 
     def _get(self, store, record, encode) -> Encoded:
-        key = (record.get("task", ""), record["id"])
+        key = self._key(record)
         hit = store.get(key)
         if hit is None:
             hit = encode(self.processor, record, self.max_length)

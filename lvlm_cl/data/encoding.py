@@ -79,18 +79,14 @@ def encode_record(processor, record: dict, max_length: int) -> Encoded:
     mask = torch.as_tensor(out["assistant_masks"][0]).bool()
     if mask.shape != ids.shape:
         raise EncodingError(f"assistant mask length {mask.numel()} != token count {ids.numel()}", record_id=record["id"])
-    _check(processor, record, ids, max_length, mask)
-    labels = torch.where(mask, ids, torch.full_like(ids, IGNORE_INDEX))
-    return Encoded(ids, labels, out.get("pixel_values"))
+    return _encoded(processor, record, ids, max_length, mask, out.get("pixel_values"))
 
 
 def encode_prompt(processor, record: dict, max_length: int) -> Encoded:
     """Generation encoding: every turn but the last assistant answer, then the generation prompt."""
     out = processor.apply_chat_template(_conversation(record, upto=-1), tokenize=True, return_dict=True,
                                         add_generation_prompt=True, return_tensors="pt")
-    ids = out["input_ids"][0]
-    _check(processor, record, ids, max_length, None)
-    return Encoded(ids, torch.empty(0, dtype=torch.long), out.get("pixel_values"))
+    return _encoded(processor, record, out["input_ids"][0], max_length, None, out.get("pixel_values"))
 
 
 def encode_many(processor, records: Sequence[dict], max_length: int, *, prompt: bool) -> list[Encoded]:
@@ -123,14 +119,19 @@ def encode_many(processor, records: Sequence[dict], max_length: int, *, prompt: 
         keep = out["attention_mask"][i].bool()
         ids = out["input_ids"][i][keep]
         pix = pixels[starts[i]:starts[i] + counts[i]] if counts[i] else None
-        if prompt:
-            _check(processor, record, ids, max_length, None)
-            result.append(Encoded(ids, torch.empty(0, dtype=torch.long), pix))
-        else:
-            mask = torch.as_tensor(out["assistant_masks"][i]).bool()[keep]
-            _check(processor, record, ids, max_length, mask)
-            result.append(Encoded(ids, torch.where(mask, ids, torch.full_like(ids, IGNORE_INDEX)), pix))
+        mask = None if prompt else torch.as_tensor(out["assistant_masks"][i]).bool()[keep]
+        result.append(_encoded(processor, record, ids, max_length, mask, pix))
     return result
+
+
+def _encoded(processor, record: dict, ids: torch.Tensor, max_length: int, mask: torch.Tensor | None,
+             pixel_values: torch.Tensor | None) -> Encoded:
+    """The checked encoding of one record: labels are the ids where ``mask`` (assistant tokens) holds and -100
+    elsewhere, or empty for a prompt (``mask`` None)."""
+    _check(processor, record, ids, max_length, mask)
+    labels = (torch.empty(0, dtype=torch.long) if mask is None
+              else torch.where(mask, ids, torch.full_like(ids, IGNORE_INDEX)))
+    return Encoded(ids, labels, pixel_values)
 
 
 def _check(processor, record: dict, ids: torch.Tensor, max_length: int, mask: torch.Tensor | None) -> None:
