@@ -319,11 +319,10 @@ def language_modelling_loss(model, batch: dict, full: bool = False):
     By default the logits are computed only at the positions that predict an answer token (transformers'
     ``logits_to_keep`` with a boolean mask): the projection onto the vocabulary and the loss skip the image,
     instruction and padding positions, which are most of a sample (measured in docs/benchmarks.md; a 7B model
-    with a 32k vocabulary would otherwise also hold B x L x 32000 float32 logits). The loss is the
-    same as the model's own (the mean over the batch's answer tokens, upcast to float32), and is also set as
-    ``outputs.loss``, as the model's own forward would. ``full``: the
-    model's own forward with ``labels`` (every position's logits), for methods that need them
-    (``Method.full_outputs``).
+    with a 32k vocabulary would otherwise also hold B x L x 32000 float32 logits). The loss is the same as the
+    model's own (the mean over the batch's answer tokens, upcast to float32), and is also set as
+    ``outputs.loss``, as the model's own forward would. ``full``: the model's own forward with ``labels``
+    (every position's logits), for methods that need them (``Method.full_outputs``).
     """
     if full:
         outputs = model(**batch)
