@@ -23,6 +23,7 @@ import torch
 from lvlm_cl.checkpoint import CheckpointError
 from lvlm_cl.data.encoding import encode_prompt
 from lvlm_cl.data.records import RecordError, check_image
+from lvlm_cl.methods.routing import generate as routed_generate
 
 
 class ChatError(RuntimeError):
@@ -108,7 +109,7 @@ class Chat:
         tok = self.processor.tokenizer
         streamer = _Streamer(tok, stream) if stream is not None else None
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+        out = routed_generate(self.model, **inputs, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
                                   eos_token_id=tok.eos_token_id, streamer=streamer, **sampling)
         reply = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         self.history = record["messages"][:-1] + [{"role": "assistant", "content": [{"type": "text", "text": reply}]}]

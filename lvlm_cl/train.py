@@ -39,7 +39,7 @@ from lvlm_cl.evaluation import cl_metrics_partial, score_many, write_predictions
 from lvlm_cl.evaluation.generate import generate_answers
 from lvlm_cl.io import atomic_replace_dir, atomic_write_json
 from lvlm_cl.methods import build_methods
-from lvlm_cl.methods.routing import TASK_IDS
+from lvlm_cl.methods.routing import TASK_IDS, held_for_batch, model_inputs
 from lvlm_cl.models import (BUILTIN_GEMMA3, BUILTIN_PRETRAINED, BUILTIN_RANDOM, ModelError, apply_training_setup, count_parameters,
                             load_model_dir, resolve_model_dir, trainable_state_dict)
 
@@ -322,14 +322,19 @@ def language_modelling_loss(model, batch: dict, full: bool = False):
     with a 32k vocabulary would otherwise also hold B x L x 32000 float32 logits). The loss is the same as the
     model's own (the mean over the batch's answer tokens, upcast to float32), and is also set as
     ``outputs.loss``, as the model's own forward would. ``full``: the model's own forward with ``labels``
-    (every position's logits), for methods that need them (``Method.full_outputs``).
+    (every position's logits), for methods that need them (``Method.full_outputs``). The forward runs with
+    the batch's routing choice held (``routing.held``: each sample's task from ``cl_task_ids``, which the
+    model itself never receives).
     """
-    if full:
-        outputs = model(**batch)
-        return outputs, outputs.loss
     labels = batch["labels"]
-    keep = answer_positions(labels)
-    outputs = model(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=keep)
+    inputs = model_inputs(batch)
+    with held_for_batch(model, batch):
+        if full:
+            outputs = model(**inputs)
+            return outputs, outputs.loss
+        keep = answer_positions(labels)
+        inputs.pop("labels")
+        outputs = model(**inputs, logits_to_keep=keep)
     targets = labels[:, 1:][keep[:, :-1]]
     if outputs.logits.shape[:-1] != targets.shape:
         raise RuntimeError(f"logits_to_keep gave logits {tuple(outputs.logits.shape)} for {targets.numel()} answer "

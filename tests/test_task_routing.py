@@ -12,11 +12,12 @@ from conftest import SMALL_MODEL, colour_stream, prompt_batch, task_batch, write
 from lvlm_cl.config import load_recipe
 from lvlm_cl.data.encoding import encode_prompt, encode_record
 from lvlm_cl.methods.base import Task
-from lvlm_cl.methods.routing import TASK_IDS, InstructionEncoder, is_continual, routers
+from lvlm_cl.methods.routing import TASK_IDS, InstructionEncoder, held, is_continual, routers, selectors
+from lvlm_cl.methods.routing import generate as routed_generate
 from lvlm_cl.methods.task_lora import TaskLoRA
 from lvlm_cl.methods.task_prompts import TaskPrompts
 from lvlm_cl.models import trainable_state_dict
-from lvlm_cl.train import run
+from lvlm_cl.train import language_modelling_loss, run
 
 
 @pytest.fixture(autouse=True)
@@ -114,21 +115,65 @@ def test_generation_routes_by_itself_and_equals_unbatched_and_uncached(tiny_any,
                 p.copy_(torch.randn(p.shape, generator=g))
     records = stream[0].test_records[:2] + stream[1].test_records[:2]
     batch = _prompts(processor, records)
-    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    tok = processor.tokenizer
+    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     with torch.no_grad():
-        cached = model.generate(**batch, **gen)
-        uncached = model.generate(**batch, **gen, use_cache=False)
+        cached = routed_generate(model, **batch, **gen)
+        new = cached[:, batch["input_ids"].shape[1]:]
+        # Several tokens decoded per sample, none of them the end: every decoding step after the first ran.
+        assert new.shape[1] == 5 and not bool(torch.isin(new, torch.tensor([tok.pad_token_id, tok.eos_token_id])).any())
+        assert not selectors_hold(model)              # nothing is left on the model after the call
+        uncached = routed_generate(model, **batch, **gen, use_cache=False)
         assert torch.equal(cached, uncached)
         for i, r in enumerate(records):
-            single = model.generate(**_prompts(processor, [r]), **gen)
+            single = routed_generate(model, **_prompts(processor, [r]), **gen)
             assert torch.equal(single[0, -5:], cached[i, -5:])
-        # Routed logits = logits with each sample's true task forced; a different task gives others.
-        routed = model(**batch).logits
+        # Every decoding step used each sample's own task: its logits are those with the true task forced,
+        # and forcing the other task changes them.
         truth = torch.tensor([0, 0, 1, 1])
-        forced = model(**batch, **{TASK_IDS: truth}).logits
-        wrong = model(**batch, **{TASK_IDS: 1 - truth}).logits
+        scores = dict(gen, return_dict_in_generate=True, output_logits=True)
+        steps = torch.stack(routed_generate(model, **batch, **scores).logits)
+        with held(model, task_ids=truth, input_ids=batch["input_ids"]):
+            assert torch.allclose(torch.stack(model.generate(**batch, **scores).logits), steps, atol=1e-5)
+        with held(model, task_ids=1 - truth, input_ids=batch["input_ids"]):
+            other = torch.stack(model.generate(**batch, **scores).logits)
+        assert not torch.allclose(other[-1], steps[-1], atol=1e-3)     # the last step too, not only the first
+        # Routed logits = logits with each sample's true task forced; a different task gives others.
+        with held(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]):
+            routed = model(**batch).logits
+        with held(model, task_ids=truth, input_ids=batch["input_ids"]):
+            forced = model(**batch).logits
+        with held(model, task_ids=1 - truth, input_ids=batch["input_ids"]):
+            wrong = model(**batch).logits
     assert torch.allclose(routed, forced, atol=1e-5)
     assert not torch.allclose(routed, wrong, atol=1e-3)
+    assert not selectors_hold(model)
+
+
+def selectors_hold(model) -> bool:
+    return any(s.held or getattr(s, "selected", None) is not None
+               or getattr(s, "queries", None) is not None or s.input_mask is not None for s in selectors(model))
+
+
+@pytest.mark.parametrize("cls, kwargs", [(TaskPrompts, {"length": 4}), (TaskLoRA, {"r": 4})])
+def test_plain_generate_of_a_routed_model_is_refused_not_misrouted(tiny, stream, cls, kwargs):
+    """``model.generate`` (or a forward) without a held choice would have to guess, and its one-token decoding
+    steps cannot be routed: it stops with the fix in the message, and leaves no choice behind."""
+    model = copy.deepcopy(tiny[0]).eval()
+    processor = tiny[1]
+    _two_tasks_known(cls(**kwargs), model, processor, stream)
+    batch = _prompts(processor, stream[0].test_records[:2])
+    with torch.no_grad(), pytest.raises(ValueError, match=r"routing\.generate"):
+        model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    assert not selectors_hold(model)
+    with pytest.raises(ValueError, match=r"routing\.held"):
+        model(**batch)
+    with pytest.raises(TypeError, match="task_ids"):
+        model(**batch, **{TASK_IDS: torch.tensor([0, 0])})
+    with held(model, input_ids=batch["input_ids"]), pytest.raises(RuntimeError, match="do not nest"):
+        with held(model, input_ids=batch["input_ids"]):
+            pass
+    assert not selectors_hold(model)
 
 
 def test_task_prompts_keeps_sequence_length_and_trains_only_the_current_task(tiny, stream):
@@ -143,7 +188,7 @@ def test_task_prompts_keeps_sequence_length_and_trains_only_the_current_task(tin
     assert [s.keys.requires_grad for s in pool.slots] == [False, False]     # prototype keys are fitted, not trained
     batch = _train_batch(processor, stream[1].train_records[:2] + stream[0].train_records[:2], 1)
     batch[TASK_IDS] = torch.tensor([1, 1, 0, 0])              # two replayed samples of task 0
-    out = model(**batch)
+    out, _ = language_modelling_loss(model, batch, full=True)
     assert out.logits.shape[:2] == batch["input_ids"].shape    # prompt positions are dropped again
     out.loss.backward()
     assert pool.slots[1].prompt.grad is not None and pool.slots[1].prompt.grad.abs().sum() > 0

@@ -6,6 +6,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lvlm_cl.data.encoding import collate_prompts
+from lvlm_cl.methods.routing import generate as routed_generate
 
 
 @torch.no_grad()
@@ -27,7 +28,7 @@ def generate_answers(model, processor, records: list[dict], cache, *, batch_size
         for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=not progress):
             idx = order[start:start + batch_size]
             batch = collate_prompts([encoded[i] for i in idx], tokenizer.pad_token_id)
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+            out = routed_generate(model, **batch, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                  synced_gpus=synced_gpus)
             new = out[:, batch["input_ids"].shape[1]:]

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 
 from lvlm_cl.distributed import whole
 from lvlm_cl.methods.base import Method, Task, check_finite, check_integer
-from lvlm_cl.methods.routing import TASK_IDS, InstructionEncoder, attach, install_selector, query_encoder, unwrap
+from lvlm_cl.methods.routing import TASK_IDS, InstructionEncoder, Selector, attach, query_encoder, unwrap
 from lvlm_cl.models import parts
 
 
@@ -90,11 +90,10 @@ class ExpertGroup(torch.nn.Module):
         return logits, hidden, self.up * 1
 
 
-class CrossModalAdapter(torch.nn.Module):
+class CrossModalAdapter(Selector, torch.nn.Module):
     """The experts of every task of the stream, the alignment heads, and the count of known tasks (the
-    groups in the mixture). It is also the routing state of the batch about to run: ``choose`` (called by
-    ``routing.install_selector`` before every forward and every ``generate``) computes its instructions'
-    queries."""
+    groups in the mixture). It is also a ``routing.Selector``: while the model runs, it holds the queries of
+    the batch's instructions (``choose``), which route its images."""
 
     def __init__(self, num_tasks: int, d_in: int, d_out: int, d_query: int, *, experts: int, bottleneck: int,
                  align_dim: int, seed: int):
@@ -108,22 +107,29 @@ class CrossModalAdapter(torch.nn.Module):
             torch.nn.init.normal_(head.weight, std=1 / math.sqrt(head.in_features), generator=g)
         self.register_buffer("known", torch.zeros((), dtype=torch.long))
         self.encoder: InstructionEncoder | None = None
-        self.labels: torch.Tensor | None = None          # the forward's labels (its instructions end where they start)
-        self.queries: torch.Tensor | None = None         # (B, D) per sample of the batch about to run
+        # The choice held while the model runs (``Selector``; None otherwise):
+        self.queries: torch.Tensor | None = None         # (B, D) per sample of the batch
         self.image_counts: torch.Tensor | None = None    # image tokens per sample
         self.image_queries: torch.Tensor | None = None   # set directly when images are encoded without a batch
         self.batch_repr: tuple[torch.Tensor, torch.Tensor] | None = None   # (pooled images, their queries)
         self.tokens_per_image: int | None = None          # seen at the projector's last call
-        self.input_mask = None                           # set by install_selector's hook (unused here)
 
-    def choose(self, task_ids, input_ids: torch.Tensor | None, attention_mask) -> None:
-        labels, self.labels = self.labels, None          # used once: a generate() after training has none
+    @property
+    def needs_route(self) -> bool:
+        return int(self.known) > 0
+
+    def choose(self, task_ids, input_ids: torch.Tensor | None, attention_mask, labels=None) -> None:
+        """The instructions' queries (they end where the ``labels``' answers start); the gates route by them,
+        not by the task ids."""
         self.image_queries = None
         if input_ids is None or int(self.known) == 0:     # nothing to route before the first task
             self.queries = self.image_counts = None
             return
         self.queries = self.encoder(input_ids, attention_mask, labels)
         self.image_counts = (input_ids == self.encoder.image_token_id).sum(-1)
+
+    def forget_choice(self) -> None:
+        self.queries = self.image_counts = None
 
     def queries_per_image(self, n_images: int, tokens: int) -> torch.Tensor:
         if self.image_queries is not None:
@@ -162,7 +168,6 @@ class CrossModalMoE(Method):
         "seed": 0,
     }
     uses_task_ids = True           # anchors are taken from the task's own samples, not replayed ones
-    full_outputs = True            # its router reads the forward's labels (where each instruction ends)
 
     def __init__(self, **hparams):
         super().__init__(**hparams)
@@ -300,12 +305,7 @@ class CrossModalMoE(Method):
 
 
 def _install_hooks(model, projector, adapter: CrossModalAdapter) -> None:
-    """The labels of each forward reach ``choose`` (a pre-hook that runs before ``install_selector``'s), and
-    the adapter's mixture is added to the projector's output."""
-    def keep_labels(module, args, kwargs):
-        adapter.labels = kwargs.get("labels")
-        return args, kwargs
-
+    """The adapter's mixture is added to the projector's output."""
     def add_mixture(module, args, output):
         if int(adapter.known) == 0:
             return output
@@ -321,8 +321,6 @@ def _install_hooks(model, projector, adapter: CrossModalAdapter) -> None:
             adapter.batch_repr = (out.mean(1), q)
         return out
 
-    unwrap(model).register_forward_pre_hook(keep_labels, with_kwargs=True, prepend=True)
-    install_selector(model, adapter)
     projector.register_forward_hook(add_mixture)
 
 

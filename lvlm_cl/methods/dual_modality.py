@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from lvlm_cl.methods.adapters import inject_lora, refuse_recipe_lora, set_trainable_adapter, targets
 from lvlm_cl.methods.base import Method, Task, check_finite, check_integer
 from lvlm_cl.methods.routing import (ROUTING_DEFAULTS, TASK_IDS, RouterState, check_routing_settings,
-                                     install_selector, key_term_on_batch)
+                                     key_term_on_batch)
 # Both halves are exactly task_lora's and task_prompts' mechanisms.
 from lvlm_cl.methods.task_lora import install_adapter_hooks
 from lvlm_cl.methods.task_prompts import TaskPromptPool, attach_prompt_pool, begin_task_prompt, install_prompt_hooks
@@ -130,7 +130,6 @@ class DualModality(RouterState, Method):
         for name in self.names:
             layers = inject_lora(model, name, r=h["r"], alpha=h["alpha"], dropout=h["dropout"],
                                  target_modules=targets(language=h["language"], vision=True))
-        install_selector(model, self.pool)
         install_adapter_hooks(model, layers, self.pool, self.names)
         install_prompt_hooks(parts(model)["language_model"], self.pool)
         self._install_capture(parts(model)["projector"])
@@ -175,7 +174,7 @@ class DualModality(RouterState, Method):
             return None
         if any(i not in prompts for i in range(known)):
             raise RuntimeError("dual_modality: the forward did not read every known task's prompt")
-        counts = self.pool.image_counts.to(images.device)
+        counts = (batch["input_ids"] == self.pool.encoder.image_token_id).sum(-1).to(images.device)
         feats = images.reshape(-1, images.shape[-1])
         if feats.shape[0] != int(counts.sum()):
             raise ValueError(f"dual_modality: {feats.shape[0]} image features for {int(counts.sum())} image tokens")

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from lvlm_cl.methods.base import Method, Task, check_finite
+from lvlm_cl.methods.routing import held_for_batch, model_inputs
 
 IGNORE_INDEX = -100
 
@@ -82,7 +83,7 @@ class LwF(Method):
         if missing:
             raise ValueError(f"lwf: the teacher snapshot has parameters {missing[:3]} that are not in the model "
                              "(was the model or the method list changed?)")
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs = {k: v for k, v in model_inputs(batch).items() if k != "labels"}
         modes = [(m, m.training) for m in model.modules()]
         saved: dict[str, torch.Tensor] = {}
         try:
@@ -93,7 +94,8 @@ class LwF(Method):
                     saved[n] = data.clone()
                     data.copy_(t, non_blocking=True)
                 model.eval()
-                logits = model(**inputs).logits.detach()
+                with held_for_batch(model, batch):
+                    logits = model(**inputs).logits.detach()
         finally:
             with torch.no_grad():
                 for n, t in saved.items():

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import warnings
 
 import torch
@@ -39,7 +38,11 @@ IGNORE_INDEX = -100
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    """The transformers model inside DDP / DeepSpeed / compile wrappers and a PEFT wrapper (or the model
+    itself)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    model = extract_model_from_parallel(model, keep_fp32_wrapper=True)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -48,6 +51,7 @@ def attach(model: torch.nn.Module, name: str, module: torch.nn.Module) -> torch.
     base = unwrap(model)
     if not hasattr(base, CONTINUAL):
         base.add_module(CONTINUAL, torch.nn.ModuleDict())
+        _install_selection(base)
     getattr(base, CONTINUAL)[name] = module
     return module
 
@@ -190,6 +194,139 @@ def adapters_disabled(module: torch.nn.Module):
             m.adapters_enabled = flag
 
 
+def selectors(model: torch.nn.Module) -> list["Selector"]:
+    """The modules of ``<model>.continual`` that select per sample inside the forward (``Selector``)."""
+    holder = getattr(unwrap(model), CONTINUAL, None)
+    return [m for m in holder.values() if isinstance(m, Selector)] if holder is not None else []
+
+
+@contextlib.contextmanager
+def held(model: torch.nn.Module, *, input_ids: torch.Tensor | None = None,
+         attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+         task_ids: torch.Tensor | None = None):
+    """One routing choice for everything the model runs inside the block, released at its end.
+
+    Each ``Selector`` of the model chooses now: from ``task_ids`` (a training batch: each sample's task,
+    replayed samples included) or by routing the instructions of ``input_ids`` (the text before the first
+    answer token of ``labels``, when given). A ``generate`` call inside the block decodes every token with
+    that choice (``generate`` below). ``model`` may be wrapped (PEFT, DDP, DeepSpeed)."""
+    found = selectors(model)
+    if any(s.held for s in found):
+        raise RuntimeError("routing.held: a routing choice is already held for this model (blocks do not nest)")
+    try:
+        for s in found:
+            s.choose(task_ids, input_ids, attention_mask, labels)
+            s.held = True
+            s.prompt_length = 0 if input_ids is None else input_ids.shape[1]
+        yield
+    finally:
+        for s in found:
+            s.release()
+
+
+@contextlib.contextmanager
+def held_for_batch(model: torch.nn.Module, batch: dict):
+    """``held`` for a training batch (its ``cl_task_ids`` when it has them, else its instructions)."""
+    with held(model, task_ids=batch.get(TASK_IDS), input_ids=batch["input_ids"],
+              attention_mask=batch.get("attention_mask"), labels=batch.get("labels")):
+        yield
+
+
+def model_inputs(batch: dict) -> dict:
+    """A training batch as the model's forward takes it (without ``cl_task_ids``)."""
+    return {k: v for k, v in batch.items() if k != TASK_IDS}
+
+
+def generate(model: torch.nn.Module, **inputs):
+    """``model.generate(**inputs)`` with the routing chosen once from the prompt (``input_ids``) and held for
+    the whole call: how evaluation, ``scripts/evaluate.py`` and chat generate. Without routed methods it is
+    ``model.generate``."""
+    with held(model, input_ids=inputs.get("input_ids"), attention_mask=inputs.get("attention_mask")):
+        return model.generate(**inputs)
+
+
+class Selector:
+    """What a module that selects by task inside the forward implements (a ``TaskKeyRouter``, the
+    ``cross_modal_moe`` adapter). It holds one choice at a time, only inside ``held(...)``: chosen when the
+    block starts, released when it ends. Once a task is known (``needs_route``), a forward of the model
+    outside such a block is refused: it would have to guess, and a decoding step's one-token input cannot
+    be routed.
+
+    Per forward inside the block, the model's hooks set ``past_length`` (positions of this call already in
+    a decoding cache) and ``input_mask`` (the forward's 2-D padding mask, or None) for the hooks below the
+    model, and clear them after it. ``past_length`` is counted, not read from the cache: a forward shorter
+    than the held prompt continues the previous ones (how ``generate`` decodes with a cache); one at least as
+    long starts again from position 0 (without a cache). Where a 2-D mask is given, which covers the
+    cache and the input, the two must agree."""
+
+    held = False
+    prompt_length = 0              # of the held call's input_ids
+    cache_length = 0               # positions the held call's forwards have run so far
+    input_mask: torch.Tensor | None = None
+    past_length = 0
+
+    @property
+    def needs_route(self) -> bool:
+        """Whether a forward must have a choice (some task is known)."""
+        raise NotImplementedError
+
+    def choose(self, task_ids, input_ids, attention_mask, labels) -> None:
+        raise NotImplementedError
+
+    def forget_choice(self) -> None:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        self.forget_choice()
+        self.held = False
+        self.prompt_length = self.cache_length = self.past_length = 0
+        self.input_mask = None
+
+
+def _positions(args, kwargs) -> int:
+    """The sequence length of a forward's input (``input_ids`` or ``inputs_embeds``)."""
+    x = kwargs.get("input_ids", args[0] if args else None)
+    if x is None:
+        x = kwargs.get("inputs_embeds")
+    return 0 if x is None else x.shape[1]
+
+
+def _install_selection(base: torch.nn.Module) -> None:
+    """The forward hooks of ``Selector`` (once per model: when its ``continual`` holder is created). The
+    post-hook runs even when the forward raises."""
+
+    def before(module, args, kwargs):
+        if TASK_IDS in kwargs:
+            raise TypeError(f"the model got '{TASK_IDS}': pass each sample's task with routing.held(model, "
+                            "task_ids=...) around the forward (as train.language_modelling_loss does)")
+        found = selectors(module)
+        if any(s.needs_route and not s.held for s in found):
+            raise ValueError("routing: this model picks a task per sample, and it ran with no routing choice "
+                             "held: generate with lvlm_cl.methods.routing.generate(model, ...), run a forward "
+                             "inside routing.held(model, input_ids=...) (or task_ids=...)")
+        mask = kwargs.get("attention_mask")
+        length = _positions(args, kwargs)
+        two_d = isinstance(mask, torch.Tensor) and mask.dim() == 2
+        for s in found:
+            s.past_length = s.cache_length if length < s.prompt_length else 0
+            if two_d and mask.shape[1] - length != s.past_length:
+                raise RuntimeError(f"routing: a forward of {length} positions with an attention mask of "
+                                   f"{mask.shape[1]}, after {s.cache_length} positions of this call: the model "
+                                   "was not called as greedy or sampled decoding calls it")
+            s.input_mask = mask if two_d else None
+        return args, kwargs
+
+    def after(module, args, kwargs, output):
+        for s in selectors(module):
+            if s.held:
+                s.cache_length = s.past_length + _positions(args, kwargs)
+            s.input_mask, s.past_length = None, 0
+        return output
+
+    base.register_forward_pre_hook(before, with_kwargs=True)
+    base.register_forward_hook(after, with_kwargs=True, always_call=True)
+
+
 KEY_MODES = ("prototypes", "learned")
 # The settings every method that routes by task keys has (task_prompts, task_lora), checked by
 # ``check_routing_settings``.
@@ -226,7 +363,7 @@ class TaskSlot(torch.nn.Module):
         return self.keys * 1, (prompt * 1 if prompt is not None else None)
 
 
-class TaskKeyRouter(torch.nn.Module):
+class TaskKeyRouter(Selector, torch.nn.Module):
     """One slot (keys, and whatever a subclass routes) per task of the stream; ``known`` tasks (trained or
     in training) take part in routing. ``encoder`` is set by the owning method.
 
@@ -249,10 +386,10 @@ class TaskKeyRouter(torch.nn.Module):
         self.register_buffer("known", torch.zeros((), dtype=torch.long))
         self.register_buffer("key_ready", torch.zeros(num_tasks, dtype=torch.bool))
         self.encoder: InstructionEncoder | None = None
-        self.selected: torch.Tensor | None = None      # the batch's task per sample (set by ``choose``)
-        self.sims: torch.Tensor | None = None
+        # The choice held while the model runs (``Selector``; None otherwise):
+        self.selected: torch.Tensor | None = None      # each sample's task
+        self.sims: torch.Tensor | None = None          # routing similarities (None when the tasks were given)
         self.image_counts: torch.Tensor | None = None   # image tokens per sample (to map images to samples)
-        self.input_mask: torch.Tensor | None = None     # the model call's 2-D attention mask
         self._seen: dict[bytes, torch.Tensor] = {}     # this task's training queries, by instruction
 
     @property
@@ -279,7 +416,12 @@ class TaskKeyRouter(torch.nn.Module):
             out.append(sims if bool(self.key_ready[t]) else torch.full_like(sims, -2.0))
         return torch.stack(out, dim=-1)
 
-    def choose(self, task_ids: torch.Tensor | None, input_ids: torch.Tensor | None, attention_mask) -> None:
+    @property
+    def needs_route(self) -> bool:
+        return self.num_known > 0
+
+    def choose(self, task_ids: torch.Tensor | None, input_ids: torch.Tensor | None, attention_mask,
+               labels: torch.Tensor | None = None) -> None:
         """Set ``selected`` (each sample's task, or None before any task is known) and ``sims`` (the
         routing similarities, None when the tasks were given) for the batch about to run."""
         self.selected, self.sims = None, None
@@ -294,7 +436,10 @@ class TaskKeyRouter(torch.nn.Module):
             return
         if input_ids is None:
             raise ValueError("task routing needs input_ids; inputs_embeds alone cannot be routed")
-        self.selected, self.sims = self.route(input_ids, attention_mask)
+        self.selected, self.sims = self.route(input_ids, attention_mask, labels)
+
+    def forget_choice(self) -> None:
+        self.selected = self.sims = self.image_counts = None
 
     def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
               labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -390,45 +535,6 @@ class RouterState:
     def load_state_dict(self, state: dict) -> None:
         if self.router is not None:
             self.router.restore_seen(state.get("seen", {}))
-
-
-def install_selector(model: torch.nn.Module, router: TaskKeyRouter) -> None:
-    """Make ``router`` choose each batch's tasks before the model runs: from the training batch's
-    ``cl_task_ids`` (removed from the forward's arguments), or by routing at the first step of a generation
-    (later steps keep the choice). One hook per model serves every router.
-
-    ``generate`` is wrapped too: transformers 5 encodes the images before the first forward step, and an
-    adapter of the vision tower must know its route by then."""
-    base = unwrap(model)
-    chosen = getattr(base, "_cl_routers", None)
-    if chosen is None:
-        chosen = []
-        object.__setattr__(base, "_cl_routers", chosen)
-        original = base.generate
-
-        @functools.wraps(original)
-        def generate(*args, **kwargs):
-            input_ids = kwargs.get("input_ids", args[0] if args else None)
-            for r in chosen:
-                r.choose(None, input_ids, kwargs.get("attention_mask"))
-            return original(*args, **kwargs)
-
-        object.__setattr__(base, "generate", generate)
-
-        def select(module, args, kwargs):
-            task_ids = kwargs.pop(TASK_IDS, None)
-            for r in chosen:    # the 2-D padding mask, for hooks below that receive built masks (Gemma 3)
-                r.input_mask = kwargs.get("attention_mask")
-            past = kwargs.get("past_key_values")
-            if past is not None and past.get_seq_length() > 0:
-                return args, kwargs
-            input_ids = kwargs.get("input_ids", args[0] if args else None)
-            for r in chosen:
-                r.choose(task_ids, input_ids, kwargs.get("attention_mask"))
-            return args, kwargs
-
-        base.register_forward_pre_hook(select, with_kwargs=True)
-    chosen.append(router)
 
 
 def key_term_on_batch(router: TaskKeyRouter, batch: dict, task_index: int, weight: float) -> torch.Tensor | None:

@@ -55,8 +55,7 @@ memory, the query encoder (a frozen copy of the language model when it trains in
 and a few vectors per answer. Not for DeepSpeed ZeRO-3 (the teacher swaps whole parameters).
 
 Batches carry ``cl_task_ids`` (``uses_task_ids``): a replayed sample is known as one, and its prototypes are
-its own task's. A forward pre-hook, registered at the first ``before_task`` so that a routing method's
-selector (installed at ``setup``) takes the ids first, drops them before the model runs.
+its own task's.
 """
 
 from __future__ import annotations
@@ -245,7 +244,6 @@ class SemanticTransfer(Method):
         self.last_weights: torch.Tensor | None = None        # the last batch's relevance weights
         self._hidden: torch.Tensor | None = None             # the student's last hidden states (lm_head input)
         self._bank: tuple[int, torch.Tensor] | None = None   # the current task's seen queries, stacked
-        self._drop_hook = None
 
     # Hooks
 
@@ -266,13 +264,6 @@ class SemanticTransfer(Method):
             base.get_output_embeddings().register_forward_pre_hook(capture)
 
     def before_task(self, task: Task, model, train_data: list) -> list:
-        if self._drop_hook is None:
-            # After every method's setup: a routing method's selector (installed at setup) runs before this
-            # hook and takes the ids itself; without one, they are dropped here.
-            def drop(module, args, kwargs):
-                kwargs.pop(TASK_IDS, None)
-                return args, kwargs
-            self._drop_hook = unwrap(model).register_forward_pre_hook(drop, with_kwargs=True)
         self.router.train_only(task.index)
         self.router.requires_grad_(False)
         # The rule looks at the task's own records (not the replayed ones other methods may have added).

@@ -27,7 +27,7 @@ from __future__ import annotations
 from lvlm_cl.methods.adapters import inject_lora, refuse_recipe_lora, set_trainable_adapter, targets
 from lvlm_cl.methods.base import Method, Task, check_integer
 from lvlm_cl.methods.routing import (ROUTING_DEFAULTS, RouterState, TaskKeyRouter, attach, check_routing_settings,
-                                     install_selector, key_term_on_batch, query_encoder, unwrap)
+                                     key_term_on_batch, query_encoder, unwrap)
 
 BASE = "__base__"      # PEFT's name for "no adapter" in a mixed batch
 
@@ -71,7 +71,6 @@ class TaskLoRA(RouterState, Method):
         for name in self.names:
             layers = inject_lora(model, name, r=h["r"], alpha=h["alpha"], dropout=h["dropout"],
                                  target_modules=targets(language=h["language"], vision=h["vision"]))
-        install_selector(model, self.router)
         install_adapter_hooks(model, layers, self.router, self.names)
 
     def before_task(self, task: Task, model, train_data: list) -> list:
@@ -90,8 +89,12 @@ def install_adapter_hooks(model, layer_paths: list[str], router: TaskKeyRouter, 
     """Pass PEFT's ``adapter_names`` to every adapted layer: the routed task's adapter per sample, and per
     image in the vision tower (a sample's images follow its route)."""
     def per_input(kind: str, n: int) -> list[str]:
-        if router.encoder.running or router.selected is None:
+        if router.encoder.running or not router.needs_route:
             return [BASE] * n
+        if router.selected is None:
+            raise ValueError(f"task_lora: a LoRA layer of the {kind} side ran with no routing choice (was the model "
+                             "run outside its forward?); generate with lvlm_cl.methods.routing.generate(model, ...) "
+                             "or inside routing.held(...)")
         per_sample = [names[int(t)] for t in router.selected]
         if kind == "image":
             counts = router.image_counts.tolist()

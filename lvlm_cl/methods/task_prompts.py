@@ -40,7 +40,7 @@ import torch
 from lvlm_cl.distributed import whole
 from lvlm_cl.methods.base import Method, Task, check_integer
 from lvlm_cl.methods.routing import (ROUTING_DEFAULTS, RouterState, TaskKeyRouter, attach, check_routing_settings,
-                                     install_selector, key_term_on_batch, query_encoder)
+                                     key_term_on_batch, query_encoder)
 from lvlm_cl.models import parts
 
 
@@ -53,11 +53,15 @@ class TaskPromptPool(TaskKeyRouter):
         super().__init__(num_tasks, dim, [torch.randn(length, dim, generator=g) * init_std for _ in range(num_tasks)],
                          seed=seed, **keys)
         self.length, self.top_k = length, top_k
-        self._strip = 0                             # prompt positions to drop from the LM output
+        self._strip = 0                             # prompt positions to drop from this LM forward's output
 
     @property
     def active(self) -> bool:
         return self.selected is not None
+
+    def forget_choice(self) -> None:
+        super().forget_choice()
+        self._strip = 0
 
     def weights(self) -> torch.Tensor:
         """(B, known) weight of each known task's prompt per sample: one-hot, or the top-k similarities."""
@@ -100,7 +104,6 @@ class TaskPrompts(RouterState, Method):
 
     def setup(self, model, stream: list[Task]) -> None:
         self.pool = attach_prompt_pool(model, self.name, len(stream), self.hparams, self.hparams["top_k"])
-        install_selector(model, self.pool)
         install_prompt_hooks(parts(model)["language_model"], self.pool)
 
     def before_task(self, task: Task, model, train_data: list) -> list:
@@ -149,8 +152,7 @@ def install_prompt_hooks(language_model, pool: TaskPromptPool) -> None:
         if embeds is None:
             raise ValueError("task_prompts: the language model was called without inputs_embeds")
         P = pool.length
-        past = kwargs.get("past_key_values")
-        first = past is None or past.get_seq_length() == 0
+        first = pool.past_length == 0      # the prompts are not in a decoding cache yet: they are prepended
         if first:
             if pool.selected.shape[0] != embeds.shape[0]:
                 raise ValueError(f"task_prompts: {pool.selected.shape[0]} routed samples for a batch of {embeds.shape[0]}")
@@ -162,8 +164,8 @@ def install_prompt_hooks(language_model, pool: TaskPromptPool) -> None:
             # hand the language model the 2-D padding mask instead, extended below, and it builds its own.
             mask = pool.input_mask
             if mask is None:
-                mask = torch.ones(embeds.shape[0], (past.get_seq_length() if past is not None else 0)
-                                  + embeds.shape[1], dtype=torch.long, device=embeds.device)
+                mask = torch.ones(embeds.shape[0], pool.past_length + embeds.shape[1], dtype=torch.long,
+                                  device=embeds.device)
             kwargs["attention_mask"] = mask
         if mask is not None:
             if mask.dim() != 2:
