@@ -165,6 +165,23 @@ def task_batch(processor, records: list[dict], task_ids, max_length: int = 512) 
 
 
 
+def forward(model, batch: dict):
+    """The model's forward on a ``task_batch`` as the training loop runs it: each sample's routing choice held
+    (from ``cl_task_ids``), which the model itself does not receive."""
+    from lvlm_cl.methods.routing import held_for_batch, model_inputs
+
+    with held_for_batch(model, batch):
+        return model(**model_inputs(batch))
+
+
+def routed_forward(model, batch: dict):
+    """The model's forward on a prompt batch with the routing chosen from its instructions (as at inference)."""
+    from lvlm_cl.methods.routing import held
+
+    with held(model, input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")):
+        return model(**batch)
+
+
 def prompt_batch(processor, records: list[dict], max_length: int = 512) -> dict:
     """A left-padded generation batch of ``records``' prompts (everything before the last answer)."""
     from lvlm_cl.data.encoding import collate_prompts, encode_prompt

@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import SMALL_MODEL, colour_stream, prompt_batch, task_batch, write_colour_tasks, write_recipe
+from conftest import SMALL_MODEL, colour_stream, prompt_batch, task_batch, write_colour_tasks, write_recipe, forward, routed_forward
 from lvlm_cl.config import load_recipe
 from lvlm_cl.data.encoding import encode_record
+from lvlm_cl.methods.routing import generate as routed_generate
 from lvlm_cl.methods.cross_modal_moe import CrossModalMoE, alignment_loss, cosine_matrix, relation_loss
 from lvlm_cl.models import parts, trainable_state_dict
 from lvlm_cl.train import run
@@ -144,12 +145,12 @@ def test_adapter_starts_as_the_base_and_a_new_task_changes_nothing(tiny, stream)
     method.setup(model, stream)
     method.before_task(stream[0], model, [])
     with torch.no_grad():
-        assert torch.allclose(model(**batch).logits, base(**batch).logits, atol=1e-6)
+        assert torch.allclose(forward(model, batch).logits, forward(base, batch).logits, atol=1e-6)
         _randomise(method.adapter.groups[0])                 # as if task 0 had trained its experts
-        after_first = model(**batch).logits
-        assert not torch.allclose(after_first, base(**batch).logits, atol=1e-3)
+        after_first = forward(model, batch).logits
+        assert not torch.allclose(after_first, forward(base, batch).logits, atol=1e-3)
         method.before_task(stream[1], model, [])             # task 1's experts join, at zero
-        assert torch.allclose(model(**batch).logits, after_first, atol=1e-6)
+        assert torch.allclose(forward(model, batch).logits, after_first, atol=1e-6)
 
 
 def test_only_the_current_tasks_experts_and_the_heads_train(tiny, stream):
@@ -163,7 +164,7 @@ def test_only_the_current_tasks_experts_and_the_heads_train(tiny, stream):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".groups.1." in n or "_head." in n for n in trainable)
     batch = _batch(processor, stream[1].train_records[:4], [1] * 4)
-    out = model(**batch)
+    out = forward(model, batch)
     (out.loss + method.loss(model, batch, out, stream[1])).backward()
     group0, group1 = method.adapter.groups
     assert group0.up.grad is None and group0.down.grad is None
@@ -183,7 +184,7 @@ def test_relation_term_starts_after_the_first_task_and_grows_when_the_images_dri
     method.before_task(stream[0], model, [])
     # Two replayed samples of another task first: anchors are the task's own samples only.
     batch = _batch(processor, stream[1].train_records[:2] + stream[0].train_records[:4], [1, 1, 0, 0, 0, 0])
-    out = model(**batch)
+    out = forward(model, batch)
     assert method.loss(model, batch, out, stream[0]) is None                 # no term before a task has ended
     assert len(method.pending) == 3
     want = [encode_record(processor, r, 512) for r in stream[0].train_records[:3]]
@@ -198,13 +199,13 @@ def test_relation_term_starts_after_the_first_task_and_grows_when_the_images_dri
 
     method.before_task(stream[1], model, [])
     batch = _batch(processor, stream[1].train_records[:4], [1] * 4)
-    term = method.loss(model, batch, model(**batch), stream[1])
+    term = method.loss(model, batch, forward(model, batch), stream[1])
     assert term is not None and float(term) < 1e-10                            # nothing changed yet
     with torch.no_grad():                                                        # the image pathway drifts
         for p in parts(model)["vision_tower"].parameters():
             p.add_(0.2 * torch.randn_like(p))
     model.zero_grad()
-    term = method.loss(model, batch, model(**batch), stream[1])
+    term = method.loss(model, batch, forward(model, batch), stream[1])
     assert float(term) > 1e-4
     term.backward()
     group0, group1 = method.adapter.groups
@@ -221,7 +222,7 @@ def test_a_new_tasks_reference_keeps_the_earlier_block(tiny, stream):
     for task in stream:
         method.before_task(task, model, [])
         batch = _batch(processor, task.train_records[:4], [task.index] * 4)
-        method.loss(model, batch, model(**batch), task)
+        method.loss(model, batch, forward(model, batch), task)
         if task.index == 0:
             method.after_task(task, model, [])
             first = method.reference.clone()
@@ -251,13 +252,20 @@ def test_generation_routes_by_itself_like_training(tiny, stream):
         _randomise(method.adapter.groups[task.index], seed=task.index)
     records = stream[0].test_records[:2] + stream[1].test_records[:2]
     with torch.no_grad():
-        trained = model(**_batch(processor, records, [0, 0, 1, 1])).image_hidden_states
-        prompted = model(**_prompts(processor, records)).image_hidden_states
-        assert torch.allclose(trained, prompted, atol=1e-5)
-        gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
-        batched = model.generate(**_prompts(processor, records), **gen)
+        # The projector's output (with the adapter's mixture) for the same images, as training and as inference
+        # route them: read through the model's public image outputs.
+        trained = forward(model, _batch(processor, records, [0, 0, 1, 1])).image_outputs.pooler_output
+        prompted = routed_forward(model, _prompts(processor, records)).image_outputs.pooler_output
+        assert len(trained) == len(prompted) == len(records)
+        for a, b in zip(trained, prompted):
+            assert torch.allclose(a, b, atol=1e-5)
+        tok = processor.tokenizer
+        gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        batched = routed_generate(model, **_prompts(processor, records), **gen)
+        new = batched[:, -4:]
+        assert not bool(torch.isin(new, torch.tensor([tok.pad_token_id, tok.eos_token_id])).any())  # 4 real tokens
         for i, r in enumerate(records):
-            assert torch.equal(model.generate(**_prompts(processor, [r]), **gen)[0, -4:], batched[i, -4:])
+            assert torch.equal(routed_generate(model, **_prompts(processor, [r]), **gen)[0, -4:], batched[i, -4:])
 
 
 # Resume and settings
@@ -268,7 +276,7 @@ def test_state_round_trips(tiny, stream):
     method.setup(model, stream)
     method.before_task(stream[0], model, [])
     batch = _batch(tiny[1], stream[0].train_records[:2], [0, 0])
-    method.loss(model, batch, model(**batch), stream[0])
+    method.loss(model, batch, forward(model, batch), stream[0])
     mid = method.state_dict()                        # a step checkpoint inside the task: pending anchors
     method.after_task(stream[0], model, [])
     other = CrossModalMoE(anchors_per_task=2)

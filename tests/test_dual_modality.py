@@ -9,10 +9,11 @@ import math
 import pytest
 import torch
 
-from conftest import SMALL_MODEL, colour_stream, prompt_batch, task_batch, write_colour_tasks, write_recipe
+from conftest import forward, routed_forward, SMALL_MODEL, colour_stream, prompt_batch, task_batch, write_colour_tasks, write_recipe
 from lvlm_cl.config import load_recipe
 from lvlm_cl.methods.dual_modality import DualModality, separation_loss
-from lvlm_cl.methods.routing import TASK_IDS, is_continual, routers
+from lvlm_cl.methods.routing import TASK_IDS, held, is_continual, routers
+from lvlm_cl.methods.routing import generate as routed_generate
 from lvlm_cl.models import parts, trainable_state_dict
 from lvlm_cl.train import run
 
@@ -84,21 +85,21 @@ def test_language_true_extends_each_tasks_adapter_to_the_language_model(tiny, st
     # The language model's adapter follows each sample's route too: task 1's adapter changes only its samples.
     batch = _batch(tiny[1], stream[1].train_records[:2] + stream[0].train_records[:2], [1, 1, 0, 0])
     with torch.no_grad():
-        before = model(**batch).logits
+        before = forward(model, batch).logits
         for n, p in model.named_parameters():
             if "language_model" in n and ".lora_B.cl_dual_modality_01." in n:
                 p.add_(0.5)
-        after = model(**batch).logits
+        after = forward(model, batch).logits
     assert not torch.allclose(before[:2], after[:2], atol=1e-3) and torch.allclose(before[2:], after[2:], atol=1e-6)
 
 
 def test_no_term_on_the_first_task_or_at_zero_weight(tiny, stream):
     method, model = _method_at(*tiny, stream, 0)
     batch = _batch(tiny[1], stream[0].train_records[:4], [0] * 4)
-    assert method.loss(model, batch, model(**batch), stream[0]) is None     # one known task: nothing to push from
+    assert method.loss(model, batch, forward(model, batch), stream[0]) is None     # one known task: nothing to push from
     method, model = _method_at(*tiny, stream, 1, contrast_weight=0.0)
     batch = _batch(tiny[1], stream[1].train_records[:4], [1] * 4)
-    assert method.loss(model, batch, model(**batch), stream[1]) is None
+    assert method.loss(model, batch, forward(model, batch), stream[1]) is None
 
 
 def test_the_term_on_the_model_and_where_its_gradient_goes(tiny, stream):
@@ -106,7 +107,7 @@ def test_the_term_on_the_model_and_where_its_gradient_goes(tiny, stream):
     pool = method.pool
     # With ``init: previous`` the new prompt is a copy of the old one: both tasks score the same, CE = log 2.
     batch = _batch(tiny[1], stream[1].train_records[:4], [1] * 4)
-    model(**batch)
+    forward(model, batch)
     assert method.separation_term(batch, stream[1]).item() == pytest.approx(0.5 * math.log(2), rel=1e-5)
 
     with torch.no_grad():
@@ -114,7 +115,7 @@ def test_the_term_on_the_model_and_where_its_gradient_goes(tiny, stream):
     seen = []
     handle = parts(model)["projector"].register_forward_hook(lambda m, a, out: seen.append(out.detach()))
     batch = _batch(tiny[1], stream[1].train_records[:2] + stream[0].train_records[:2], [1, 1, 0, 0])  # 2 replayed
-    model(**batch)
+    forward(model, batch)
     handle.remove()
     term = method.separation_term(batch, stream[1])
     # By hand: each sample has one image; its feature is the mean of its image tokens.
@@ -149,19 +150,25 @@ def test_one_route_picks_both_the_vision_adapter_and_the_prompt(tiny, stream):
     images = []
     handle = parts(model)["projector"].register_forward_hook(lambda m, a, out: images.append(out))
     with torch.no_grad():
-        routed = model(**prompts).logits
-        forced = model(**prompts, **{TASK_IDS: truth}).logits
-        wrong = model(**prompts, **{TASK_IDS: 1 - truth}).logits
+        routed = routed_forward(model, prompts).logits
+        with held(model, task_ids=truth, input_ids=prompts["input_ids"]):
+            forced = model(**prompts).logits
+        with held(model, task_ids=1 - truth, input_ids=prompts["input_ids"]):
+            wrong = model(**prompts).logits
     handle.remove()
-    assert method.pool.selected.tolist() == [1, 1, 0, 0]    # the last call's (forced wrong) choice
+    assert method.pool.selected is None                     # released after each call
     assert torch.allclose(routed, forced, atol=1e-5)
     assert not torch.allclose(routed, wrong, atol=1e-3)
     # The image features follow the route: each sample's images went through its own task's adapter.
     assert torch.allclose(images[0], images[1], atol=1e-5) and not torch.allclose(images[0], images[2], atol=1e-3)
+    steps = []
+    handle = model.register_forward_pre_hook(lambda m, a: steps.append(method.pool.selected.tolist()))
     with torch.no_grad():
-        generated = model.generate(**prompts, max_new_tokens=3, do_sample=False,
-                                   pad_token_id=tiny[1].tokenizer.pad_token_id)
-    assert method.pool.selected.tolist() == [0, 0, 1, 1]    # generate routed by itself
+        generated = routed_generate(model, **prompts, max_new_tokens=3, do_sample=False,
+                                    pad_token_id=tiny[1].tokenizer.pad_token_id)
+    handle.remove()
+    assert steps == [[0, 0, 1, 1]] * 3                      # routed by itself, the same choice at every step
+    assert method.pool.selected is None
     assert generated.shape[0] == 4
 
 

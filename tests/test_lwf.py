@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from conftest import SMALL_MODEL, png, record, write_recipe
+from conftest import forward, routed_forward, SMALL_MODEL, png, record, write_recipe
 from lvlm_cl.data.encoding import collate_train, encode_record
 from lvlm_cl.methods.base import Task
 from lvlm_cl.methods.lwf import LwF
@@ -70,7 +70,7 @@ def hand_kl(student_logits, teacher_logits, labels, T, alpha):
 
 def test_no_term_before_the_first_task_ends(model, batch):
     m = LwF()
-    outputs = model(**batch)
+    outputs = forward(model, batch)
     assert m.loss(model, batch, outputs, TASK0) is None
     m.before_task(TASK0, model, [])
     assert m.loss(model, batch, outputs, TASK0) is None
@@ -83,11 +83,11 @@ def test_zero_right_after_the_snapshot_and_positive_once_the_student_moves(model
     assert set(m.teacher) == {n for n, p in model.named_parameters() if p.requires_grad}
     assert all(t.device.type == "cpu" and not t.requires_grad for t in m.teacher.values())
     model.eval()                       # deterministic student pass (the tiny model has no dropout anyway)
-    term = m.loss(model, batch, model(**batch), TASK1)
+    term = m.loss(model, batch, forward(model, batch), TASK1)
     assert term is not None and abs(term.item()) < 1e-6
     model.train()
     nudge(model)
-    assert m.loss(model, batch, model(**batch), TASK1).item() > 1e-4
+    assert m.loss(model, batch, forward(model, batch), TASK1).item() > 1e-4
 
 
 def test_value_equals_the_masked_kl_by_hand(model, batch):
@@ -95,7 +95,7 @@ def test_value_equals_the_masked_kl_by_hand(model, batch):
     m = LwF(alpha=0.7, temperature=1.5)
     m.after_task(TASK0, model, [])
     nudge(model)
-    outputs = model(**batch)
+    outputs = forward(model, batch)
     term = m.loss(model, batch, outputs, TASK1)
     with torch.no_grad():
         teacher_logits = teacher_model(**{k: v for k, v in batch.items() if k != "labels"}).logits
@@ -110,7 +110,7 @@ def test_temperature_and_alpha_scale_the_term(model, batch):
     snap = LwF()
     snap.after_task(TASK0, model, [])
     nudge(model)
-    outputs = model(**batch)
+    outputs = forward(model, batch)
 
     def term(**kw):
         m = LwF(**kw)
@@ -128,7 +128,7 @@ def test_student_values_restored_and_graph_backpropagates(model, batch):
     nudge(model)
     student = values(model)
     versions = {n: p._version for n, p in model.named_parameters()}
-    outputs = model(**batch)
+    outputs = forward(model, batch)
     term = m.loss(model, batch, outputs, TASK1)
     assert same(values(model), student)
     assert {n: p._version for n, p in model.named_parameters()} == versions
@@ -141,14 +141,14 @@ def test_gradient_of_the_term_moves_the_student_towards_the_teacher(model, batch
     m = LwF()
     m.after_task(TASK0, model, [])
     nudge(model)
-    term = m.loss(model, batch, model(**batch), TASK1)
+    term = m.loss(model, batch, forward(model, batch), TASK1)
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(term, params, allow_unused=True)
     with torch.no_grad():
         for p, g in zip(params, grads):
             if g is not None:
                 p.sub_(0.5 * g)
-    assert m.loss(model, batch, model(**batch), TASK1).item() < term.item()
+    assert m.loss(model, batch, forward(model, batch), TASK1).item() < term.item()
 
 
 def test_values_and_modes_restored_when_the_teacher_forward_raises(model, batch, monkeypatch):
@@ -159,7 +159,7 @@ def test_values_and_modes_restored_when_the_teacher_forward_raises(model, batch,
     model.model.vision_tower.eval()           # a mixed mode: every module keeps its own
     modes = {n: mod.training for n, mod in model.named_modules()}
     student = values(model)
-    outputs = model(**batch)
+    outputs = forward(model, batch)
 
     seen = {}
 
@@ -181,7 +181,7 @@ def test_values_and_modes_restored_when_the_teacher_forward_raises(model, batch,
 def test_train_and_eval_modes_restored(model, batch):
     m = LwF()
     m.after_task(TASK0, model, [])
-    outputs = model(**batch)
+    outputs = forward(model, batch)
     model.train()
     m.loss(model, batch, outputs, TASK1)
     assert all(mod.training for mod in model.modules())
@@ -196,7 +196,7 @@ def test_frozen_parameters_are_not_snapshotted(model, batch):
     m = LwF()
     m.after_task(TASK0, model, [])
     assert m.teacher and not any("vision_tower" in n for n in m.teacher)
-    assert m.loss(model, batch, model(**batch), TASK1).item() == pytest.approx(0, abs=1e-6)
+    assert m.loss(model, batch, forward(model, batch), TASK1).item() == pytest.approx(0, abs=1e-6)
 
 
 # Resume
@@ -205,7 +205,7 @@ def test_state_round_trip_gives_the_same_term(model, batch, tmp_path):
     m = LwF(alpha=0.5, temperature=3.0)
     m.after_task(TASK0, model, [])
     nudge(model)
-    outputs = model(**batch)
+    outputs = forward(model, batch)
     term = m.loss(model, batch, outputs, TASK1).item()
 
     torch.save({"lwf": m.state_dict()}, tmp_path / "methods.pt")            # as the checkpoint does
@@ -232,7 +232,7 @@ def test_snapshot_parameter_missing_from_the_model_is_an_error(model, batch):
     m = LwF()
     m.load_state_dict({"teacher": {"no.such.weight": torch.zeros(1)}})
     with pytest.raises(ValueError, match="no.such.weight"):
-        m.loss(model, batch, model(**batch), TASK1)
+        m.loss(model, batch, forward(model, batch), TASK1)
 
 
 # Settings

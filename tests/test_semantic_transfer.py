@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import SMALL_MODEL, png, record, task_batch, write_recipe
+from conftest import forward, routed_forward, SMALL_MODEL, png, record, task_batch, write_recipe
 from lvlm_cl.methods.base import Task
 from lvlm_cl.methods.lwf import LwF, distillation
 from lvlm_cl.methods.routing import TaskKeyRouter
@@ -196,7 +196,7 @@ def _finish_first_task(m, model, processor, stream):
     m.before_task(stream[0], model, stream[0].train_records)
     for _ in range(2):
         batch = _batch(processor, stream[0].train_records, [0] * 8)
-        m.loss(model, batch, model(**batch), stream[0])
+        m.loss(model, batch, forward(model, batch), stream[0])
     m.after_task(stream[0], model, stream[0].train_records)
     m.before_task(stream[1], model, stream[1].train_records)
 
@@ -208,10 +208,10 @@ def test_first_task_has_prototypes_but_no_distillation(setup):
     m.before_task(stream[0], model, stream[0].train_records)
     batch = _batch(processor, stream[0].train_records, [0] * 8)
     # The task-id hook lets the model run on a batch that carries cl_task_ids.
-    out = model(**batch)
+    out = forward(model, batch)
     assert m.loss(model, batch, out, stream[0]) is None          # prototypes are made from this batch
     assert m.current is not None and len(m.current.ready()) == 4 and m.last_weights is None
-    out = model(**batch)
+    out = forward(model, batch)
     term = m.loss(model, batch, out, stream[0])
     assert term is not None and term.item() > 0
     params = dict(model.named_parameters())
@@ -229,12 +229,12 @@ def test_prototype_term_pulls_states_to_their_answers(setup):
     m.setup(model, stream)
     m.before_task(stream[0], model, stream[0].train_records)
     batch = _batch(processor, stream[0].train_records, [0] * 8)
-    m.loss(model, batch, model(**batch), stream[0])
+    m.loss(model, batch, forward(model, batch), stream[0])
     _nudge(model, 0.3)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     values = []
     for _ in range(4):
-        term = m.loss(model, batch, model(**batch), stream[0])
+        term = m.loss(model, batch, forward(model, batch), stream[0])
         values.append(term.item())
         opt.zero_grad()
         term.backward()
@@ -248,9 +248,9 @@ def test_distillation_term_is_zero_at_the_snapshot_and_scales_per_sample(setup, 
     _finish_first_task(m, model, processor, stream)
     batch = _batch(processor, stream[1].train_records[:2], [1, 1])
     model.eval()
-    assert abs(m.loss(model, batch, model(**batch), stream[1]).item()) < 1e-6
+    assert abs(m.loss(model, batch, forward(model, batch), stream[1]).item()) < 1e-6
     _nudge(model)
-    outputs = model(**batch)
+    outputs = forward(model, batch)
 
     def term(w):
         monkeypatch.setattr(m, "weights", lambda q, t: torch.tensor(w))
@@ -273,7 +273,7 @@ def test_relevance_on_real_instructions(setup):
     _finish_first_task(m, model, processor, stream)
     assert bool(m.router.key_ready[0]) and not bool(m.router.key_ready[1])
     batch = _batch(processor, stream[1].train_records[:3] + stream[0].train_records[:1], [1, 1, 1, 0])
-    term = m.loss(model, batch, model(**batch), stream[1])
+    term = m.loss(model, batch, forward(model, batch), stream[1])
     w = m.last_weights
     assert term is not None and bool(((w > 0) & (w < 1)).all())
     tokens = m.encoder.instruction_tokens(batch["input_ids"], batch["attention_mask"], batch["labels"],
@@ -295,7 +295,7 @@ def test_replayed_samples_use_their_task_prototypes(setup):
     assert len(old.answers) == 4 and all(p is not None for p in old.protos)
     frozen = [p.clone() for p in old.protos]
     batch = _batch(processor, stream[0].train_records[:4], [0, 0, 0, 0])     # only replayed samples
-    term = m.loss(model, batch, model(**batch), stream[1])
+    term = m.loss(model, batch, forward(model, batch), stream[1])
     assert term is not None and term.item() > 0
     assert all(torch.equal(a, b) for a, b in zip(frozen, old.protos))         # old prototypes do not move
     assert m.current is not None and m.current.answers == []                 # nothing of the current task
@@ -306,7 +306,7 @@ def test_state_round_trip_gives_the_same_terms(setup, tmp_path):
     m = SemanticTransfer(alpha=0.5)
     _finish_first_task(m, model, processor, stream)
     batch = _batch(processor, stream[1].train_records[:4] + stream[0].train_records[:2], [1, 1, 1, 1, 0, 0])
-    m.loss(model, batch, model(**batch), stream[1])                        # current prototypes exist now
+    m.loss(model, batch, forward(model, batch), stream[1])                        # current prototypes exist now
     _nudge(model)
     torch.save({"semantic_transfer": m.state_dict()}, tmp_path / "methods.pt")         # as the checkpoint does
     state = torch.load(tmp_path / "methods.pt", weights_only=False)["semantic_transfer"]
@@ -314,7 +314,7 @@ def test_state_round_trip_gives_the_same_terms(setup, tmp_path):
     resumed.setup(model, stream)
     resumed.before_task(stream[1], model, stream[1].train_records)             # as a resume inside a task
     resumed.load_state_dict(state)
-    outputs = model(**batch)
+    outputs = forward(model, batch)
     a = m.loss(model, batch, outputs, stream[1]).item()
     b = resumed.loss(model, batch, outputs, stream[1]).item()
     assert a > 0 and a == pytest.approx(b, rel=1e-6)
