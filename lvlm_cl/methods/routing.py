@@ -16,8 +16,13 @@ is frozen, so a query depends only on the instruction's tokens and is cached by 
 Routing picks, for each sample, the known task whose keys have the highest cosine similarity to the query
 (``TaskKeyRouter``: k-means prototypes of each task's queries, or one learned key per task).
 The modules that route (keys, prompts, adapters' routers) are attached to the model under
-``<model>.continual.<method>``, so they are saved with every task checkpoint and restored with it: the
-model routes by itself in ``generate`` with no task label and no training code.
+``<model>.continual.<method>``, so they are saved with every task checkpoint and restored with it.
+
+When the choice is made: once per call, from that call's own inputs, and held explicitly for it
+(``held``): per ``generate`` call from the prompt (``generate(model, **inputs)``: no task label, no
+training code), per training forward from the batch's task ids. Nothing depends on the arguments
+transformers passes to the forward inside ``generate`` (transformers 5.24 renamed the cache argument), and
+nothing of a call is left on the model after it (``Selector``).
 """
 
 from __future__ import annotations

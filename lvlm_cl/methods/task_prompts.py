@@ -13,7 +13,7 @@ instruction (``routing.InstructionEncoder``: the base language model's mean-pool
   queries by ``term = key_weight * mean(1 - cos(q, k_t))`` (``key_mode: learned``).
 - Inference: each sample uses the prompt of the known task whose keys are most similar to its query
   (``top_k > 1``: the similarity-weighted mean of the k best tasks' prompts). No task label is needed:
-  routing happens inside the model's forward, so ``generate``, evaluation and chat route by themselves.
+  ``routing.generate`` (used by evaluation and chat) routes each prompt once and holds the choice.
 - The prompts, keys and the count of known tasks live in the model (``<model>.continual.task_prompts``) and
   are saved with every task checkpoint.
 
@@ -21,12 +21,13 @@ instruction (``routing.InstructionEncoder``: the base language model's mean-pool
       - {name: task_prompts, length: 8, key_weight: 1.0}
       - {name: replay, memory_fraction: 0.05, selection: task_balanced}
 
-How the prompts enter the model: a forward pre-hook on the model chooses each sample's task (from the
-training batch's ``cl_task_ids``, or by routing at the first step of a generation), a pre-hook on the
-language model prepends the chosen prompts to ``inputs_embeds`` (extending the attention mask and shifting
-position ids by ``length``), and a forward hook drops the prompt positions from its output, so logits and
-labels keep their length. Later generation steps find the prompts in the key-value cache and only get the
-mask and positions extended. Routing accuracy per task is reported in ``metrics.json`` and the report.
+How the prompts enter the model: each sample's task is chosen once per call (``routing.held``: from the
+training batch's ``cl_task_ids``, or by routing the prompt of a ``routing.generate`` call), a pre-hook on
+the language model prepends the chosen prompts to ``inputs_embeds`` (extending the attention mask and
+shifting position ids by ``length``), and a forward hook drops the prompt positions from its output, so
+logits and labels keep their length. Later decoding steps of the call find the prompts in the key-value
+cache and only get the mask and positions extended. Routing accuracy per task is reported in
+``metrics.json`` and the report.
 
 Adaptations: ModalPrompt's query blends a CLIP text and image feature; here the query is text-only (the
 LLaVA model's own language model is the encoder, no second model is needed). ModalPrompt concatenates the
