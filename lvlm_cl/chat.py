@@ -24,6 +24,7 @@ from lvlm_cl.checkpoint import CheckpointError
 from lvlm_cl.data.encoding import encode_prompt
 from lvlm_cl.data.records import RecordError, check_image
 from lvlm_cl.methods.routing import generate as routed_generate
+from lvlm_cl.models import autocast_for
 
 
 class ChatError(RuntimeError):
@@ -109,7 +110,8 @@ class Chat:
         tok = self.processor.tokenizer
         streamer = _Streamer(tok, stream) if stream is not None else None
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-        out = routed_generate(self.model, **inputs, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+        with autocast_for(self.model):
+            out = routed_generate(self.model, **inputs, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
                                   eos_token_id=tok.eos_token_id, streamer=streamer, **sampling)
         reply = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         self.history = record["messages"][:-1] + [{"role": "assistant", "content": [{"type": "text", "text": reply}]}]
@@ -138,15 +140,17 @@ def load(args):
             raise ChatError(f"--run {args.run}: no such folder")
         stage = load_stage(args.run, args.stage, quantization=quant)
         return stage.model, stage.processor, stage.cfg.model.max_length, [t.name for t in stage.stream]
-    from lvlm_cl.models import ModelError, load_model_dir
+    from lvlm_cl.models import ModelError, default_device, load_model_dir
 
     if not (args.model / "config.json").is_file():
         raise ChatError(f"--model {args.model}: not a Hugging Face model directory (no config.json)")
     from lvlm_cl.config import ModelConfig
 
     try:
+        device = default_device()
+        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
         model, processor = load_model_dir(args.model, ModelConfig(path=str(args.model), chat_template=args.chat_template),
-                                          quantization=quant, require_markers=False)
+                                          quantization=quant, require_markers=False, dtype=dtype, device=device)
     except ModelError as e:
         raise ChatError(str(e)) from None
     model.eval()

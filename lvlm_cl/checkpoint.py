@@ -209,7 +209,11 @@ def restore_trainable(model, tensors: dict[str, torch.Tensor], where: str) -> No
                               "or method list changed?)")
     with torch.no_grad():
         for n, t in tensors.items():
-            params[n].copy_(t)
+            p = params[n]
+            if p.is_floating_point() and t.is_floating_point() and p.dtype != t.dtype:
+                p.data = t.to(p.device)       # saved in the precision it trained in (float32 over a bf16 base)
+            else:
+                p.copy_(t)
 
 
 def restore_task(run_dir: Path, task, model, methods) -> dict:

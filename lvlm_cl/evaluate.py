@@ -75,6 +75,7 @@ def evaluate(args) -> dict:
     from lvlm_cl.data.dataset import EncodingCache
     from lvlm_cl.distributed import shard, unshard
     from lvlm_cl.evaluation.generate import generate_answers
+    from lvlm_cl.models import autocast_for
     from lvlm_cl.stage import load_stage
 
     accelerator = Accelerator()
@@ -85,16 +86,19 @@ def evaluate(args) -> dict:
     out = args.output or args.run / "evaluations" / args.data.stem
     mine = shard(records, accelerator)
     scores: dict[str, float] = {}
-    stage = load_stage(args.run, stages[0])     # built once; later stages are restored into it
-    model = stage.model.to(accelerator.device)
+    stage = load_stage(args.run, stages[0], device=accelerator.device)   # built once; later stages are restored into it
+    model = stage.model
     tr = stage.cfg.trainer
     cache = EncodingCache(stage.processor, stage.cfg.model.max_length)
     for k in stages:
         if k != stage.index:
             stage.restore(k)
-        local = generate_answers(model, stage.processor, mine, cache, batch_size=args.batch_size or tr.eval_batch_size,
-                                 max_new_tokens=args.max_new_tokens or tr.max_new_tokens,
-                                 desc=f"stage {k} ({stage.task.name})", progress=accelerator.is_main_process)
+        with autocast_for(model):
+            local = generate_answers(model, stage.processor, mine, cache,
+                                     batch_size=args.batch_size or tr.eval_batch_size,
+                                     max_new_tokens=args.max_new_tokens or tr.max_new_tokens,
+                                     desc=f"stage {k} ({stage.task.name})", progress=accelerator.is_main_process,
+                                     device=accelerator.device)
         predictions = unshard(local, len(records), accelerator)
         if accelerator.is_main_process:
             answers = [final_answer(r) for r in records]

@@ -13,12 +13,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from lvlm_cl.checkpoint import CheckpointError, RunState, restore_task
 from lvlm_cl.config import RunConfig, cache_dir, from_dict
 from lvlm_cl.data.stream import build_stream
 from lvlm_cl.methods import build_methods
 from lvlm_cl.methods.base import Method, Task
-from lvlm_cl.models import apply_training_setup, load_model_dir, resolve_model_dir
+from lvlm_cl.models import apply_training_setup, default_device, load_model_dir, resolve_model_dir, weights_dtype
 
 
 @dataclass
@@ -63,8 +65,11 @@ def stage_index(run_dir: Path, state: RunState, index: int | None) -> int:
     return index
 
 
-def load_stage(run_dir: str | Path, index: int | None = None, *, quantization: str | None = None) -> Stage:
-    """``index`` is the 0-based task after which the stage was saved (default: the last trained one).
+def load_stage(run_dir: str | Path, index: int | None = None, *, quantization: str | None = None,
+               device: torch.device | str | None = None) -> Stage:
+    """``index`` is the 0-based task after which the stage was saved (default: the last trained one). The
+    model loads in the run's precision (its base in bf16 for a bf16 run) straight onto ``device`` (default:
+    the current GPU, else the CPU).
     ``quantization`` ("4bit" / "8bit") loads the base language model quantized; refused when the run trained
     weights that quantization would replace (full fine-tuning of the language model). A run trained on a
     quantized model (``model.quantization``) loads quantized the same way unless told otherwise."""
@@ -80,7 +85,9 @@ def load_stage(run_dir: str | Path, index: int | None = None, *, quantization: s
     # The run keeps a copy of a built-in base model; a local model directory is read where it is.
     base = run_dir / "base_model"
     model, processor = load_model_dir(base if base.is_dir() else resolve_model_dir(cfg.model, cfg.seed, cache),
-                                      cfg.model, quantization=quantization)
+                                      cfg.model, quantization=quantization,
+                                      dtype=weights_dtype(cfg.trainer.mixed_precision),
+                                      device=default_device() if device is None else device)
     model = apply_training_setup(model, cfg.model)
     stream, _ = build_stream(cfg, cache)
     methods = build_methods(cfg.methods)

@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # run as a script (accelerate launch lvlm_cl/trai
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
+from accelerate.utils import send_to_device
 from tqdm.auto import tqdm
 
 from lvlm_cl.checkpoint import (CheckpointError, RunState, data_fingerprint, prepare_run_dir, read_step_checkpoint,
@@ -41,7 +42,7 @@ from lvlm_cl.io import atomic_replace_dir, atomic_write_json
 from lvlm_cl.methods import build_methods
 from lvlm_cl.methods.routing import TASK_IDS, held_for_batch, model_inputs
 from lvlm_cl.models import (BUILTIN_GEMMA3, BUILTIN_PRETRAINED, BUILTIN_RANDOM, ModelError, apply_training_setup, count_parameters,
-                            load_model_dir, resolve_model_dir, trainable_state_dict)
+                            load_model_dir, resolve_model_dir, trainable_state_dict, upcast_trainable, weights_dtype)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +82,11 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
 
     # The model: every source is a Hugging Face directory, loaded the same way.
     model_dir = resolve_model_dir(cfg.model, cfg.seed, cache)
-    model, processor = load_model_dir(model_dir, cfg.model, quantization=cfg.model.quantization)
+    # In the recipe's precision, straight onto this process's device (DeepSpeed places the model itself at
+    # prepare): the zero-shot evaluation and the methods' setup already run there.
+    model, processor = load_model_dir(model_dir, cfg.model, dtype=weights_dtype(cfg.trainer.mixed_precision),
+                                      quantization=cfg.model.quantization,
+                                      device=None if uses_deepspeed(accelerator) else accelerator.device)
     if cfg.model.path in (BUILTIN_PRETRAINED, BUILTIN_RANDOM, BUILTIN_GEMMA3) and accelerator.is_main_process \
             and not (run_dir / "base_model").exists():
         tmp = run_dir / ".base_model.tmp"
@@ -223,6 +228,8 @@ def train_task(accelerator, model, methods, task, train_data, encodings, cfg, lo
     world = accelerator.num_processes
     samples_per_step = tr.batch_size * tr.grad_accum * world
     steps = tr.steps_per_task or max(1, math.ceil(tr.epochs_per_task * len(train_data) / samples_per_step))
+    if not uses_deepspeed(accelerator):     # DeepSpeed keeps its own float32 copy of what trains
+        upcast_trainable(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError(f"task {task.name!r}: nothing trains: every part of the model is frozen and no method adds "
@@ -256,22 +263,25 @@ def train_task(accelerator, model, methods, task, train_data, encodings, cfg, lo
                                                     "curve": curve, "running": running},
                              trainable, {m.name: m.state_dict() for m in methods})
 
-    loader = torch.utils.data.DataLoader(list(range(len(train_data))), batch_sampler=order, collate_fn=collate)
+    # Batches are built on the host (pinned on a GPU, so the copy overlaps compute) and sent to the
+    # process's device here: the DataLoader is not prepared, since StepBatchOrder already shards by rank.
+    loader = torch.utils.data.DataLoader(list(range(len(train_data))), batch_sampler=order, collate_fn=collate,
+                                         pin_memory=accelerator.device.type == "cuda")
     wrapped.train()
     bar = tqdm(total=steps, initial=step, desc=f"task {task.index + 1} {task.name}",
                disable=not (progress and accelerator.is_main_process))
     first, started = step, time.time()
     full = any(m.full_outputs for m in methods)
+    pending: list[torch.Tensor] = []     # the micro-steps' losses since they were last read, on the device
     for batch in loader:
+        batch = send_to_device(batch, accelerator.device, non_blocking=True)
         with accelerator.accumulate(wrapped):
             outputs, loss = language_modelling_loss(wrapped, batch, full)
-            for m in methods:
-                term = m.loss(model, batch, outputs, task)
+            with accelerator.autocast():       # a method's own forwards (a teacher's) in the loop's precision
+                terms = [m.loss(model, batch, outputs, task) for m in methods]
+            for term in terms:
                 if term is not None:
                     loss = loss + term
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"task {task.name!r}: loss became {loss.item()} at step {step}; the last "
-                                         "task checkpoint is kept. Lower trainer.lr or check the data.")
             accelerator.backward(loss)
             for m in methods:
                 m.after_backward(model, task)
@@ -280,12 +290,23 @@ def train_task(accelerator, model, methods, task, train_data, encodings, cfg, lo
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
-        running.append(loss.detach().item())
+        # No host synchronisation per micro-step: the losses stay on the device and are read (and checked for
+        # NaN or inf) once per logging window and before a step checkpoint.
+        pending.append(loss.detach().float())
         if accelerator.sync_gradients:
             step += 1
             for m in methods:
                 m.after_step(model, task)
             bar.update(1)
+            saving = bool(tr.save_every) and step % tr.save_every == 0 and step < steps
+            if step % tr.log_every == 0 or step == steps or saving:
+                losses = torch.stack(pending).tolist()
+                pending = []
+                bad = [x for x in losses if not math.isfinite(x)]
+                if bad:
+                    raise FloatingPointError(f"task {task.name!r}: the loss became {bad[0]} by step {step}; the last "
+                                             "task checkpoint is kept. Lower trainer.lr or check the data.")
+                running.extend(losses)
             if step % tr.log_every == 0 or step == steps:
                 mean = sum(running) / len(running)
                 if accelerator.num_processes > 1:   # the mean over processes (every process logs at this step)
@@ -298,7 +319,7 @@ def train_task(accelerator, model, methods, task, train_data, encodings, cfg, lo
                 if not progress:
                     log(f"task {task.name} step {step}/{steps} loss {mean:.4f} "
                         f"({(step - first) / (time.time() - started):.1f} steps/s)")
-            if tr.save_every and step % tr.save_every == 0 and step < steps:
+            if saving:
                 save_step()
     bar.close()
     accelerator.free_memory()
@@ -395,11 +416,13 @@ def evaluate_stream(accelerator, model, processor, stream, encodings, cfg, run_d
         for task in stream:
             records = eval_records(task, tr)
             # Each process generates its share; under ZeRO-3 all of them step together (synced_gpus).
-            local = generate_answers(model, processor, shard(records, accelerator), encodings,
-                                     batch_size=tr.eval_batch_size, max_new_tokens=tr.max_new_tokens,
-                                     desc=f"eval {stage} {task.name}",
-                                     progress=progress and accelerator.is_main_process,
-                                     synced_gpus=zero_stage(accelerator) == 3 and accelerator.num_processes > 1)
+            with accelerator.autocast():
+                local = generate_answers(model, processor, shard(records, accelerator), encodings,
+                                         batch_size=tr.eval_batch_size, max_new_tokens=tr.max_new_tokens,
+                                         desc=f"eval {stage} {task.name}",
+                                         progress=progress and accelerator.is_main_process,
+                                         synced_gpus=zero_stage(accelerator) == 3 and accelerator.num_processes > 1,
+                                         device=accelerator.device)
             predictions = unshard(local, len(records), accelerator)
             answers = [final_answer(r) for r in records]
             scores = score_many(task.metric, predictions, answers)

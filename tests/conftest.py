@@ -119,11 +119,14 @@ def stage_scores(stage) -> list[float]:
     from lvlm_cl.evaluation import score_many
     from lvlm_cl.evaluation.generate import generate_answers
 
+    from lvlm_cl.models import autocast_for
+
     cache = EncodingCache(stage.processor, stage.cfg.model.max_length)
     row = []
     for task in stage.stream:
-        predictions = generate_answers(stage.model, stage.processor, task.test_records, cache, batch_size=16,
-                                       max_new_tokens=stage.cfg.trainer.max_new_tokens, progress=False)
+        with autocast_for(stage.model):    # as the loop and scripts/evaluate.py generate (bf16 runs)
+            predictions = generate_answers(stage.model, stage.processor, task.test_records, cache, batch_size=16,
+                                           max_new_tokens=stage.cfg.trainer.max_new_tokens, progress=False)
         scores = score_many(task.metric, predictions, [final_answer(r) for r in task.test_records])
         row.append(100.0 * sum(scores) / len(scores))
     return row

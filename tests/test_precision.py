@@ -2,6 +2,7 @@
 the vision tower and projector unquantized, bf16 mixed precision, gradient checkpointing."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,27 @@ def test_gradient_checkpointing_gives_the_same_losses_and_bf16_close_ones(tmp_pa
     for task, curve in plain["train_loss"].items():
         assert bf16["train_loss"][task] != curve                                    # autocast is on
         assert bf16["train_loss"][task] == pytest.approx(curve, rel=2e-2)           # and close to fp32
+
+
+@pytest.mark.slow
+def test_a_bf16_run_keeps_its_base_in_bf16_trains_float32_adapters_and_reloads_so(tmp_path, colour_tasks):
+    """trainer.mixed_precision: bf16 loads the weights in bf16 (half the memory of float32); what trains is
+    float32, as the optimizer needs; the checkpoint keeps it so, and the stage reloads to the same scores."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "bf16-lora"
+    recipe = write_recipe(tmp_path / "bf16-lora.yaml", colour_tasks, out, steps_per_task=4, log_every=1)
+    proc = subprocess.run([sys.executable, "lvlm_cl/train.py", str(recipe), *SMALL_MODEL, *LORA,
+                           "trainer.eval_max_samples=4", "trainer.mixed_precision=bf16"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = load_file(str(out / "checkpoints" / "task-01-warmth" / "trainable.safetensors"))
+    assert saved and {t.dtype for t in saved.values()} == {torch.float32}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert all(len(c) == 4 and all(map(math.isfinite, c)) for c in metrics["train_loss"].values())
+    stage = load_stage(out)
+    dtypes = {n: p.dtype for n, p in stage.model.named_parameters()}
+    frozen = {d for n, d in dtypes.items() if "lora_" not in n}
+    assert frozen == {torch.bfloat16}                                           # the whole base, vision included
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert stage_scores(stage) == metrics["matrix"][-1]

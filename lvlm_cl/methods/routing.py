@@ -96,19 +96,18 @@ class InstructionEncoder:
     @staticmethod
     def instruction_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                            labels: torch.Tensor | None, image_token_id: int) -> list[torch.Tensor]:
-        """Per sample: the text tokens before the first answer token (labels != -100), without image
-        tokens and padding."""
-        out = []
-        for i in range(input_ids.shape[0]):
-            keep = input_ids[i] != image_token_id
-            if attention_mask is not None:
-                keep &= attention_mask[i].bool()
-            if labels is not None:
-                answer = (labels[i] != IGNORE_INDEX).nonzero()
-                if len(answer):
-                    keep[int(answer[0]):] = False
-            out.append(input_ids[i][keep])
-        return out
+        """Per sample (on the CPU): the text tokens before the first answer token (labels != -100), without
+        image tokens and padding. The mask is computed on the batch's device and copied once (one
+        synchronisation per batch, not one per sample)."""
+        keep = input_ids != image_token_id
+        if attention_mask is not None:
+            keep &= attention_mask.bool()
+        if labels is not None:
+            answer = labels != IGNORE_INDEX
+            first = torch.where(answer.any(-1), answer.int().argmax(-1), answer.shape[-1])        # (B,)
+            keep &= torch.arange(answer.shape[-1], device=answer.device) < first.unsqueeze(-1)
+        ids, keep = input_ids.cpu(), keep.cpu()
+        return [row[k] for row, k in zip(ids, keep)]
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,8 +116,14 @@ class InstructionEncoder:
                            input_ids.device)
 
     @torch.no_grad()
-    def encode(self, seqs: list[torch.Tensor], device) -> torch.Tensor:
-        """(B, D) float32 queries of instructions given as token sequences (``instruction_tokens``)."""
+    def encode(self, seqs: list[torch.Tensor], device) -> torch.Tensor | None:
+        """(B, D) float32 queries of instructions given as token sequences (``instruction_tokens``), on
+        ``device``; None for no sequence.
+
+        Under DeepSpeed ZeRO-3 the language model's forward is a collective (every process gathers each
+        layer's parameters together), so every call runs exactly one forward on every process, a dummy one
+        when all of this process's queries are cached: what one process has cached must not change what the
+        others wait for. Callers call it once per step on every process, with or without sequences."""
         keys = [s.cpu().numpy().tobytes() for s in seqs]
         todo = {}
         for k, s in zip(keys, seqs):
@@ -126,19 +131,31 @@ class InstructionEncoder:
                 if s.numel() == 0:
                     raise ValueError("task routing: a sample has no instruction text (only images or answer)")
                 todo[k] = s
-        fresh = dict(zip(todo, self._encode(list(todo.values())))) if todo else {}
+        fresh = {}
+        if todo or self.partitioned():
+            fresh = dict(zip(todo, self._encode(list(todo.values()))))
         for k, v in fresh.items():
             if len(self.cache) < self.cache_size:
                 self.cache[k] = v
+        if not keys:
+            return None
         return torch.stack([self.cache[k] if k in self.cache else fresh[k] for k in keys]).to(device)
+
+    def partitioned(self) -> bool:
+        """Whether DeepSpeed ZeRO-3 partitions the encoder's parameters across processes."""
+        return hasattr(next(self.lm.parameters()), "ds_id")
 
     def _encode(self, seqs: list[torch.Tensor]) -> list[torch.Tensor]:
         from lvlm_cl.data.encoding import Encoded, collate_prompts
 
         device = next(self.lm.parameters()).device
+        dummy = not seqs
+        if dummy:
+            seqs = [torch.tensor([self.pad_token_id])]
         batch = collate_prompts([Encoded(s.cpu(), torch.empty(0, dtype=torch.long), None) for s in seqs],
                                 self.pad_token_id)
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        ids = batch["input_ids"].to(device, non_blocking=True)
+        mask = batch["attention_mask"].to(device, non_blocking=True)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         was_training = self.lm.training
         self.running = True
@@ -150,6 +167,8 @@ class InstructionEncoder:
         finally:
             self.running = False
             self.lm.train(was_training)
+        if dummy:
+            return []
         m = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * m).sum(1) / m.sum(1)
         return list(pooled.cpu())
@@ -544,13 +563,14 @@ class RouterState:
 
 def key_term_on_batch(router: TaskKeyRouter, batch: dict, task_index: int, weight: float) -> torch.Tensor | None:
     """On the batch's samples of the task in training (replayed samples excluded): the learned keys' loss
-    times ``weight`` (None when 0), or, for prototype keys, their queries remembered for ``fit`` (no loss)."""
+    times ``weight`` (None when 0), or, for prototype keys, their queries remembered for ``fit`` (no loss).
+    Every process calls the encoder once, whatever its batch holds (see ``InstructionEncoder.encode``)."""
     ids = batch.get(TASK_IDS)
     own = ids == task_index if ids is not None else torch.ones(batch["input_ids"].shape[0], dtype=torch.bool)
     own = own.to(batch["input_ids"].device)
     tokens = InstructionEncoder.instruction_tokens(batch["input_ids"][own], batch["attention_mask"][own],
                                                    batch["labels"][own], router.encoder.image_token_id)
-    query = router.encoder.encode(tokens, batch["input_ids"].device) if tokens else None
+    query = router.encoder.encode(tokens, batch["input_ids"].device)
     if router.key_mode == "learned":
         term = router.key_loss(query, task_index)
         return None if term is None or weight == 0 else weight * term

@@ -111,29 +111,73 @@ QUANTIZATIONS = ("4bit", "8bit")
 UNQUANTIZED = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
 
 
-def quantization_config(kind: str):
-    """bitsandbytes settings: NF4 with double quantisation (QLoRA) or LLM.int8."""
+# The dtype of the weights that do not train, by the recipe's trainer.mixed_precision: a model trained in bf16
+# autocast keeps its frozen base in bf16 (half the memory of float32); what trains is float32
+# (``upcast_trainable``), as the optimizer needs.
+WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def weights_dtype(mixed_precision: str) -> torch.dtype:
+    return WEIGHT_DTYPES[mixed_precision]
+
+
+def default_device() -> torch.device:
+    """Where a single process runs a model for inference: the current CUDA device, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def autocast_for(model):
+    """Autocast in the dtype of the model's weights, on its device (nothing for float32 weights): inference
+    outside the training loop on a model whose parts are in mixed dtypes (a bf16 base, float32 adapters)."""
+    import contextlib
+
+    param = next(model.parameters())
+    dtype = getattr(model, "dtype", param.dtype)
+    if dtype not in (torch.bfloat16, torch.float16):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=param.device.type, dtype=dtype)
+
+
+def upcast_trainable(model) -> int:
+    """Every floating parameter that trains, in float32 (the optimizer's precision; the frozen weights
+    keep theirs, the forward runs under autocast). Returns how many were cast."""
+    cast = 0
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+            cast += 1
+    return cast
+
+
+def quantization_config(kind: str, compute_dtype: torch.dtype = torch.float32):
+    """bitsandbytes settings: NF4 with double quantisation (QLoRA, computing in ``compute_dtype``: the
+    recipe's mixed precision) or LLM.int8."""
     from transformers import BitsAndBytesConfig
 
     if kind == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=UNQUANTIZED)
+                                  bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=UNQUANTIZED)
     if kind == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=UNQUANTIZED)
     raise ModelError(f"unknown quantization {kind!r}; choose one of {list(QUANTIZATIONS)}")
 
 
 def load_model_dir(path: Path, model_cfg=None, *, dtype=torch.float32, quantization: str | None = None,
-                   require_markers: bool = True):
+                   require_markers: bool = True, device: torch.device | str | None = None):
     """``from_pretrained`` for model and processor (the one loading path for every source).
 
-    ``quantization`` ("4bit" / "8bit") loads the language model through bitsandbytes. ``require_markers``
-    (training) refuses a chat template without ``{% generation %}`` markers; generation does not need them.
+    The weights load in ``dtype`` (``weights_dtype`` of the recipe's mixed precision) and, with ``device``,
+    straight onto that device (no float32 copy in host memory first); without it (DeepSpeed, which places
+    the model itself) they stay on the CPU. ``quantization`` ("4bit" / "8bit") loads the language model
+    through bitsandbytes, computing in ``dtype``. ``require_markers`` (training) refuses a chat template
+    without ``{% generation %}`` markers; generation does not need them.
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(path)
-    extra = {"quantization_config": quantization_config(quantization)} if quantization else {}
+    extra = {"quantization_config": quantization_config(quantization, dtype)} if quantization else {}
+    if device is not None:
+        extra["device_map"] = {"": torch.device(device)}
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **extra)
     _set_template(processor, getattr(model_cfg, "chat_template", None), str(path), require_markers)
     processor.tokenizer.padding_side = "left"
@@ -203,5 +247,6 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-__all__ = ["BUILTIN_GEMMA3", "BUILTIN_PRETRAINED", "BUILTIN_RANDOM", "ModelError", "QUANTIZATIONS", "apply_training_setup",
-           "count_parameters", "quantization_config", "load_model_dir", "load_processor", "parts", "resolve_model_dir", "trainable_state_dict"]
+__all__ = ["BUILTIN_GEMMA3", "BUILTIN_PRETRAINED", "BUILTIN_RANDOM", "ModelError", "QUANTIZATIONS", "WEIGHT_DTYPES",
+           "apply_training_setup", "autocast_for", "count_parameters", "default_device", "quantization_config", "load_model_dir",
+           "load_processor", "parts", "resolve_model_dir", "trainable_state_dict", "upcast_trainable", "weights_dtype"]
