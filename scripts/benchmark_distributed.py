@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     for size in SIZES:
         for mode in MODES:
             result = tmp / f"{mode}-{size.split()[0]}.json"
-            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file",
                    f"recipes/accelerate/{mode}.yaml", "scripts/benchmark_distributed.py", "--worker", "--size", size,
                    "--result", str(result)]
             print(f"[benchmark] {mode} {size}", flush=True)

@@ -35,7 +35,7 @@ def _free_port() -> str:
 
 def _launch(config: str, recipe: Path, out: Path, extra=()) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"recipes/accelerate/{config}.yaml",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file", f"recipes/accelerate/{config}.yaml",
            "--main_process_port", _free_port(), "lvlm_cl/train.py", str(recipe), f"output_dir={out}", *OVERRIDES,
            "trainer.batch_size=4", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -95,7 +95,7 @@ def test_a_launch_config_whose_batch_disagrees_is_refused(setup, tmp_path):
                                                                            str(tmp_path / "ds.json"))
     (tmp_path / "launch.yaml").write_text(launch)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "launch.yaml"),
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file", str(tmp_path / "launch.yaml"),
            "--main_process_port", _free_port(), "lvlm_cl/train.py", str(recipe), f"output_dir={tmp_path / 'out'}",
            *OVERRIDES, "trainer.batch_size=4"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -164,7 +164,7 @@ def test_ewc_runs_under_ddp_and_a_run_evaluates_sharded(setup, tmp_path):
     assert metrics["num_completed"] == 2
     test = json.loads((out / "config.json").read_text())["tasks"][1]["eval"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/ddp.yaml",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file", "recipes/accelerate/ddp.yaml",
            "--main_process_port", _free_port(), "scripts/evaluate.py", "--run", str(out), "--data", test,
            "--metric", "exact_match",
            "--output", str(tmp_path / "eval")]
@@ -192,7 +192,7 @@ def test_a_killed_zero_run_resumes_mid_task_to_the_same_metrics(setup, config):
         assert _launch(config, recipe, root / config).returncode == 0
     out = root / f"{config}-killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"recipes/accelerate/{config}.yaml",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file", f"recipes/accelerate/{config}.yaml",
            "--main_process_port", _free_port(), "lvlm_cl/train.py", str(recipe), f"output_dir={out}", *OVERRIDES,
            "trainer.batch_size=4", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
