@@ -183,7 +183,7 @@ def load_task_checkpoint(run_dir: Path, index: int, name: str) -> tuple[dict, di
         raise CheckpointError(f"checkpoint {task_dir(run_dir, index, name)} is missing or incomplete (no meta.json)")
     try:
         tensors = load_file(str(d / "trainable.safetensors"))
-        methods_state = torch.load(d / "methods.pt", weights_only=False)
+        methods_state = torch.load(d / "methods.pt", map_location="cpu", weights_only=False)
         meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
     except Exception as e:  # safetensors/pickle/json each raise their own types on damaged files
         raise CheckpointError(f"checkpoint {d} is damaged ({type(e).__name__}: {e})") from None

@@ -35,6 +35,28 @@ def make_accelerator(cfg, project_dir: str):
     return accelerator
 
 
+@contextlib.contextmanager
+def zero3_init_disabled(accelerator):
+    """A block in which models are built whole, on each process alone, even under a DeepSpeed ZeRO-3 launch.
+
+    Under ZeRO-3 accelerate registers DeepSpeed's config with transformers, which then builds every model
+    inside ``deepspeed.zero.Init``: partitioned, and with collectives, so one process cannot build it alone.
+    The registration is lifted for the block (transformers' ``unset_hf_deepspeed_config``) and made again
+    after it (the plugin's ``set_deepspeed_weakref``). accelerate's own ``zero3_init_context_manager`` does
+    not lift it in accelerate 1.15 (it registers the config again whatever the flag)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
 def uses_deepspeed(accelerator) -> bool:
     return accelerator.state.deepspeed_plugin is not None
 

@@ -60,6 +60,15 @@ def pretrain_config(model_cfg, cache: Path):
     return cfg, key
 
 
+def pretrained_dir(model_cfg, cache: Path) -> Path:
+    """Where the pretrained base of ``model_cfg``'s sizes and pretraining recipe is cached."""
+    return cache / "models" / f"tiny-llava-pretrained-{pretrain_config(model_cfg, cache)[1]}"
+
+
+def pretrained_is_cached(model_cfg, cache: Path) -> bool:
+    return (pretrained_dir(model_cfg, cache) / "config.json").is_file()
+
+
 def pretrained_tiny_dir(model_cfg, cache: Path) -> Path:
     """The cached pretrained base, built now (resumably) if it is not there yet."""
     cfg, key = pretrain_config(model_cfg, cache)
@@ -91,3 +100,28 @@ def _build(cfg, model_cfg, final: Path) -> Path:
         "tasks": state.tasks, "scores_after": state.rows[-1] if state.rows else None})
     print(f"[lvlm_cl] pretrained tiny base ready in {time.time() - started:.0f}s", flush=True)
     return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lvlm_cl.pretrain RECIPE [key=value ...]``: build (once) and cache the pretrained tiny base
+    that RECIPE's ``model`` section asks for, in one process; prints its folder. A multi-process launch of a
+    recipe on ``builtin:tiny-llava`` needs it built first."""
+    import argparse
+
+    from lvlm_cl.config import ConfigError, cache_dir, load_recipe
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_recipe(args.recipe, args.overrides)
+    except ConfigError as e:
+        print(f"lvlm_cl: error: {e}", flush=True)
+        return 2
+    print(pretrained_tiny_dir(cfg.model, cache_dir(cfg)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

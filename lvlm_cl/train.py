@@ -35,7 +35,7 @@ from lvlm_cl.data.encoding import IGNORE_INDEX, EncodingError, collate_train
 from lvlm_cl.data.records import RecordError, final_answer, user_text
 from lvlm_cl.data.stream import build_stream
 from lvlm_cl.distributed import (checkpoint_state, gathered, make_accelerator, refuse_unsupported, shard,
-                                 unshard, uses_deepspeed, zero_stage)
+                                 unshard, uses_deepspeed, zero3_init_disabled, zero_stage)
 from lvlm_cl.evaluation import cl_metrics_partial, score_many, write_predictions, write_report
 from lvlm_cl.evaluation.generate import generate_answers
 from lvlm_cl.io import atomic_replace_dir, atomic_write_json
@@ -80,8 +80,22 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
     set_seed(cfg.seed)
     cache = cache_dir(cfg)
 
-    # The model: every source is a Hugging Face directory, loaded the same way.
-    model_dir = resolve_model_dir(cfg.model, cfg.seed, cache)
+    # The model: every source is a Hugging Face directory, loaded the same way. A randomly initialised
+    # built-in model is built by the main process while the others wait (transformers' save_pretrained
+    # writes only from the main process), whole: not under DeepSpeed ZeRO-3's partitioned initialisation,
+    # which transformers enters under a ZeRO-3 launch and which cannot initialise it.
+    if cfg.model.path == BUILTIN_PRETRAINED:
+        from lvlm_cl.pretrain import pretrained_is_cached
+
+        if accelerator.num_processes > 1 and not pretrained_is_cached(cfg.model, cache):
+            raise ConfigError(f"model.path {BUILTIN_PRETRAINED!r}: the pretrained tiny base is not built yet, and it "
+                              "is built by a training run of its own, in one process. Build it once with one "
+                              "process (python -m lvlm_cl.pretrain <this recipe> <the same overrides>), then "
+                              "launch again.")
+        model_dir = resolve_model_dir(cfg.model, cfg.seed, cache)
+    else:
+        with zero3_init_disabled(accelerator), accelerator.main_process_first():
+            model_dir = resolve_model_dir(cfg.model, cfg.seed, cache)
     # In the recipe's precision, straight onto this process's device (DeepSpeed places the model itself at
     # prepare): the zero-shot evaluation and the methods' setup already run there.
     model, processor = load_model_dir(model_dir, cfg.model, dtype=weights_dtype(cfg.trainer.mixed_precision),
@@ -384,7 +398,7 @@ def resume_step(accelerator, model, methods, task, run_dir: Path, train_samples:
         from safetensors.torch import load_file
 
         restore_trainable(model, load_file(str(folder / "trainable.safetensors")), str(folder))
-    states = torch.load(folder / f"methods-rank{accelerator.process_index}.pt", weights_only=False)
+    states = torch.load(folder / f"methods-rank{accelerator.process_index}.pt", map_location="cpu", weights_only=False)
     for m in methods:
         m.load_state_dict(states.get(m.name, {}))
     log(f"resuming task {task.name} at step {meta['step']}/{meta['steps']}")

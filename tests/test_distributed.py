@@ -219,3 +219,39 @@ def test_a_killed_zero_run_resumes_mid_task_to_the_same_metrics(setup, config):
     for key in ("train_seconds", "eval_seconds"):
         want.pop(key), got.pop(key)
     assert got == want
+
+
+def test_zero3_trains_the_seed_method_over_three_tasks_with_a_memory_bank(tmp_path):
+    """Issue 17: with replayed records of several tasks and instructions of many phrasings, the processes'
+    query caches differ; every collective must still be the same on both (a cache hit used to skip the query
+    encoder's ZeRO-3 forward on one process only: the run hung or gloo aborted). The built-in model is also
+    built whole under a ZeRO-3 launch (it used to be written to the cache with empty, partitioned weights)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "LVLM_CL_CACHE": str(tmp_path / "cache")}          # a fresh cache: the built-in model is built here
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file",
+           "recipes/accelerate/zero3.yaml", "--main_process_port", _free_port(), "lvlm_cl/train.py",
+           "recipes/seq5.yaml", f"output_dir={out}", *SMALL_MODEL, "model.lora={r: 4, alpha: 8}",
+           "model.freeze_language_model=true",
+           "benchmark={name: seq5, tasks: [digits, scienceqa, vqa], train_size: 96, test_size: 8}",
+           "trainer.steps_per_task=12", "trainer.epochs_per_task=null", "trainer.batch_size=8",
+           "trainer.eval_batch_size=8", "report_to=[]"]
+    # A collective mismatch hangs rather than fails: the timeout turns it into a failure.
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_completed"] == 3 and metrics["memory_records"]          # the bank replayed
+    assert set(metrics["routing_accuracy"]) == {"digits", "scienceqa", "vqa"}
+
+
+def test_a_multi_process_launch_on_an_unbuilt_pretrained_base_says_how_to_build_it(tmp_path):
+    """The pretrained tiny base is built by a training run of its own, in one process: several processes
+    are told to build it first instead of starting a nested run that would wait on the others."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LVLM_CL_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file",
+           "recipes/accelerate/ddp.yaml", "--main_process_port", _free_port(), "lvlm_cl/train.py", "recipes/seq5.yaml",
+           f"output_dir={tmp_path / 'run'}", "report_to=[]"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "the pretrained tiny base is not built yet" in proc.stderr and "python -m lvlm_cl.pretrain" in proc.stderr
+    assert not (tmp_path / "cache" / "pretrain-runs").exists()              # no nested run was started

@@ -46,15 +46,19 @@ def random_model_dir(size: TinyLlavaSize, seed: int, cache: Path, family: str = 
 
     payload = [dataclasses.asdict(size), seed] if family == "llava" else [family, dataclasses.asdict(size), seed]
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
-    path = cache / "models" / f"tiny-{family}-random-{key}"
-    if not (path / "config.json").is_file():
-        if family == "gemma3":
-            from lvlm_cl.models.tiny_gemma3 import build_tiny_gemma3
+    from filelock import FileLock
 
-            model, processor = build_tiny_gemma3(size, seed)
-        else:
-            model, processor = build_tiny_llava(size, seed)
-        save_model_dir(model, processor, path)
+    path = cache / "models" / f"tiny-{family}-random-{key}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):     # the processes of one launch (or two runs) build it once
+        if not (path / "config.json").is_file():
+            if family == "gemma3":
+                from lvlm_cl.models.tiny_gemma3 import build_tiny_gemma3
+
+                model, processor = build_tiny_gemma3(size, seed)
+            else:
+                model, processor = build_tiny_llava(size, seed)
+            save_model_dir(model, processor, path)
     return path
 
 
