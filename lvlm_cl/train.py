@@ -96,11 +96,12 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
     else:
         with zero3_init_disabled(accelerator), accelerator.main_process_first():
             model_dir = resolve_model_dir(cfg.model, cfg.seed, cache)
-    # In the recipe's precision, straight onto this process's device (DeepSpeed places the model itself at
-    # prepare): the zero-shot evaluation and the methods' setup already run there.
+    # In the recipe's precision, straight onto this process's device: the zero-shot evaluation and the
+    # methods' setup already run there. Under ZeRO-3 transformers builds it partitioned, on the devices,
+    # inside deepspeed.zero.Init (no device map there).
     model, processor = load_model_dir(model_dir, cfg.model, dtype=weights_dtype(cfg.trainer.mixed_precision),
                                       quantization=cfg.model.quantization,
-                                      device=None if uses_deepspeed(accelerator) else accelerator.device)
+                                      device=None if zero_stage(accelerator) == 3 else accelerator.device)
     if cfg.model.path in (BUILTIN_PRETRAINED, BUILTIN_RANDOM, BUILTIN_GEMMA3) and accelerator.is_main_process \
             and not (run_dir / "base_model").exists():
         tmp = run_dir / ".base_model.tmp"

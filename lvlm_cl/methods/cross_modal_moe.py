@@ -238,8 +238,10 @@ class CrossModalMoE(Method):
         self.anchors += new
         modes = [(m, m.training) for m in model.modules()]
         # Between tasks no DeepSpeed engine gathers ZeRO-3's partitioned parameters module by module: the image
-        # pathway is gathered whole for this pass (collectively: every process runs after_task).
+        # pathway and the query encoder are gathered whole for this pass (collectively: every process runs
+        # after_task).
         pathway = [p for name in ("vision_tower", "projector") for p in parts(model)[name].parameters()]
+        pathway += list(self.adapter.encoder.lm.parameters())
         try:
             model.eval()
             with torch.no_grad(), whole(pathway + list(self.adapter.parameters())):

@@ -132,7 +132,7 @@ class InstructionEncoder:
                     raise ValueError("task routing: a sample has no instruction text (only images or answer)")
                 todo[k] = s
         fresh = {}
-        if todo or self.partitioned():
+        if todo or self.forward_is_collective():
             fresh = dict(zip(todo, self._encode(list(todo.values()))))
         for k, v in fresh.items():
             if len(self.cache) < self.cache_size:
@@ -141,9 +141,16 @@ class InstructionEncoder:
             return None
         return torch.stack([self.cache[k] if k in self.cache else fresh[k] for k in keys]).to(device)
 
-    def partitioned(self) -> bool:
-        """Whether DeepSpeed ZeRO-3 partitions the encoder's parameters across processes."""
-        return hasattr(next(self.lm.parameters()), "ds_id")
+    def forward_is_collective(self) -> bool:
+        """Whether the encoder's forward gathers its parameters from every process: they are partitioned by
+        DeepSpeed ZeRO-3 and not gathered whole at the moment (between tasks, a caller gathers them with
+        ``distributed.whole``, and the forward is local)."""
+        p = next(self.lm.parameters())
+        if not hasattr(p, "ds_id"):
+            return False
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        return p.ds_status != ZeroParamStatus.AVAILABLE
 
     def _encode(self, seqs: list[torch.Tensor]) -> list[torch.Tensor]:
         from lvlm_cl.data.encoding import Encoded, collate_prompts
