@@ -319,7 +319,7 @@ def train_task(accelerator, model, methods, task, train_data, encodings, cfg, lo
                 pending = []
                 bad = [x for x in losses if not math.isfinite(x)]
                 if bad:
-                    raise FloatingPointError(f"task {task.name!r}: the loss became {bad[0]} by step {step}; the last "
+                    raise FloatingPointError(f"task {task.name!r}: loss became {bad[0]} by step {step}; the last "
                                              "task checkpoint is kept. Lower trainer.lr or check the data.")
                 running.extend(losses)
             if step % tr.log_every == 0 or step == steps:

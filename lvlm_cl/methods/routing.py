@@ -145,12 +145,13 @@ class InstructionEncoder:
         """Whether the encoder's forward gathers its parameters from every process: they are partitioned by
         DeepSpeed ZeRO-3 and not gathered whole at the moment (between tasks, a caller gathers them with
         ``distributed.whole``, and the forward is local)."""
-        p = next(self.lm.parameters())
-        if not hasattr(p, "ds_id"):
+        partitioned = [p for p in self.lm.parameters() if hasattr(p, "ds_id")]
+        if not partitioned:
             return False
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-        return p.ds_status != ZeroParamStatus.AVAILABLE
+        # Any of them: small ones (norms; below ZeRO-3's persistence threshold) stay whole all along.
+        return any(p.ds_status != ZeroParamStatus.AVAILABLE for p in partitioned)
 
     def _encode(self, seqs: list[torch.Tensor]) -> list[torch.Tensor]:
         from lvlm_cl.data.encoding import Encoded, collate_prompts
