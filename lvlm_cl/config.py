@@ -62,6 +62,9 @@ class ModelConfig:
     quantization: Union[Literal["4bit", "8bit"], None] = None
     # Recompute activations in the backward pass instead of keeping them (less memory, about 30% more time).
     gradient_checkpointing: bool = False
+    # The attention kernel (transformers' attn_implementation): None = transformers' default (PyTorch's SDPA
+    # where the model supports it), "sdpa", "eager", or "flash_attention_2" (GPU, the flash-attn package).
+    attn_implementation: Union[Literal["sdpa", "eager", "flash_attention_2"], None] = None
 
 
 @dataclass

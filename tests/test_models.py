@@ -1,5 +1,6 @@
 """Model sources take one path: built-in or local directory, frozen parts, LoRA, the cached pretrained base."""
 
+import importlib.util
 import json
 
 import pytest
@@ -111,3 +112,24 @@ def _seq_recipe(tmp_path):
     path = tmp_path / "seq.yaml"
     path.write_text("output_dir: out\nbenchmark: seq5\nreport_to: []\n")
     return path
+
+
+def test_the_attention_kernel_is_a_recipe_setting(tiny_dir, tmp_path):
+    """model.attn_implementation picks transformers' kernel; eager and SDPA compute the same logits on a
+    left-padded batch with an image, and a kernel that cannot load here is refused naming the key."""
+    from conftest import colour_stream, prompt_batch
+
+    stream = colour_stream(tmp_path / "data")
+    logits = {}
+    for kernel in ("eager", "sdpa"):
+        model, processor = load_model_dir(tiny_dir, ModelConfig(attn_implementation=kernel))
+        assert model.config.get_text_config()._attn_implementation == kernel
+        batch = prompt_batch(processor, stream[0].test_records[:1] + stream[1].test_records[:1])
+        assert (batch["attention_mask"] == 0).any()                     # padding is in play
+        with torch.no_grad():
+            logits[kernel] = model.eval()(**batch).logits
+    real = batch["attention_mask"].bool()            # padding positions' outputs are undefined, and differ
+    torch.testing.assert_close(logits["eager"][real], logits["sdpa"][real], rtol=1e-4, atol=1e-4)
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(ModelError, match="model.attn_implementation 'flash_attention_2'"):
+            load_model_dir(tiny_dir, ModelConfig(attn_implementation="flash_attention_2"))

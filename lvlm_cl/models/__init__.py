@@ -182,7 +182,14 @@ def load_model_dir(path: Path, model_cfg=None, *, dtype=torch.float32, quantizat
     extra = {"quantization_config": quantization_config(quantization, dtype)} if quantization else {}
     if device is not None:
         extra["device_map"] = {"": torch.device(device)}
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **extra)
+    attention = getattr(model_cfg, "attn_implementation", None)
+    if attention is not None:
+        extra["attn_implementation"] = attention
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **extra)
+    except ImportError as e:          # flash_attention_2 without the flash-attn package, or without a GPU
+        raise ModelError(f"model.attn_implementation {attention!r} cannot be used here: "
+                         f"{str(e).splitlines()[0]}") from None
     _set_template(processor, getattr(model_cfg, "chat_template", None), str(path), require_markers)
     processor.tokenizer.padding_side = "left"
     return model, processor
