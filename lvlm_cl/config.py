@@ -61,7 +61,12 @@ class ModelConfig:
     # Quantized weights do not train: set freeze_language_model: true and train adapters on them.
     quantization: Union[Literal["4bit", "8bit"], None] = None
     # Recompute activations in the backward pass instead of keeping them (less memory, about 30% more time).
-    gradient_checkpointing: bool = False
+    # "auto": on only where the longest batch would not fit the GPU's memory without it, measured before
+    # each task (lvlm_cl/models/memory.py); always on under ZeRO-3, off on a CPU.
+    gradient_checkpointing: Union[bool, Literal["auto"]] = False
+    # liger-kernel's fused RMSNorm, MLP and rotary embedding for the language model (a CUDA GPU and
+    # pip install -e ".[gpu]"): "auto" uses them where they can run, true refuses to start where they cannot.
+    liger_kernel: Union[bool, Literal["auto"]] = "auto"
     # The attention kernel (transformers' attn_implementation): None = transformers' default (PyTorch's SDPA
     # where the model supports it), "sdpa", "eager", or "flash_attention_2" (GPU, the flash-attn package).
     attn_implementation: Union[Literal["sdpa", "eager", "flash_attention_2"], None] = None

@@ -31,6 +31,7 @@ def _recipe_path(name: str) -> Path:
 
 
 LATER_SETTINGS = [("model", "quantization", None), ("model", "gradient_checkpointing", False),
+                  ("model", "liger_kernel", "auto"),
                   ("model", "attn_implementation", None),
                   ("trainer", "mixed_precision", "no"), ("trainer", "optimizer", "adamw")]
 

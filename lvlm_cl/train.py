@@ -41,6 +41,8 @@ from lvlm_cl.evaluation.generate import generate_answers
 from lvlm_cl.io import atomic_replace_dir, atomic_write_json
 from lvlm_cl.methods import build_methods
 from lvlm_cl.methods.routing import TASK_IDS, held_for_batch, model_inputs
+from lvlm_cl.models.kernels import use_liger
+from lvlm_cl.models.memory import enable_checkpointing, optimizer_bytes, peak_reader, probe_needs_checkpointing
 from lvlm_cl.models import (BUILTIN_GEMMA3, BUILTIN_PRETRAINED, BUILTIN_RANDOM, ModelError, apply_training_setup, count_parameters,
                             load_model_dir, resolve_model_dir, trainable_state_dict, upcast_trainable, weights_dtype)
 
@@ -108,6 +110,7 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(model_dir, tmp)
         atomic_replace_dir(tmp, run_dir / "base_model")
+    use_liger(model, cfg.model.liger_kernel, accelerator.device, log)     # before LoRA wraps its layers
     model = apply_training_setup(model, cfg.model)
 
     # The stream: every task's data validated (images opened) before any training time is spent.
@@ -160,6 +163,7 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
                                            "before", progress)
         _save_progress(accelerator, run_dir, state, stream)
 
+    checkpointing = cfg.model.gradient_checkpointing is True
     for task in stream[len(state.rows):]:
         if task.index >= state.trained:
             started = time.time()
@@ -170,6 +174,9 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
             for m in methods:
                 train_data = m.before_task(task, model, train_data)
             state.extra.setdefault("trainable_parameters", {})[task.name] = count_parameters(model)[0]
+            if cfg.model.gradient_checkpointing == "auto" and not checkpointing:
+                checkpointing = decide_checkpointing(accelerator, model, methods, task, train_data, encodings, cfg,
+                                                     names, log)
             curve = train_task(accelerator, model, methods, task, train_data, encodings, cfg, log, progress, names,
                                run_dir)
             state.extra.setdefault("train_loss", {})[task.name] = curve
@@ -339,6 +346,40 @@ def train_task(accelerator, model, methods, task, train_data, encodings, cfg, lo
     bar.close()
     accelerator.free_memory()
     return curve
+
+
+def decide_checkpointing(accelerator, model, methods, task, train_data, encodings, cfg, names, log) -> bool:
+    """``model.gradient_checkpointing: auto`` before a task: on if this task's worst batch (its longest sample,
+    replayed ones included, ``trainer.batch_size`` times) would not fit the device's memory with the
+    optimizer's state (``models.memory``); the processes agree. Once on, it stays on for the run.
+    Returns whether it is on."""
+    deepspeed = uses_deepspeed(accelerator)
+    measure = peak_reader(accelerator.device)
+    if zero_stage(accelerator) == 3:
+        needed, why = True, "always under DeepSpeed ZeRO-3"
+    elif measure is None:
+        needed, why = False, f"not needed on {accelerator.device.type} (only a GPU's memory is probed)"
+    else:
+        if not deepspeed:
+            upcast_trainable(model)         # as train_task trains it: what trains in float32
+        longest = max(train_data, key=lambda r: encodings.train(r).input_ids.numel())
+        batch = collate_train([encodings.train(longest)] * cfg.trainer.batch_size,
+                              encodings.processor.tokenizer.pad_token_id)
+        if any(m.uses_task_ids for m in methods):
+            batch[TASK_IDS] = task_indices([longest] * cfg.trainer.batch_size, names)
+        batch = send_to_device(batch, accelerator.device)
+        extra = optimizer_bytes(model, shards=accelerator.num_processes if deepspeed else 1,
+                                ddp=accelerator.num_processes > 1 and not deepspeed)
+        full = any(m.full_outputs for m in methods)
+        needed, why = probe_needs_checkpointing(model, batch, lambda mod, b: language_modelling_loss(mod, b, full)[1],
+                                                extra_bytes=extra, measure=measure,
+                                                autocast=accelerator.autocast())
+    if accelerator.num_processes > 1:       # one process that needs it turns it on for all
+        needed = bool(accelerator.gather(torch.tensor([needed], device=accelerator.device)).any())
+    if needed:
+        enable_checkpointing(model)
+    log(f"gradient checkpointing (auto) before task {task.name}: {'on' if needed else 'off'}: {why}")
+    return needed
 
 
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:

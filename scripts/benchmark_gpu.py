@@ -2,7 +2,7 @@
 against lvlm-cl's own loop (``lvlm_cl.train.train_task``), side by side in one run, with nothing to download.
 
     python scripts/benchmark_gpu.py [--size 7b] [--batch-sizes 8 16] [--gradient-checkpointing both] \
-        [--steps 10] [--warmup 3] [--rounds 3] [--device cuda] [--output docs/benchmarks_gpu.json]
+        [--steps 10] [--warmup 3] [--rounds 3] [--device cuda] [--liger] [--output docs/benchmarks_gpu.json]
 
 The workload is LLaVA-1.5-7B's architecture built from its configuration with random weights, directly on
 the device in bf16 (the speed does not depend on the weights): CLIP ViT-L/14 at 336 px (576 image tokens
@@ -27,6 +27,12 @@ pinned host memory on a GPU), each measurement a fresh model from the same seed:
   whatever checks the loop makes. The real loop rather than ``language_modelling_loss`` in a copy of the
   plain one, so that what its step costs beyond the model is measured too. It is timed by one more entry
   in its method list (``StepClock``), through the ``after_step`` hook every method gets.
+
+- with ``--liger``, a third: lvlm-cl's loop with liger-kernel's fused RMSNorm, SwiGLU and rotary embedding
+  (``model.liger_kernel: true``, ``lvlm_cl.models.kernels``). liger-kernel patches the transformers modules of
+  the whole process, so this contestant runs in a child process of the script right after the other two,
+  with the same settings and rounds, its MFU against the matmul peak measured in that process. It needs a
+  CUDA device and ``pip install -e ".[gpu]"``.
 
 Both loops are timed the same way: the device is synchronised after step ``--warmup`` and after step
 ``--warmup + --steps``, and s/step is that interval over ``--steps``; nothing else synchronises in the
@@ -75,7 +81,7 @@ import torch  # noqa: E402
 from lvlm_cl.methods.base import Method  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "coin_llava15_7b.yaml"
-PLAIN, LVLM_CL = "plain transformers + peft", "lvlm-cl"
+PLAIN, LVLM_CL, LIGER = "plain transformers + peft", "lvlm-cl", "lvlm-cl + liger-kernel"
 # LLaVA-1.5's tokenizer: <s>, </s>, <image>, <pad>; a vocabulary padded to 32064.
 BOS_ID, EOS_ID, IMAGE_TOKEN_ID, PAD_ID, VOCAB = 1, 2, 32000, 32001, 32064
 
@@ -198,7 +204,8 @@ def setting_config(batch_size: int, checkpointing: bool, total_steps: int, out: 
     return load_recipe(RECIPE, [f"output_dir={out}", "report_to=[]", f"trainer.batch_size={batch_size}",
                                 f"trainer.steps_per_task={total_steps}", "trainer.epochs_per_task=null",
                                 "trainer.lr_schedule=constant", "trainer.warmup_steps=0", "trainer.save_every=0",
-                                f"model.gradient_checkpointing={str(checkpointing).lower()}"])
+                                f"model.gradient_checkpointing={str(checkpointing).lower()}",
+                                "model.liger_kernel=false"])
 
 
 def plain_model(ctx, cfg):
@@ -219,6 +226,16 @@ def lvlm_cl_model(ctx, cfg):
     from lvlm_cl.models import apply_training_setup
 
     return apply_training_setup(build_model(ctx.size, ctx.device), cfg.model)
+
+
+def liger_model(ctx, cfg):
+    """lvlm-cl's model with liger-kernel's fused layers, as ``model.liger_kernel: true`` sets it up."""
+    from lvlm_cl.models import apply_training_setup
+    from lvlm_cl.models.kernels import use_liger
+
+    model = build_model(ctx.size, ctx.device)
+    use_liger(model, True, ctx.device, log=lambda *_: None)
+    return apply_training_setup(model, cfg.model)
 
 
 def plain_loss(model, batch):
@@ -269,13 +286,13 @@ def plain_loop(ctx, cfg) -> SimpleNamespace:
     return SimpleNamespace(times=times, first_loss=first, last_loss=loss.detach())
 
 
-def lvlm_cl_loop(ctx, cfg) -> SimpleNamespace:
+def lvlm_cl_loop(ctx, cfg, setup=lvlm_cl_model) -> SimpleNamespace:
     """lvlm-cl's ``train_task`` on the same records with the recipe's methods and a ``StepClock``."""
     from lvlm_cl.methods import build_methods
     from lvlm_cl.methods.base import Task
     from lvlm_cl.train import train_task
 
-    model = lvlm_cl_model(ctx, cfg)
+    model = setup(ctx, cfg)
     step_clock = StepClock(ctx.device, (ctx.warmup, ctx.warmup + ctx.steps))
     methods = [*build_methods(cfg.methods), step_clock]
     task = Task(index=0, name="synthetic", metric="exact_match", train_records=ctx.records, test_records=[])
@@ -285,7 +302,14 @@ def lvlm_cl_loop(ctx, cfg) -> SimpleNamespace:
     return SimpleNamespace(times=step_clock.times, first_loss=step_clock.first_loss, last_loss=step_clock.last_loss)
 
 
+def liger_loop(ctx, cfg) -> SimpleNamespace:
+    return lvlm_cl_loop(ctx, cfg, liger_model)
+
+
 LOOPS = {PLAIN: (plain_model, plain_loss, plain_loop), LVLM_CL: (lvlm_cl_model, lvlm_cl_loss, lvlm_cl_loop)}
+# liger-kernel patches the transformers modules of the whole process: every model built after it has the
+# fused layers, the plain loop's included. Its contestant runs in a child process of its own (``--liger``).
+LIGER_LOOPS = {LIGER: (liger_model, lvlm_cl_loss, liger_loop)}
 
 
 def step_flops(model, batch: dict, loss_of, device: torch.device) -> int:
@@ -307,7 +331,7 @@ def flops_per_record(ctx, name: str, cfg) -> int:
     """A contestant's model FLOPs for one record, counted without gradient checkpointing."""
     from lvlm_cl.data.encoding import collate_train
 
-    setup, loss_of, _ = LOOPS[name]
+    setup, loss_of, _ = ctx.loops[name]
     model = setup(ctx, cfg)
     model.train()
     flops = step_flops(model, collate_train(ctx.records[:1], PAD_ID), loss_of, ctx.device)
@@ -330,7 +354,7 @@ def measure(ctx, name: str, cfg) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats(ctx.device)
     try:
-        out = LOOPS[name][2](ctx, cfg)
+        out = ctx.loops[name][2](ctx, cfg)
     except torch.OutOfMemoryError:
         out = None
     release(ctx)        # after the except block, so the traceback's references to the model are gone
@@ -414,19 +438,20 @@ def run(args, device: torch.device, out_dir: str) -> dict:
         sys.exit(f"benchmark_gpu: lvlm-cl's loop runs on accelerate's device ({accelerator.device}), not on "
                  f"{device}; choose the device with CUDA_VISIBLE_DEVICES (empty for the CPU) instead")
     size = SIZES[args.size]
+    loops = LIGER_LOOPS if args.contestants == "liger" else LOOPS
     ctx = SimpleNamespace(size=size, device=device, accelerator=accelerator, warmup=args.warmup, steps=args.steps,
-                          records=make_records(size, 2 * max(args.batch_sizes)))
+                          records=make_records(size, 2 * max(args.batch_sizes)), loops=loops)
     print(f"[benchmark] {device_name(device)}: LLaVA-1.5 {args.size}, {size.tokens} tokens per record "
           f"({size.image_tokens} image tokens)", flush=True)
 
-    per_record = {name: flops_per_record(ctx, name, setting_config(1, False, total, out_dir)) for name in LOOPS}
+    per_record = {name: flops_per_record(ctx, name, setting_config(1, False, total, out_dir)) for name in loops}
     # a GPU gets large products for long; a CPU run is a smoke test of the script
     peak_n, peak_seconds = (8192, 0.2) if device.type == "cuda" else (1024, 0.05)
     peak_before = peak_matmul_flops(device, peak_n, min_seconds=peak_seconds)
-    runs = {(name, key): [] for key in configs for name in LOOPS}
+    runs = {(name, key): [] for key in configs for name in loops}
     for k in range(args.rounds):
         for key, cfg in configs.items():
-            for name in (list(LOOPS) if k % 2 == 0 else list(LOOPS)[::-1]):
+            for name in (list(loops) if k % 2 == 0 else list(loops)[::-1]):
                 done = runs[(name, key)]
                 if any(r["status"] == "oom" for r in done):
                     continue
@@ -441,9 +466,9 @@ def run(args, device: torch.device, out_dir: str) -> dict:
     rows, agreement = [], {}
     for (b, ck), cfg in configs.items():
         tokens = sum(int(ctx.records[i].input_ids.numel()) for i in next(iter(batch_order(ctx, cfg))))
-        pair = [summarise(name, b, ck, runs[(name, (b, ck))], tokens, per_record[name] * b, peak) for name in LOOPS]
+        pair = [summarise(name, b, ck, runs[(name, (b, ck))], tokens, per_record[name] * b, peak) for name in loops]
         rows += pair
-        if all(r["status"] == "ok" for r in pair):
+        if len(pair) == 2 and all(r["status"] == "ok" for r in pair):
             agreement[f"batch {b}, checkpointing {'on' if ck else 'off'}"] = \
                 abs(pair[0]["first_loss"] - pair[1]["first_loss"]) / abs(pair[0]["first_loss"])
     return {"device": device_name(device), "device_type": device.type, "versions": versions(),
@@ -455,6 +480,24 @@ def run(args, device: torch.device, out_dir: str) -> dict:
             "peak_memory_note": ("torch.cuda.max_memory_allocated per measurement" if device.type == "cuda" else
                                  "not measured per setting on a CPU; process_peak_rss_mib covers the whole run"),
             "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def liger_child(argv: list[str], output: Path) -> dict:
+    """The liger-kernel contestant, measured by this script in a child process with the same settings (its
+    own matmul peak, which its MFU is against; its rows join the parent's)."""
+    import subprocess
+
+    args = [a for a in argv if a != "--liger"]
+    if "--output" in args:
+        i = args.index("--output")
+        del args[i:i + 2]
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), *args, "--contestants", "liger",
+                    "--output", str(output)], check=True)
+    import json
+
+    child = json.loads(output.read_text())
+    return {"rows": child["rows"], "peak_matmul": child["peak_matmul"], "flops_per_record": child["flops_per_record"],
+            "note": "measured in a child process right after the other contestants, MFU against its own peak"}
 
 
 def main(argv=None) -> int:
@@ -469,6 +512,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", type=Path, default=Path("docs/benchmarks_gpu.json"))
+    parser.add_argument("--liger", action="store_true",
+                        help="also measure lvlm-cl's loop with liger-kernel (model.liger_kernel: true), in a child "
+                             "process right after the others (liger patches every later model of a process)")
+    parser.add_argument("--contestants", choices=["main", "liger"], default="main", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 1 or args.rounds < 1 or min(args.batch_sizes) < 1:
         parser.error("--steps, --warmup, --rounds and --batch-sizes must be at least 1")
@@ -476,8 +523,16 @@ def main(argv=None) -> int:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
 
+    if args.liger or args.contestants == "liger":
+        import importlib.util
+
+        if device.type != "cuda" or importlib.util.find_spec("liger_kernel") is None:
+            sys.exit("benchmark_gpu: --liger needs a CUDA device and liger-kernel (pip install -e \".[gpu]\")")
     with tempfile.TemporaryDirectory(prefix="benchmark_gpu_") as out_dir:
         result = run(args, device, out_dir)
+        if args.liger:
+            result["liger"] = liger_child(argv if argv is not None else sys.argv[1:], Path(out_dir) / "liger.json")
+            result["rows"] += result["liger"].pop("rows")
     atomic_write_json(args.output, result)
     peak = result["peak_matmul"]["peak_flops"]
     print(f"[benchmark] bf16 matmul peak {peak / 1e12:.1f} TFLOP/s; first-step losses of the two loops differ by "

@@ -127,3 +127,24 @@ def test_evaluate_and_chat_run_a_stage_on_the_gpu(tmp_path, tasks):
     assert chat.main(["--run", str(out), "--image", str(image), "--prompt", "What colour is this image?",
                       "--show-routing"], stdout=buffer) == 0
     assert re.search(r"routing: (colour|warmth) \(cos", buffer.getvalue())   # the stage's keys chose a task
+
+
+def test_liger_kernel_trains_to_the_same_losses_up_to_bf16_rounding(tmp_path, tasks):
+    pytest.importorskip("liger_kernel", reason='liger-kernel is not installed (pip install -e ".[gpu]")')
+    recipe = write_recipe(tmp_path / "l.yaml", tasks, tmp_path / "unused", steps_per_task=6, log_every=1)
+    common = [*LORA, "trainer.mixed_precision=bf16", "trainer.eval_max_samples=4"]
+    plain = launch(recipe, tmp_path / "plain", *common, "model.liger_kernel=false")
+    fused = launch(recipe, tmp_path / "liger", *common, "model.liger_kernel=true")
+    for task, curve in plain["train_loss"].items():
+        assert fused["train_loss"][task] == pytest.approx(curve, rel=3e-2), task
+
+
+def test_auto_checkpointing_probes_the_gpu_and_keeps_it_off_for_a_small_model(tmp_path, tasks):
+    recipe = write_recipe(tmp_path / "a.yaml", tasks, tmp_path / "unused", steps_per_task=4, log_every=1)
+    cmd = [sys.executable, "lvlm_cl/train.py", str(recipe), f"output_dir={tmp_path / 'auto'}", *SMALL_MODEL,
+           "model.gradient_checkpointing=auto", "trainer.mixed_precision=bf16", "trainer.eval_max_samples=4"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    decisions = re.findall(r"gradient checkpointing \(auto\) before task \w+: (on|off): the longest batch needs "
+                           r"([\d.]+) GiB", proc.stdout)
+    assert [d for d, _ in decisions] == ["off", "off"]     # a tiny model is far within any GPU's memory

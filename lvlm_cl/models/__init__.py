@@ -202,14 +202,16 @@ def apply_training_setup(model, model_cfg):
 
     A quantized model first goes through peft's ``prepare_model_for_kbit_training`` (layer norms and
     unquantized parts in fp32, input gradients enabled for adapters behind frozen embeddings).
-    ``gradient_checkpointing`` recomputes activations in the backward pass (non-reentrant)."""
+    ``gradient_checkpointing: true`` recomputes activations in the backward pass (non-reentrant); ``auto`` is
+    decided before each task by ``models.memory`` (the loop's ``decide_checkpointing``)."""
     if getattr(model, "is_quantized", False):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    if getattr(model_cfg, "gradient_checkpointing", False):
-        model.config.use_cache = False
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model_cfg, "gradient_checkpointing", False) is True:     # "auto" is decided by a probe later
+        from lvlm_cl.models.memory import enable_checkpointing
+
+        enable_checkpointing(model)
     for name, module in parts(model).items():
         frozen = getattr(model_cfg, f"freeze_{name}")
         for p in module.parameters():
