@@ -125,6 +125,12 @@ class TrainerConfig:
     # AdamW's implementation: "adamw_fused" (torch's fused kernel: one pass over all parameters, the fastest
     # on CPU and GPU) or "adamw" (torch's default implementation, a loop of per-tensor operations on CPU).
     optimizer: Literal["adamw_fused", "adamw"] = "adamw_fused"
+    # DataLoader worker processes that encode batches (templating, tokenizing, image processing) while the
+    # model computes; 0 encodes in the training process. Per training process.
+    num_workers: int = 2
+    # Batches of samples of about one length (sorted within windows of 50 batches, the windows' batches
+    # shuffled), as LLaVA's group_by_modality_length: less padding, the same samples per epoch.
+    group_by_length: bool = False
 
 
 @dataclass
@@ -308,6 +314,9 @@ def validate(cfg: RunConfig, where: str) -> None:
         raise ConfigError(f"{where}: set exactly one of 'trainer.steps_per_task' or 'trainer.epochs_per_task'")
     if tr.save_every < 0:
         raise ConfigError(f"{where}: key 'trainer.save_every' must be 0 (no step checkpoints) or more, got {tr.save_every}")
+    if tr.num_workers < 0:
+        raise ConfigError(f"{where}: key 'trainer.num_workers' must be 0 (encode in the training process) or more, "
+                          f"got {tr.num_workers}")
     for key in ("batch_size", "grad_accum", "eval_batch_size", "max_new_tokens", "log_every"):
         if getattr(tr, key) < 1:
             raise ConfigError(f"{where}: key 'trainer.{key}' must be at least 1, got {getattr(tr, key)}")

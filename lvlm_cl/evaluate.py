@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from lvlm_cl.checkpoint import CheckpointError
-from lvlm_cl.data.records import RecordError, final_answer, load_records, user_text
+from lvlm_cl.data.records import RecordError, final_answer, user_text
 from lvlm_cl.evaluation import SCORERS, score_many, write_predictions
 from lvlm_cl.io import atomic_write_json, atomic_write_text
 
@@ -72,7 +72,8 @@ def coin_rows(records: list[dict], predictions: list[str], model_id: str) -> lis
 def evaluate(args) -> dict:
     from accelerate import Accelerator
 
-    from lvlm_cl.data.dataset import EncodingCache
+    from lvlm_cl.data.lengths import TokenCounter
+    from lvlm_cl.data.records import load_table
     from lvlm_cl.distributed import shard, unshard
     from lvlm_cl.evaluation.generate import generate_answers
     from lvlm_cl.models import autocast_for
@@ -80,22 +81,25 @@ def evaluate(args) -> dict:
 
     accelerator = Accelerator()
     stages = stages_of(args.run, args.stage, args.all_stages)
-    records = load_records(args.data, image_root=args.image_root, check_images=True)
+    records = load_table(args.data, image_root=args.image_root)
     if args.max_samples:
         records = records[:args.max_samples]
     out = args.output or args.run / "evaluations" / args.data.stem
-    mine = shard(records, accelerator)
     scores: dict[str, float] = {}
     stage = load_stage(args.run, stages[0], device=accelerator.device)   # built once; later stages are restored into it
     model = stage.model
     tr = stage.cfg.trainer
-    cache = EncodingCache(stage.processor, stage.cfg.model.max_length)
+    # Every prompt counted (image headers read, nothing decoded) before any generation: a bad record stops
+    # here, named; the counts order the batches.
+    records.lengths = TokenCounter(stage.processor, stage.cfg.model.max_length).count(records, prompt=True,
+                                                                                     path=str(args.data))
+    mine = shard(records, accelerator)
     for k in stages:
         if k != stage.index:
             stage.restore(k)
         with autocast_for(model):
-            local = generate_answers(model, stage.processor, mine, cache,
-                                     batch_size=args.batch_size or tr.eval_batch_size,
+            local = generate_answers(model, stage.processor, mine, max_length=stage.cfg.model.max_length,
+                                     num_workers=tr.num_workers, batch_size=args.batch_size or tr.eval_batch_size,
                                      max_new_tokens=args.max_new_tokens or tr.max_new_tokens,
                                      desc=f"stage {k} ({stage.task.name})", progress=accelerator.is_main_process,
                                      device=accelerator.device)
@@ -106,8 +110,8 @@ def evaluate(args) -> dict:
             label = f"stage-{k}-{stage.task.name}"
             scores[label] = 100.0 * sum(correct) / len(correct)
             write_predictions(out / f"predictions-{label}.jsonl",
-                              [{"id": r["id"], "prompt": user_text(r), "prediction": p, "answer": a, "correct": c}
-                               for r, p, a, c in zip(records, predictions, answers, correct)])
+                              ({"id": r["id"], "prompt": user_text(r), "prediction": p, "answer": a, "correct": c}
+                               for r, p, a, c in zip(records, predictions, answers, correct)))
             if args.export == "coin":
                 rows = coin_rows(records, predictions, f"{args.run.name}/{label}")
                 atomic_write_text(out / f"coin-answers-{label}.jsonl", "".join(json.dumps(x) + "\n" for x in rows))

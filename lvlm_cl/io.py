@@ -41,6 +41,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return _atomic(path, write)
 
 
+def atomic_write_lines(path: str | os.PathLike, lines) -> Path:
+    """Write the strings of the iterable ``lines`` (each without its newline) as they come: nothing is
+    held in memory, and the file appears whole or not at all."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for line in lines:
+                f.write(line + "\n")
+    return _atomic(path, write)
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import hashlib
 import math
 import platform
 import shutil
@@ -26,12 +27,13 @@ import torch
 from accelerate.utils import send_to_device
 from tqdm.auto import tqdm
 
-from lvlm_cl.checkpoint import (CheckpointError, RunState, data_fingerprint, prepare_run_dir, read_step_checkpoint,
+from lvlm_cl.checkpoint import (CheckpointError, RunState, prepare_run_dir, read_step_checkpoint,
                                 remove_step_checkpoint, restore_task, restore_trainable, save_step_checkpoint,
                                 save_task_checkpoint, set_aside)
 from lvlm_cl.config import ConfigError, RunConfig, cache_dir, load_recipe, to_dict
-from lvlm_cl.data.dataset import EncodingCache, StepBatchOrder
-from lvlm_cl.data.encoding import IGNORE_INDEX, EncodingError, collate_train
+from lvlm_cl.data.dataset import Collator, StepBatchOrder, check_batch, loader
+from lvlm_cl.data.encoding import IGNORE_INDEX
+from lvlm_cl.data.lengths import TokenCounter
 from lvlm_cl.data.records import RecordError, final_answer, user_text
 from lvlm_cl.data.stream import build_stream
 from lvlm_cl.distributed import (checkpoint_state, gathered, make_accelerator, refuse_unsupported, shard,
@@ -40,7 +42,7 @@ from lvlm_cl.evaluation import cl_metrics_partial, score_many, write_predictions
 from lvlm_cl.evaluation.generate import generate_answers
 from lvlm_cl.io import atomic_replace_dir, atomic_write_json
 from lvlm_cl.methods import build_methods
-from lvlm_cl.methods.routing import TASK_IDS, held_for_batch, model_inputs
+from lvlm_cl.methods.routing import held_for_batch, model_inputs
 from lvlm_cl.models.kernels import use_liger
 from lvlm_cl.models.memory import enable_checkpointing, optimizer_bytes, peak_reader, probe_needs_checkpointing
 from lvlm_cl.models import (BUILTIN_GEMMA3, BUILTIN_PRETRAINED, BUILTIN_RANDOM, ModelError, apply_training_setup, count_parameters,
@@ -113,24 +115,27 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
     use_liger(model, cfg.model.liger_kernel, accelerator.device, log)     # before LoRA wraps its layers
     model = apply_training_setup(model, cfg.model)
 
-    # The stream: every task's data validated (images opened) before any training time is spent.
+    # The stream: every task's records read and validated, into compact tables; the data's fingerprint
+    # from the same read.
+    digest = hashlib.sha256()
     with accelerator.main_process_first():  # one process generates a missing benchmark, the others read it
-        stream, files = build_stream(cfg, cache)
+        stream, files = build_stream(cfg, cache, digest)
     names = [t.name for t in stream]
     log(f"stream: {len(stream)} tasks: " + ", ".join(f"{t.name} ({len(t.train_records)} train / "
                                                       f"{len(t.test_records)} test, {t.metric})" for t in stream))
-    encodings = EncodingCache(processor, cfg.model.max_length)
     methods = build_methods(cfg.methods)
     refuse_unsupported(methods, accelerator)
     for m in methods:
         m.setup(model, stream)
 
-    fingerprint = data_fingerprint(files)
+    fingerprint = digest.hexdigest()[:16]           # = checkpoint.data_fingerprint(files)
     state = RunState.load(run_dir) or RunState(tasks=names, data=fingerprint)
     if state.tasks != names or state.data != fingerprint:
         raise CheckpointError(f"{run_dir} was started on other data (tasks {state.tasks}, fingerprint {state.data}; "
                               f"now {names}, {fingerprint}): the task files changed. Pass --overwrite to start over.")
-    check_encodings(stream[state.trained:], stream, files, encodings, cfg.trainer, progress and accelerator.is_main_process)
+    counter = TokenCounter(processor, cfg.model.max_length)
+    check_samples(stream[state.trained:], stream, files, counter, cfg.trainer, log,
+                  progress and accelerator.is_main_process)
     while state.trained:
         last = stream[state.trained - 1]
         try:
@@ -159,7 +164,7 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
         accelerator.init_trackers("lvlm_cl", config={"seed": cfg.seed, "lr": cfg.trainer.lr})
 
     if cfg.eval_before_training and state.initial is None:
-        state.initial, _ = evaluate_stream(accelerator, model, processor, stream, encodings, cfg, run_dir,
+        state.initial, _ = evaluate_stream(accelerator, model, processor, stream, cfg, run_dir,
                                            "before", progress)
         _save_progress(accelerator, run_dir, state, stream)
 
@@ -175,9 +180,13 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
                 train_data = m.before_task(task, model, train_data)
             state.extra.setdefault("trainable_parameters", {})[task.name] = count_parameters(model)[0]
             if cfg.model.gradient_checkpointing == "auto" and not checkpointing:
-                checkpointing = decide_checkpointing(accelerator, model, methods, task, train_data, encodings, cfg,
+                checkpointing = decide_checkpointing(accelerator, model, methods, task, train_data, processor, cfg,
                                                      names, log)
-            curve = train_task(accelerator, model, methods, task, train_data, encodings, cfg, log, progress, names,
+            train_data = with_lengths(train_data, counter)
+            collate = Collator(processor, cfg.model.max_length, files=task_paths(stream, files),
+                               task_index={n: i for i, n in enumerate(names)}
+                               if any(m.uses_task_ids for m in methods) else None)
+            curve = train_task(accelerator, model, methods, task, train_data, collate, cfg, log, progress, names,
                                run_dir)
             state.extra.setdefault("train_loss", {})[task.name] = curve
             for m in methods:
@@ -196,7 +205,7 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
             if accelerator.is_main_process:
                 remove_step_checkpoint(run_dir)     # the task's own checkpoint supersedes it
         started = time.time()
-        row, routing = evaluate_stream(accelerator, model, processor, stream, encodings, cfg, run_dir,
+        row, routing = evaluate_stream(accelerator, model, processor, stream, cfg, run_dir,
                                        f"after-{task.index:02d}-{task.name}", progress)
         if routing:
             state.extra.setdefault("routing_accuracy", {})[task.name] = routing
@@ -213,26 +222,54 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
     return model, processor, state
 
 
-def check_encodings(to_train, stream, files: list[str], encodings, trainer, progress: bool) -> None:
-    """Encode every training sample of the tasks still to train and every test prompt, before any training
-    time is spent: a sample longer than ``model.max_length`` (truncation would cut its answer or image
-    tokens) or one the chat template cannot encode stops the run here, naming its file and id. The
-    encodings are kept for the loop."""
-    work = [(files[2 * t.index], t.train_records, False) for t in to_train]
-    work += [(files[2 * t.index + 1], eval_records(t, trainer), True) for t in stream]
-    chunk = 64
-    with tqdm(total=sum(len(records) for _, records, _ in work), desc="checking samples", disable=not progress) as bar:
-        for path, records, prompt in work:
-            for start in range(0, len(records), chunk):
-                part = records[start:start + chunk]
-                try:
-                    encodings.encode_all(part, prompt=prompt, chunk=chunk)
-                except EncodingError as e:
-                    raise EncodingError(e.reason, path=path, record_id=e.record_id, field=e.field) from None
-                bar.update(len(part))
+def check_samples(to_train, stream, files: list[str], counter, trainer, log, progress: bool) -> None:
+    """Count the tokens of every training sample of the tasks still to train and of every test prompt,
+    before any training time is spent, from the text and the image headers (no pixel is processed:
+    ``lengths.TokenCounter``): a missing or unreadable image, a sample longer than ``model.max_length``
+    (truncation would cut its answer or image tokens), one with no answer tokens, or one the chat template
+    cannot encode stops the run here, naming its file, record and field. The counts are kept in the tables
+    (``RecordTable.lengths``): they order the evaluation's batches and group training batches by length."""
+    import numpy as np
+
+    work = [(files[2 * t.index], t.train_records, False, t, "train_records") for t in to_train]
+    work += [(files[2 * t.index + 1], eval_records(t, trainer), True, t, "test_records") for t in stream]
+    with tqdm(total=sum(len(records) for _, records, *_ in work), desc="checking samples", disable=not progress,
+              unit="sample") as bar:
+        for path, records, prompt, task, which in work:
+            if not counter.verify(records, prompt=prompt):
+                log(f"{path}: token counts from the text differ from the processor's for this model; counting by "
+                    "encoding every sample instead (slower)")
+            counts = counter.count(records, prompt=prompt, path=path, progress=bar.update)
+            table = getattr(task, which)
+            if hasattr(table, "lengths"):
+                full = np.full(len(table), -1, dtype=np.int32)
+                full[:len(counts)] = counts
+                table.lengths = full
 
 
-def train_task(accelerator, model, methods, task, train_data, encodings, cfg, log, progress, names,
+def with_lengths(records, counter):
+    """``records`` as a table whose every sample has its training token count (replayed records added by a
+    method come without one: counted here, from the text)."""
+    import numpy as np
+
+    from lvlm_cl.data.records import RecordTable
+
+    table = records if isinstance(records, RecordTable) else RecordTable(records)
+    lengths = table.lengths if table.lengths is not None else np.full(len(table), -1, dtype=np.int32)
+    todo = np.flatnonzero(lengths < 0)
+    if len(todo):
+        lengths = lengths.copy()
+        lengths[todo] = counter.count([table[int(i)] for i in todo], prompt=False)
+    table.lengths = lengths
+    return table
+
+
+def task_paths(stream, files: list[str]) -> dict[str, str]:
+    """Each task's training file, by task name (what a batch's encoding error names)."""
+    return {t.name: files[2 * t.index] for t in stream}
+
+
+def train_task(accelerator, model, methods, task, train_data, collate, cfg, log, progress, names,
                run_dir: Path) -> list[float]:
     """The loop for one task: AdamW over whatever requires grad, a fresh optimizer per task. Returns the
     training loss every ``log_every`` steps (mean over the window and over processes).
@@ -260,16 +297,12 @@ def train_task(accelerator, model, methods, task, train_data, encodings, cfg, lo
                                   **({"fused": True} if tr.optimizer == "adamw_fused" else {}))
     scheduler = get_scheduler(tr.lr_schedule, optimizer, num_warmup_steps=tr.warmup_steps, num_training_steps=steps)
     wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    lengths = getattr(train_data, "lengths", None) if tr.group_by_length else None
+    if tr.group_by_length and (lengths is None or (lengths < 0).any()):
+        raise ValueError("trainer.group_by_length: the training records have no token counts (with_lengths)")
     order = StepBatchOrder(len(train_data), tr.batch_size * world, steps * tr.grad_accum,
-                           seed=cfg.seed * 1000 + task.index, rank=accelerator.process_index, world=world)
-    pad_id = encodings.processor.tokenizer.pad_token_id
-    task_ids = task_indices(train_data, names) if any(m.uses_task_ids for m in methods) else None
-
-    def collate(indices):
-        batch = collate_train([encodings.train(train_data[i]) for i in indices], pad_id)
-        if task_ids is not None:  # each sample's task, for methods that route inside the forward
-            batch[TASK_IDS] = task_ids[indices]
-        return batch
+                           seed=cfg.seed * 1000 + task.index, rank=accelerator.process_index, world=world,
+                           lengths=lengths)
 
     step, running, curve = 0, [], []
     resumed = resume_step(accelerator, model, methods, task, run_dir, len(train_data), log)
@@ -285,18 +318,18 @@ def train_task(accelerator, model, methods, task, train_data, encodings, cfg, lo
                                                     "curve": curve, "running": running},
                              trainable, {m.name: m.state_dict() for m in methods})
 
-    # Batches are built on the host (pinned on a GPU, so the copy overlaps compute) and sent to the
-    # process's device here: the DataLoader is not prepared, since StepBatchOrder already shards by rank.
-    loader = torch.utils.data.DataLoader(list(range(len(train_data))), batch_sampler=order, collate_fn=collate,
-                                         pin_memory=accelerator.device.type == "cuda")
+    # Batches are encoded and collated in trainer.num_workers worker processes (pinned on a GPU, so the copy
+    # overlaps compute) and sent to the process's device here: the DataLoader is not prepared, since
+    # StepBatchOrder already shards by rank.
+    batches = loader(train_data, collate, order, num_workers=tr.num_workers, device=accelerator.device)
     wrapped.train()
     bar = tqdm(total=steps, initial=step, desc=f"task {task.index + 1} {task.name}",
                disable=not (progress and accelerator.is_main_process))
     first, started = step, time.time()
     full = any(m.full_outputs for m in methods)
     pending: list[torch.Tensor] = []     # the micro-steps' losses since they were last read, on the device
-    for batch in loader:
-        batch = send_to_device(batch, accelerator.device, non_blocking=True)
+    for batch in batches:
+        batch = send_to_device(check_batch(batch), accelerator.device, non_blocking=True)
         with accelerator.accumulate(wrapped):
             outputs, loss = language_modelling_loss(wrapped, batch, full)
             with accelerator.autocast():       # a method's own forwards (a teacher's) in the loop's precision
@@ -348,7 +381,7 @@ def train_task(accelerator, model, methods, task, train_data, encodings, cfg, lo
     return curve
 
 
-def decide_checkpointing(accelerator, model, methods, task, train_data, encodings, cfg, names, log) -> bool:
+def decide_checkpointing(accelerator, model, methods, task, train_data, processor, cfg, names, log) -> bool:
     """``model.gradient_checkpointing: auto`` before a task: on if this task's worst batch (its longest sample,
     replayed ones included, ``trainer.batch_size`` times) would not fit the device's memory with the
     optimizer's state (``models.memory``); the processes agree. Once on, it stays on for the run.
@@ -362,12 +395,11 @@ def decide_checkpointing(accelerator, model, methods, task, train_data, encoding
     else:
         if not deepspeed:
             upcast_trainable(model)         # as train_task trains it: what trains in float32
-        longest = max(train_data, key=lambda r: encodings.train(r).input_ids.numel())
-        batch = collate_train([encodings.train(longest)] * cfg.trainer.batch_size,
-                              encodings.processor.tokenizer.pad_token_id)
-        if any(m.uses_task_ids for m in methods):
-            batch[TASK_IDS] = task_indices([longest] * cfg.trainer.batch_size, names)
-        batch = send_to_device(batch, accelerator.device)
+        lengths = getattr(train_data, "lengths", None)
+        longest = train_data[int(lengths.argmax())] if lengths is not None else train_data[0]
+        collate = Collator(processor, cfg.model.max_length, task_index={n: i for i, n in enumerate(names)}
+                           if any(m.uses_task_ids for m in methods) else None)
+        batch = send_to_device(check_batch(collate([longest] * cfg.trainer.batch_size)), accelerator.device)
         extra = optimizer_bytes(model, shards=accelerator.num_processes if deepspeed else 1,
                                 ddp=accelerator.num_processes > 1 and not deepspeed)
         full = any(m.full_outputs for m in methods)
@@ -447,61 +479,57 @@ def resume_step(accelerator, model, methods, task, run_dir: Path, train_samples:
     return meta
 
 
-def task_indices(train_data: list[dict], names: list[str]) -> torch.Tensor:
-    """The stream index of each training record's task (replayed records belong to earlier tasks)."""
-    index = {n: i for i, n in enumerate(names)}
-    try:
-        return torch.tensor([index[r["task"]] for r in train_data], dtype=torch.long)
-    except KeyError as e:
-        raise ValueError(f"a training record of task {e.args[0]!r} is not from this stream's tasks {names}") from None
-
-
 def eval_records(task, trainer) -> list[dict]:
     """The test records a task is scored on (the first ``trainer.eval_max_samples`` if set)."""
     return task.test_records[:trainer.eval_max_samples] if trainer.eval_max_samples else task.test_records
 
 
-def evaluate_stream(accelerator, model, processor, stream, encodings, cfg, run_dir: Path, stage: str,
+def evaluate_stream(accelerator, model, processor, stream, cfg, run_dir: Path, stage: str,
                     progress: bool) -> tuple[list[float], dict[str, float]]:
     """Score on every task's test split (percent; predictions are written per task), and the routing
-    accuracy of a method that routes by task keys. Under ZeRO-3 the model is gathered whole on every process
-    for the duration (it must fit one device for inference)."""
+    accuracy of a method that routes by task keys (counted on the same prompt batches). Under ZeRO-3 the
+    model is gathered whole on every process for the duration (it must fit one device for inference)."""
+    from lvlm_cl.methods.routing import routers
+
     tr = cfg.trainer
-    row = []
+    row, routing = [], {}
+    found = routers(model)
+    router = found[0] if found else None
     with gathered(model):
         for task in stream:
             records = eval_records(task, tr)
+            mine = shard(records, accelerator)
+            real = len(records[accelerator.process_index::accelerator.num_processes])   # without ZeRO-3's padding
+            counted = router is not None and task.index < router.num_known
+            hits = torch.zeros(2, dtype=torch.long, device=accelerator.device)
+
+            def observe(batch, positions):
+                keep = torch.tensor([p < real for p in positions], device=batch["input_ids"].device)
+                best, _ = router.route(batch["input_ids"], batch.get("attention_mask"))
+                hits[0] += ((best == task.index) & keep).sum()
+                hits[1] += keep.sum()
+
             # Each process generates its share; under ZeRO-3 all of them step together (synced_gpus).
             with accelerator.autocast():
-                local = generate_answers(model, processor, shard(records, accelerator), encodings,
+                local = generate_answers(model, processor, mine, max_length=cfg.model.max_length,
                                          batch_size=tr.eval_batch_size, max_new_tokens=tr.max_new_tokens,
                                          desc=f"eval {stage} {task.name}",
                                          progress=progress and accelerator.is_main_process,
                                          synced_gpus=zero_stage(accelerator) == 3 and accelerator.num_processes > 1,
-                                         device=accelerator.device)
+                                         device=accelerator.device, num_workers=tr.num_workers,
+                                         observe=observe if counted else None)
             predictions = unshard(local, len(records), accelerator)
+            if counted:
+                total = accelerator.reduce(hits, "sum") if accelerator.num_processes > 1 else hits
+                routing[task.name] = round(100.0 * int(total[0]) / max(1, int(total[1])), 2)
             answers = [final_answer(r) for r in records]
             scores = score_many(task.metric, predictions, answers)
             row.append(100.0 * sum(scores) / len(scores))
             if accelerator.is_main_process:
                 write_predictions(run_dir / "predictions" / stage / f"{task.name}.jsonl",
-                                  [{"id": r["id"], "prompt": user_text(r), "prediction": p, "answer": a,
-                                    "correct": s} for r, p, a, s in zip(records, predictions, answers, scores)])
-        return row, evaluate_routing(model, stream, encodings, tr)
-
-
-def evaluate_routing(model, stream, encodings, trainer) -> dict[str, float]:
-    """Percent of each known task's test prompts that a routing method sends to that task's key."""
-    from lvlm_cl.methods.routing import routers, routing_accuracy
-
-    found = routers(model)
-    if not found:
-        return {}
-    router = found[0]
-    return {task.name: round(routing_accuracy(router, [encodings.prompt(r) for r in eval_records(task, trainer)],
-                                              task.index, encodings.processor.tokenizer.pad_token_id,
-                                              trainer.eval_batch_size), 2)
-            for task in stream[:router.num_known]}
+                                  ({"id": r["id"], "prompt": user_text(r), "prediction": p, "answer": a,
+                                    "correct": s} for r, p, a, s in zip(records, predictions, answers, scores)))
+        return row, routing
 
 
 def _save_progress(accelerator, run_dir: Path, state: RunState, stream) -> None:

@@ -29,7 +29,6 @@ def main(argv=None) -> int:
     import torch
 
     from lvlm_cl.config import cache_dir, load_recipe
-    from lvlm_cl.data.dataset import EncodingCache
     from lvlm_cl.data.stream import build_stream
     from lvlm_cl.evaluation.generate import generate_answers
     from lvlm_cl.io import atomic_write_json
@@ -59,22 +58,20 @@ def main(argv=None) -> int:
     model.eval()
     per_task = [t.test_records[:args.per_task] for t in stream]
     records = [r for rs in per_task for r in rs]
-    encodings = EncodingCache(processor, cfg.model.max_length)
-    for r in records:                               # encoded once, outside the timings (every way uses them)
-        encodings.prompt(r)
     tr = cfg.trainer
     sizes = args.batch_sizes or [tr.eval_batch_size]
 
     def batched(size):
-        return [a for rs in per_task for a in generate_answers(model, processor, rs, encodings, batch_size=size,
-                                                               max_new_tokens=tr.max_new_tokens, progress=False)]
+        return [a for rs in per_task for a in generate_answers(model, processor, rs, max_length=cfg.model.max_length,
+                                                               batch_size=size, max_new_tokens=tr.max_new_tokens,
+                                                               progress=False)]
 
     def one_by_one():
-        return [generate_answers(model, processor, [r], encodings, batch_size=1, max_new_tokens=tr.max_new_tokens,
-                                 progress=False)[0] for r in records]
+        return [generate_answers(model, processor, [r], max_length=cfg.model.max_length, batch_size=1,
+                                 max_new_tokens=tr.max_new_tokens, progress=False)[0] for r in records]
 
     ways = {"one_by_one": one_by_one, **{f"batched_{b}": (lambda b=b: batched(b)) for b in sizes}}
-    batched(sizes[0])                                 # untimed: fills the caches the loop keeps between stages
+    batched(sizes[0])                                 # untimed: a warm-up
     times = {name: [] for name in ways}
     answers = {}
     for k in range(args.rounds):

@@ -154,17 +154,6 @@ def make_records(size: Size, n: int, seed: int = 0) -> list:
     return records
 
 
-class PreEncoded:
-    """Stands in for lvlm-cl's ``EncodingCache`` when the records are already encoded: ``train_task`` reads
-    a record's encoding (``train``) and the tokenizer's pad id from it."""
-
-    def __init__(self, pad_id: int):
-        self.processor = SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=pad_id))
-
-    def train(self, record):
-        return record
-
-
 def clock(device: torch.device) -> float:
     """``time.perf_counter()`` once the device has finished the work queued so far."""
     if device.type == "cuda":
@@ -204,7 +193,7 @@ def setting_config(batch_size: int, checkpointing: bool, total_steps: int, out: 
     return load_recipe(RECIPE, [f"output_dir={out}", "report_to=[]", f"trainer.batch_size={batch_size}",
                                 f"trainer.steps_per_task={total_steps}", "trainer.epochs_per_task=null",
                                 "trainer.lr_schedule=constant", "trainer.warmup_steps=0", "trainer.save_every=0",
-                                f"model.gradient_checkpointing={str(checkpointing).lower()}",
+                                f"model.gradient_checkpointing={str(checkpointing).lower()}", "trainer.num_workers=0",
                                 "model.liger_kernel=false"])
 
 
@@ -288,6 +277,7 @@ def plain_loop(ctx, cfg) -> SimpleNamespace:
 
 def lvlm_cl_loop(ctx, cfg, setup=lvlm_cl_model) -> SimpleNamespace:
     """lvlm-cl's ``train_task`` on the same records with the recipe's methods and a ``StepClock``."""
+    from lvlm_cl.data.encoding import collate_train
     from lvlm_cl.methods import build_methods
     from lvlm_cl.methods.base import Task
     from lvlm_cl.train import train_task
@@ -297,8 +287,8 @@ def lvlm_cl_loop(ctx, cfg, setup=lvlm_cl_model) -> SimpleNamespace:
     methods = [*build_methods(cfg.methods), step_clock]
     task = Task(index=0, name="synthetic", metric="exact_match", train_records=ctx.records, test_records=[])
     with tempfile.TemporaryDirectory() as run_dir:
-        train_task(ctx.accelerator, model, methods, task, ctx.records, PreEncoded(PAD_ID), cfg, lambda *_: None,
-                   False, [task.name], Path(run_dir))
+        train_task(ctx.accelerator, model, methods, task, ctx.records, lambda items: collate_train(items, PAD_ID), cfg,
+                   lambda *_: None, False, [task.name], Path(run_dir))
     return SimpleNamespace(times=step_clock.times, first_loss=step_clock.first_loss, last_loss=step_clock.last_loss)
 
 

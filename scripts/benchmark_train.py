@@ -35,22 +35,22 @@ def prepare(recipe: str, steps: int, overrides: list[str] = ()) -> SimpleNamespa
     """What every contestant shares: the recipe (for ``steps`` optimizer steps, no step checkpoints, no
     tracker), its base model, the first task's training records encoded once, one accelerator."""
     from lvlm_cl.config import cache_dir, load_recipe
-    from lvlm_cl.data.dataset import EncodingCache
+    from lvlm_cl.data.encoding import encode_record
     from lvlm_cl.data.stream import build_stream
     from lvlm_cl.distributed import make_accelerator
     from lvlm_cl.models import load_model_dir, resolve_model_dir
 
     cfg = load_recipe(recipe, ["report_to=[]", f"trainer.steps_per_task={steps}", "trainer.epochs_per_task=null",
-                               "trainer.save_every=0", f"trainer.log_every={steps}", *overrides])
+                               "trainer.save_every=0", f"trainer.log_every={steps}", "trainer.num_workers=0",
+                               *overrides])
     cache = cache_dir(cfg)
     base, processor = load_model_dir(resolve_model_dir(cfg.model, cfg.seed, cache), cfg.model)
     stream, _ = build_stream(cfg, cache)
     task = stream[0]
-    encodings = EncodingCache(processor, cfg.model.max_length)
-    for r in task.train_records:
-        encodings.train(r)
+    records = list(task.train_records)
+    encodings = {r["id"]: encode_record(processor, r, cfg.model.max_length) for r in records}
     return SimpleNamespace(cfg=cfg, base=base, processor=processor, stream=stream, task=task,
-                           records=task.train_records, encodings=encodings, steps=steps,
+                           records=records, encodings=encodings, steps=steps,
                            accelerator=make_accelerator(cfg, tempfile.mkdtemp()))
 
 
@@ -64,7 +64,7 @@ def batches(ctx: SimpleNamespace):
     tr, records, pad = ctx.cfg.trainer, ctx.records, ctx.processor.tokenizer.pad_token_id
     order = StepBatchOrder(len(records), tr.batch_size, ctx.steps, seed=ctx.cfg.seed * 1000)
     return torch.utils.data.DataLoader(list(range(len(records))), batch_sampler=order,
-                                       collate_fn=lambda idx: collate_train([ctx.encodings.train(records[i]) for i in idx], pad))
+                                       collate_fn=lambda idx: collate_train([ctx.encodings[records[i]["id"]] for i in idx], pad))
 
 
 def plain_loop(ctx: SimpleNamespace, fused: bool = False, answer_logits: bool = False) -> float:
@@ -100,6 +100,7 @@ def lvlm_cl_loop(ctx: SimpleNamespace, method_list: str) -> float:
     """lvlm-cl's ``train_task`` with the methods (comma-separated names, defaults) set up as a run does.
     Seconds from the call (``prepare``) to its return (``free_memory``)."""
     from lvlm_cl.config import MethodSpec
+    from lvlm_cl.data.encoding import collate_train
     from lvlm_cl.methods import build_methods
     from lvlm_cl.models import apply_training_setup
     from lvlm_cl.train import train_task
@@ -113,7 +114,9 @@ def lvlm_cl_loop(ctx: SimpleNamespace, method_list: str) -> float:
         data = m.before_task(ctx.task, model, data)
     names = [t.name for t in ctx.stream]
     start = time.perf_counter()
-    train_task(ctx.accelerator, model, methods, ctx.task, data, ctx.encodings, ctx.cfg, lambda *_: None, False, names,
+    pad = ctx.processor.tokenizer.pad_token_id
+    pre_encoded = lambda recs: collate_train([ctx.encodings[r["id"]] for r in recs], pad)  # noqa: E731
+    train_task(ctx.accelerator, model, methods, ctx.task, data, pre_encoded, ctx.cfg, lambda *_: None, False, names,
                Path(tempfile.mkdtemp()))
     return time.perf_counter() - start
 

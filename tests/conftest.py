@@ -126,18 +126,17 @@ def tiny_small():
 
 def stage_scores(stage) -> list[float]:
     """Score a loaded stage on every task of its stream, the way the training loop does (percent)."""
-    from lvlm_cl.data.dataset import EncodingCache
     from lvlm_cl.data.records import final_answer
     from lvlm_cl.evaluation import score_many
     from lvlm_cl.evaluation.generate import generate_answers
 
     from lvlm_cl.models import autocast_for
 
-    cache = EncodingCache(stage.processor, stage.cfg.model.max_length)
     row = []
     for task in stage.stream:
         with autocast_for(stage.model):    # as the loop and scripts/evaluate.py generate (bf16 runs)
-            predictions = generate_answers(stage.model, stage.processor, task.test_records, cache, batch_size=16,
+            predictions = generate_answers(stage.model, stage.processor, task.test_records,
+                                           max_length=stage.cfg.model.max_length, batch_size=16,
                                            max_new_tokens=stage.cfg.trainer.max_new_tokens, progress=False)
         scores = score_many(task.metric, predictions, [final_answer(r) for r in task.test_records])
         row.append(100.0 * sum(scores) / len(scores))

@@ -11,19 +11,24 @@ from lvlm_cl.data.records import record_problems
 
 @settings(max_examples=200, deadline=None)
 @given(n=st.integers(1, 40), per_rank=st.integers(1, 6), world=st.integers(1, 4), steps=st.integers(1, 12),
-       seed=st.integers(0, 10_000), data=st.data())
-def test_a_resumed_batch_order_is_the_tail_of_the_uninterrupted_one(n, per_rank, world, steps, seed, data):
+       seed=st.integers(0, 10_000), grouped=st.booleans(), data=st.data())
+def test_a_resumed_batch_order_is_the_tail_of_the_uninterrupted_one(n, per_rank, world, steps, seed, grouped, data):
     start = data.draw(st.integers(0, steps))
-    full = {r: list(StepBatchOrder(n, per_rank * world, steps, seed, rank=r, world=world)) for r in range(world)}
+    lengths = data.draw(st.lists(st.integers(1, 50), min_size=n, max_size=n)) if grouped else None
+
+    def order(**kw):
+        return StepBatchOrder(n, per_rank * world, steps, seed, lengths=lengths, **kw)
+    full = {r: list(order(rank=r, world=world)) for r in range(world)}
     for r in range(world):
-        resumed = list(StepBatchOrder(n, per_rank * world, steps, seed, start=start, rank=r, world=world))
+        resumed = list(order(start=start, rank=r, world=world))
         assert resumed == full[r][start:]
-        assert len(StepBatchOrder(n, per_rank * world, steps, seed, start=start, rank=r, world=world)) == len(resumed)
+        assert len(order(start=start, rank=r, world=world)) == len(resumed)
     for step in range(steps):                        # the processes' shares make up the global batch
         shares = [i for r in range(world) for i in full[r][step]]
         assert len(shares) == per_rank * world and all(0 <= i < n for i in shares)
-    # The global order walks through epochs: each full epoch of n draws is a permutation of the samples.
-    flat = [i for b in StepBatchOrder(n, per_rank * world, steps, seed) for i in b]
+    # The global order walks through epochs: each full epoch of n draws is a permutation of the samples
+    # (grouped by length or not: the same samples as often).
+    flat = [i for b in order() for i in b]
     for e in range(len(flat) // n):
         assert sorted(flat[e * n:(e + 1) * n]) == list(range(n))
 

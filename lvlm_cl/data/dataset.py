@@ -1,55 +1,69 @@
-"""Encoded samples for the loop: canonical records -> model inputs, encoded once and kept when asked."""
+"""From records to batches, as the loop needs them: encoded when their batch is built (in DataLoader
+workers), never kept; and the order of the batches, a pure function of the seed and the step."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from lvlm_cl.data.encoding import Encoded, encode_many, encode_prompt, encode_record
+from lvlm_cl.data.encoding import EncodingError, collate_prompts, collate_train, encode_many
+
+TASK_IDS = "cl_task_ids"        # the batch key of each sample's task index (lvlm_cl.methods.routing reads it)
 
 
-class EncodingCache:
-    """Encodes records through one processor; keeps results in memory when ``keep`` (small images).
+class Collator:
+    """A DataLoader's ``collate_fn``: a list of records -> one padded batch of tensors, encoded through the
+    processor there and then (``encode_many``: one processor call for the batch), in a worker process when
+    the loader has workers. Nothing is kept: a record's pixels live as long as its batch.
 
-    Keys are (task, id), so records of different tasks may share ids. Train and prompt encodings are kept
-    apart: a prompt stops before the last answer.
+    ``prompt``: left-padded generation prompts (``collate_prompts``) instead of training samples.
+    ``task_index`` (task name -> stream index): adds each sample's task under ``TASK_IDS``, for methods that
+    route by it. A record that cannot be encoded does not raise in the worker (where the error would come
+    back wrapped in a traceback): the batch is ``{"error": ...}`` and ``check_batch`` raises it in the loop,
+    naming the record's file (``files``: task name -> path), record and field.
     """
 
-    def __init__(self, processor, max_length: int, keep: bool = True):
-        self.processor = processor
-        self.max_length = max_length
-        self.keep = keep
-        self._train: dict[tuple[str, str], Encoded] = {}
-        self._prompt: dict[tuple[str, str], Encoded] = {}
+    def __init__(self, processor, max_length: int, *, prompt: bool = False, task_index: dict | None = None,
+                 files: dict | None = None):
+        self.processor, self.max_length, self.prompt = processor, max_length, prompt
+        self.task_index, self.files = task_index, files or {}
+        self.pad_id = processor.tokenizer.pad_token_id
 
-    def train(self, record: dict) -> Encoded:
-        return self._get(self._train, record, encode_record)
+    def __call__(self, records: list[dict]) -> dict:
+        try:
+            encoded = encode_many(self.processor, records, self.max_length, prompt=self.prompt)
+        except EncodingError as e:
+            task = next((r.get("task") for r in records if r["id"] == e.record_id), None)
+            return {"error": (e.reason, self.files.get(task), e.record_id, e.field)}
+        batch = collate_prompts(encoded, self.pad_id) if self.prompt else collate_train(encoded, self.pad_id)
+        if self.task_index is not None:
+            try:
+                batch[TASK_IDS] = torch.tensor([self.task_index[r["task"]] for r in records], dtype=torch.long)
+            except KeyError as e:
+                return {"error": (f"task {e.args[0]!r} is not one of this stream's tasks {list(self.task_index)}",
+                                  None, None, "task")}
+        return batch
 
-    def prompt(self, record: dict) -> Encoded:
-        return self._get(self._prompt, record, encode_prompt)
 
-    def encode_all(self, records: list[dict], *, prompt: bool, chunk: int = 64) -> None:
-        """Encode and keep every record not encoded yet, ``chunk`` records per processor call
-        (``encode_many``). An ``EncodingError`` names its record."""
-        store = self._prompt if prompt else self._train
-        todo = [r for r in records if self._key(r) not in store]
-        for start in range(0, len(todo), chunk):
-            part = todo[start:start + chunk]
-            for record, encoded in zip(part, encode_many(self.processor, part, self.max_length, prompt=prompt)):
-                if self.keep:
-                    store[self._key(record)] = encoded
+def check_batch(batch: dict) -> dict:
+    """``batch``, or the ``EncodingError`` a ``Collator`` met building it."""
+    if "error" in batch:
+        reason, path, record_id, field = batch["error"]
+        raise EncodingError(reason, path=path, record_id=record_id, field=field)
+    return batch
 
-    @staticmethod
-    def _key(record: dict) -> tuple[str, str]:
-        return record.get("task", ""), record["id"]
 
-    def _get(self, store, record, encode) -> Encoded:
-        key = self._key(record)
-        hit = store.get(key)
-        if hit is None:
-            hit = encode(self.processor, record, self.max_length)
-            if self.keep:
-                store[key] = hit
-        return hit
+def loader(records, collate: Collator, batch_sampler, *, num_workers: int, device: torch.device):
+    """A DataLoader over ``records`` building each batch of ``batch_sampler`` with ``collate`` in
+    ``num_workers`` worker processes (0: in this process), pinned on a GPU so the copy overlaps compute."""
+    return torch.utils.data.DataLoader(records, batch_sampler=batch_sampler, collate_fn=collate,
+                                       num_workers=num_workers, pin_memory=device.type == "cuda",
+                                       prefetch_factor=2 if num_workers else None)
+
+
+# How many global batches ``StepBatchOrder`` sorts together when it groups by length: as transformers'
+# LengthGroupedSampler (50 per mega-batch), enough for little padding, few enough for the order to stay random.
+GROUP_WINDOW = 50
 
 
 class StepBatchOrder(torch.utils.data.Sampler):
@@ -57,14 +71,46 @@ class StepBatchOrder(torch.utils.data.Sampler):
     generator, so step k's batch is the same in every run and a resumed run continues the same order.
 
     Each micro-step takes ``global_batch`` indices; rank r of w processes takes every w-th of them.
+
+    ``lengths`` (one per sample) groups the batches by length (``trainer.group_by_length``): each epoch's
+    permutation is cut into windows of ``GROUP_WINDOW`` global batches, each window sorted by length (longest
+    first) and cut into batches, and the batches of a window are shuffled. A batch then holds samples of
+    about one length (little padding), and which batch comes when is still random; the order remains a pure
+    function of the seed, so a resumed run continues it exactly.
     """
 
     def __init__(self, n: int, global_batch: int, num_micro_steps: int, seed: int, *, start: int = 0,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, lengths=None):
         if n < 1:
             raise ValueError("no training samples")
+        if lengths is not None and len(lengths) != n:
+            raise ValueError(f"{len(lengths)} lengths for {n} samples")
         self.n, self.global_batch, self.num = n, global_batch, num_micro_steps
         self.seed, self.start, self.rank, self.world = seed, start, rank, world
+        self.lengths = None if lengths is None else np.asarray(lengths)
+
+    def epoch_order(self, epoch: int, g: torch.Generator) -> list[int]:
+        """Epoch ``epoch``'s order of the samples (``g`` is reseeded here)."""
+        g.manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(self.n, generator=g)
+        if self.lengths is None:
+            return perm.tolist()
+        # Batches are cut from the flat stream of epochs: where the previous epoch's last batch is not full, this
+        # epoch's first ``head`` samples complete it, so that every later batch is one sorted chunk.
+        gb = self.global_batch
+        head = (gb - (epoch * self.n) % gb) % gb
+        perm = perm.numpy()
+        out = perm[:head].tolist()
+        window = GROUP_WINDOW * gb
+        for w in range(head, self.n, window):
+            part = perm[w:w + window]
+            part = part[np.argsort(-self.lengths[part], kind="stable")]
+            chunks = [part[b:b + gb] for b in range(0, len(part), gb)]
+            full = [c for c in chunks if len(c) == gb]
+            for j in torch.randperm(len(full), generator=g).tolist():
+                out.extend(full[j].tolist())
+            out.extend(c for chunk in chunks if len(chunk) < gb for c in chunk.tolist())   # a partial one last
+        return out
 
     def __len__(self) -> int:
         return self.num - self.start
@@ -80,8 +126,7 @@ class StepBatchOrder(torch.utils.data.Sampler):
                 e, i = divmod(k, self.n)
                 if e != epoch:
                     epoch = e
-                    g.manual_seed(self.seed * 1_000_003 + e)
-                    perm = torch.randperm(self.n, generator=g).tolist()
+                    perm = self.epoch_order(e, g)
                 batch.append(perm[i])
             if flat >= first:
                 yield batch[self.rank::self.world]

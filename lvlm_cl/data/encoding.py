@@ -38,13 +38,21 @@ def load_image(path: str) -> Image.Image:
 
 def _conversation(record: dict, upto: int | None = None) -> list[dict]:
     """The record's messages with its images attached to the image parts, in order."""
-    images = iter(record.get("images", []))
+    images = iter(enumerate(record.get("images", [])))
     conv = []
     for turn in record["messages"][:upto]:
         parts = []
         for part in turn["content"]:
             if part["type"] == "image":
-                parts.append({"type": "image", "image": load_image(next(images))})
+                k, path = next(images)
+                try:
+                    image = load_image(path)
+                except FileNotFoundError:
+                    raise EncodingError(f"image not found: {path}", record_id=record["id"], field=f"images[{k}]") from None
+                except Exception as e:  # noqa: BLE001 - PIL raises several types for unreadable or truncated data
+                    raise EncodingError(f"image cannot be read ({type(e).__name__}: {e}): {path}", record_id=record["id"],
+                                        field=f"images[{k}]") from None
+                parts.append({"type": "image", "image": image})
             else:
                 parts.append({"type": "text", "text": part["text"]})
         conv.append({"role": turn["role"], "content": parts})

@@ -24,6 +24,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Iterable, Iterator
 
 ROLES = ("system", "user", "assistant")
@@ -137,17 +138,26 @@ def check_record(record: Any, *, path=None, line=None) -> dict:
     return record
 
 
-def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
-    """Yield ``(line_number, parsed_object)``; blank lines are skipped; bad JSON raises a RecordError."""
+def iter_jsonl(path: str | os.PathLike, digest=None) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line_number, parsed_object)``; blank lines are skipped; bad JSON or text that is not UTF-8
+    raises a RecordError. ``digest`` (a ``hashlib`` object) is updated with the file's bytes as they are read,
+    so a fingerprint of the data costs no second read."""
     path = Path(path)
     if not path.is_file():
         raise RecordError("file not found", path=path)
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
+            if digest is not None:
+                digest.update(raw)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise RecordError(f"not UTF-8 text (byte {e.start}: {e.reason}); save the file as UTF-8", path=path,
+                                  line=lineno) from None
+            if not text.strip():
                 continue
             try:
-                yield lineno, json.loads(raw)
+                yield lineno, json.loads(text)
             except json.JSONDecodeError as e:
                 raise RecordError(f"invalid JSON: {e.msg} (column {e.colno})", path=path, line=lineno) from None
 
@@ -180,9 +190,26 @@ def load_records(path: str | os.PathLike, *, image_root: str | os.PathLike | Non
     can be moved into a memory bank or mixed across files. ``task`` fills records whose task is empty.
     An empty file is an error: a task with no samples is always a mistake in a recipe.
     """
-    records = []
+    return list(_validated(path, image_root=image_root, check_images=check_images, task=task))
+
+
+def load_table(path: str | os.PathLike, *, image_root: str | os.PathLike | None = None, task: str | None = None,
+               digest=None) -> "RecordTable":
+    """``load_records`` into a ``RecordTable`` (compact; no list of dicts is built), with ``task`` set on every
+    record (the recipe's name wins over the file's). ``digest`` is updated with the file's bytes."""
+    def named(records):
+        for rec in records:
+            if task is not None:
+                rec["task"] = task
+            yield rec
+    return RecordTable(named(_validated(path, image_root=image_root, task=task, digest=digest)))
+
+
+def _validated(path, *, image_root=None, check_images: bool = False, task: str | None = None,
+               digest=None) -> Iterator[dict]:
     seen: dict[str, int] = {}
-    for lineno, obj in iter_jsonl(path):
+    empty = True
+    for lineno, obj in iter_jsonl(path, digest):
         rec = check_record(obj, path=path, line=lineno)
         if rec["id"] in seen:
             raise RecordError(f"duplicate id (first seen on line {seen[rec['id']]})", path=path, line=lineno,
@@ -195,10 +222,86 @@ def load_records(path: str | os.PathLike, *, image_root: str | os.PathLike | Non
                 check_image(Path(im), record_path=path, line=lineno, record_id=rec["id"], field=f"images[{k}]")
         if task is not None and not rec.get("task"):
             rec["task"] = task
-        records.append(rec)
-    if not records:
+        empty = False
+        yield rec
+    if empty:
         raise RecordError("no records (the file is empty)", path=path)
-    return records
+
+
+class RecordTable(Sequence):
+    """Records kept as one buffer of their JSON texts and an array of offsets: a few hundred bytes a record
+    instead of a tree of Python objects, and nothing a DataLoader worker's reads copy page by page (a list
+    of dicts shared with forked workers is copied into each of them as it is read). Indexing parses one
+    record (a fresh dict each time: change a record by building a new table). Slices and ``+`` give tables.
+
+    ``lengths`` (optional, int32, one per record): the records' token counts as the run uses them (training
+    encodings, or prompts for a test split), filled by the start's check and carried by slices and ``+``
+    (-1 for records added without them).
+    """
+
+    def __init__(self, records: Iterable[dict] = (), *, _buffer: bytes | None = None, _offsets=None, lengths=None):
+        import numpy as np
+
+        if _buffer is None:
+            parts = [json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode("utf-8") for r in records]
+            _offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+            np.cumsum([len(x) for x in parts], out=_offsets[1:])
+            _buffer = b"".join(parts)
+        self._buffer, self._offsets = _buffer, _offsets
+        self.lengths = lengths
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.take(range(*index.indices(len(self))))
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"record {index} of {n}")
+        return json.loads(self._buffer[self._offsets[index]:self._offsets[index + 1]])
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def take(self, indices) -> "RecordTable":
+        """The records at ``indices`` (and their lengths), as a new table."""
+        import numpy as np
+
+        idx = np.asarray(list(indices), dtype=np.int64)
+        if idx.size == len(self) and (idx == np.arange(len(self))).all():
+            return self
+        starts, ends = self._offsets[idx], self._offsets[idx + 1]
+        offsets = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(ends - starts, out=offsets[1:])
+        buffer = b"".join(self._buffer[a:b] for a, b in zip(starts.tolist(), ends.tolist()))
+        lengths = None if self.lengths is None else self.lengths[idx]
+        return RecordTable(_buffer=buffer, _offsets=offsets, lengths=lengths)
+
+    def __add__(self, other):
+        import numpy as np
+
+        other = other if isinstance(other, RecordTable) else RecordTable(other)
+        offsets = np.concatenate([self._offsets, other._offsets[1:] + self._offsets[-1]])
+        lengths = None
+        if self.lengths is not None or other.lengths is not None:      # -1 where a side's are not counted
+            lengths = np.concatenate([t.lengths if t.lengths is not None else np.full(len(t), -1, dtype=np.int32)
+                                      for t in (self, other)])
+        return RecordTable(_buffer=self._buffer + other._buffer, _offsets=offsets, lengths=lengths)
+
+    def __radd__(self, other):
+        return RecordTable(other) + self
+
+    def __eq__(self, other):
+        return isinstance(other, Sequence) and len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"RecordTable({len(self)} records, {len(self._buffer)} bytes)"
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lvlm_cl.data.records import load_records
 from lvlm_cl.methods.base import Task
 
 
@@ -26,16 +25,18 @@ def task_files(cfg, cache: Path) -> list[tuple[str, str, str, str, str | None]]:
     return [(s.name, str(s.train), str(s.test), s.metric, None) for s in specs]
 
 
-def build_stream(cfg, cache: Path) -> tuple[list[Task], list[str]]:
-    """Every task's records, validated with their images opened, before any training time is spent;
-    and the task files read, in order (for the run's data fingerprint)."""
+def build_stream(cfg, cache: Path, digest=None) -> tuple[list[Task], list[str]]:
+    """Every task's records, read and validated (the format; images are checked by their headers when the
+    run counts tokens, ``lengths.TokenCounter``), into compact ``RecordTable``s; and the task files read, in
+    order. ``digest`` (a ``hashlib`` object) is updated with the files' bytes as they are read: the run's data
+    fingerprint, without a second read."""
+    from lvlm_cl.data.records import load_table
+
     stream, files = [], []
     for index, (name, train, test, metric, image_root) in enumerate(task_files(cfg, cache)):
         files += [train, test]
-        train_records = load_records(train, image_root=image_root, check_images=True, task=name)
-        test_records = load_records(test, image_root=image_root, check_images=True, task=name)
         # The recipe's task name wins: records may come from a file converted under another name.
-        for r in train_records + test_records:
-            r["task"] = name
+        train_records = load_table(train, image_root=image_root, task=name, digest=digest)
+        test_records = load_table(test, image_root=image_root, task=name, digest=digest)
         stream.append(Task(index, name, metric, train_records, test_records))
     return stream, files

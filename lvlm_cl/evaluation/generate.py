@@ -2,41 +2,64 @@
 
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import torch
 from accelerate.utils import send_to_device
 from tqdm.auto import tqdm
 
-from lvlm_cl.data.encoding import collate_prompts
+from lvlm_cl.data.dataset import Collator, check_batch, loader
 from lvlm_cl.methods.routing import generate as routed_generate
 
 
+def prompt_lengths(processor, records: Sequence[dict], max_length: int):
+    """The records' prompt token counts: their table's where counted (``RecordTable.lengths``, -1 where not),
+    the others counted from the text (``TokenCounter``)."""
+    import numpy as np
+
+    from lvlm_cl.data.lengths import TokenCounter
+
+    lengths = getattr(records, "lengths", None)
+    lengths = np.full(len(records), -1, dtype=np.int32) if lengths is None else np.array(lengths)
+    todo = np.flatnonzero(lengths < 0)
+    if len(todo):
+        lengths[todo] = TokenCounter(processor, max_length).count([records[int(i)] for i in todo], prompt=True)
+    return lengths
+
+
 @torch.no_grad()
-def generate_answers(model, processor, records: list[dict], cache, *, batch_size: int, max_new_tokens: int,
-                     desc: str = "generate", progress: bool = True, synced_gpus: bool = False,
-                     device: torch.device | str | None = None) -> list[str]:
+def generate_answers(model, processor, records: Sequence[dict], *, max_length: int, batch_size: int,
+                     max_new_tokens: int, desc: str = "generate", progress: bool = True, synced_gpus: bool = False,
+                     device: torch.device | str | None = None, num_workers: int = 0,
+                     observe: Callable[[dict, list[int]], None] | None = None) -> list[str]:
     """The model's answer to the last user turn of each record, in the records' order.
 
-    Prompts are sorted by length so that batches carry little padding; answers are put back in order.
-    Batches are sent to ``device`` (default: the device of the model's first parameter). ``synced_gpus``:
-    every process keeps stepping until all are done (DeepSpeed ZeRO-3, where each step gathers parameters
-    from every process).
+    Prompts are sorted by length so that batches carry little padding (the lengths counted from the text,
+    ``prompt_lengths``), encoded batch by batch in ``num_workers`` DataLoader workers and not kept, and sent
+    to ``device`` (default: the device of the model's first parameter); answers are put back in order.
+    ``observe(batch, positions)`` sees each batch on the device with its records' positions (routing
+    accuracy is counted so, without encoding the prompts twice). ``synced_gpus``: every process keeps
+    stepping until all are done (DeepSpeed ZeRO-3, where each step gathers parameters from every process).
     """
     if device is None:
         device = next(model.parameters()).device
     tokenizer = processor.tokenizer
-    encoded = [cache.prompt(r) for r in records]
-    order = sorted(range(len(records)), key=lambda i: encoded[i].input_ids.numel())
+    lengths = prompt_lengths(processor, records, max_length)
+    order = sorted(range(len(records)), key=lambda i: int(lengths[i]))
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     answers: list[str] = [""] * len(records)
     was_training = model.training
     model.eval()
+    prompts = loader(records, Collator(processor, max_length, prompt=True), batches, num_workers=num_workers,
+                     device=torch.device(device))
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=not progress):
-            idx = order[start:start + batch_size]
-            batch = send_to_device(collate_prompts([encoded[i] for i in idx], tokenizer.pad_token_id), device,
-                                   non_blocking=True)
+        for idx, batch in zip(batches, tqdm(prompts, desc=desc, leave=False, disable=not progress)):
+            batch = send_to_device(check_batch(batch), device, non_blocking=True)
+            if observe is not None:
+                observe(batch, idx)
             out = routed_generate(model, **batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 synced_gpus=synced_gpus)
+                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                  synced_gpus=synced_gpus)
             new = out[:, batch["input_ids"].shape[1]:]
             for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
                 answers[i] = text.strip()

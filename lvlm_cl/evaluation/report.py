@@ -10,10 +10,10 @@ import math
 import os
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from lvlm_cl.evaluation.metrics import METRIC_KEYS, cl_metrics_partial, per_task_forgetting
-from lvlm_cl.io import atomic_save, atomic_write_json, atomic_write_text
+from lvlm_cl.io import atomic_save, atomic_write_json, atomic_write_lines, atomic_write_text
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
@@ -201,16 +201,17 @@ def write_report(out_dir: str | os.PathLike, task_names: list[str],
     return record
 
 
-def write_predictions(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> Path:
+def write_predictions(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Path:
     """Write one JSON object per line: ``id, prompt, prediction, answer, correct`` first, then any
-    other keys of the row. A row missing a required field raises ``ValueError`` naming it."""
-    lines = []
-    for index, row in enumerate(rows):
-        missing = [name for name in PREDICTION_FIELDS if name not in row]
-        if missing:
-            raise ValueError(f"prediction row {index} (id {row.get('id')!r}) lacks {missing}; "
-                             f"every row needs {list(PREDICTION_FIELDS)}")
-        ordered = {name: row[name] for name in PREDICTION_FIELDS}
-        ordered.update((key, value) for key, value in row.items() if key not in ordered)
-        lines.append(json.dumps(ordered, ensure_ascii=False))
-    return atomic_write_text(path, "".join(line + "\n" for line in lines))
+    other keys of the row. Rows are written as they come (a generator is not held in memory). A row missing
+    a required field raises ``ValueError`` naming it (and nothing is written)."""
+    def lines():
+        for index, row in enumerate(rows):
+            missing = [name for name in PREDICTION_FIELDS if name not in row]
+            if missing:
+                raise ValueError(f"prediction row {index} (id {row.get('id')!r}) lacks {missing}; "
+                                 f"every row needs {list(PREDICTION_FIELDS)}")
+            ordered = {name: row[name] for name in PREDICTION_FIELDS}
+            ordered.update((key, value) for key, value in row.items() if key not in ordered)
+            yield json.dumps(ordered, ensure_ascii=False)
+    return atomic_write_lines(path, lines())

@@ -38,6 +38,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -48,8 +50,10 @@ class Task:
     index: int                 # 0-based position in the stream
     name: str
     metric: str
-    train_records: list        # canonical records (dicts) with absolute image paths
-    test_records: list
+    # Canonical records (dicts) with absolute image paths: a sequence (a ``RecordTable`` in a run: indexing and
+    # iterating give fresh dicts; ``records + more`` gives a new table).
+    train_records: Sequence[dict]
+    test_records: Sequence[dict]
 
 
 class Method:

@@ -18,5 +18,7 @@ class Multitask(Method):
         self.stream = stream
 
     def before_task(self, task: Task, model, train_data: list) -> list:
-        earlier = [r for t in self.stream[:task.index] for r in t.train_records]
-        return earlier + list(train_data)
+        data = train_data
+        for t in reversed(self.stream[:task.index]):      # earlier tasks first; tables stay tables
+            data = t.train_records + data
+        return data

@@ -191,7 +191,7 @@ class Replay(Method):
         # Every stored record q times, the remainder a random subset: each is replayed q or q + 1 times.
         q, r = divmod(n_replay, len(bank))
         replayed = list(bank) * q + self._rng(task, "mix").sample(bank, r)
-        return list(train_data) + replayed
+        return train_data + replayed         # a RecordTable stays one (compact, lengths carried)
 
     def after_task(self, task: Task, model, train_data: list) -> None:
         # The task's own records: records replayed into train_data are already in the bank.

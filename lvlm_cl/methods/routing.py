@@ -34,11 +34,11 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from lvlm_cl.data.dataset import TASK_IDS  # noqa: F401  the batch key of each sample's task index
 from lvlm_cl.distributed import whole
 from lvlm_cl.methods.base import check_integer
 
 CONTINUAL = "continual"          # the submodule of the model that holds every method's modules
-TASK_IDS = "cl_task_ids"         # the training batch key with each sample's task index (see train.py)
 IGNORE_INDEX = -100
 
 
@@ -584,18 +584,3 @@ def key_term_on_batch(router: TaskKeyRouter, batch: dict, task_index: int, weigh
         return None if term is None or weight == 0 else weight * term
     router.observe(query, tokens)
     return None
-
-
-@torch.no_grad()
-def routing_accuracy(router: TaskKeyRouter, prompts: list, task_index: int, pad_token_id: int,
-                     batch_size: int = 256) -> float:
-    """Percent of ``prompts`` (``Encoded`` prompt encodings of one task) routed to ``task_index``."""
-    from lvlm_cl.data.encoding import collate_prompts
-
-    device = next(router.parameters()).device
-    hits = 0
-    for start in range(0, len(prompts), batch_size):
-        batch = collate_prompts(prompts[start:start + batch_size], pad_token_id)
-        best, _ = router.route(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        hits += int((best == task_index).sum())
-    return 100.0 * hits / max(1, len(prompts))
