@@ -55,7 +55,10 @@ def check_batch(batch: dict) -> dict:
 
 def loader(records, collate: Collator, batch_sampler, *, num_workers: int, device: torch.device):
     """A DataLoader over ``records`` building each batch of ``batch_sampler`` with ``collate`` in
-    ``num_workers`` worker processes (0: in this process), pinned on a GPU so the copy overlaps compute."""
+    ``num_workers`` worker processes (0: in this process), pinned on a GPU so the copy overlaps compute.
+    Workers only where there is a batch to prepare while another is used: no more than the batches after
+    the first (a one-batch evaluation starts none)."""
+    num_workers = max(0, min(num_workers, len(batch_sampler) - 1))
     return torch.utils.data.DataLoader(records, batch_sampler=batch_sampler, collate_fn=collate,
                                        num_workers=num_workers, pin_memory=device.type == "cuda",
                                        prefetch_factor=2 if num_workers else None)

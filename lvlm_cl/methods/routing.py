@@ -39,6 +39,9 @@ from lvlm_cl.distributed import whole
 from lvlm_cl.methods.base import check_integer
 
 CONTINUAL = "continual"          # the submodule of the model that holds every method's modules
+# The instruction features cached in host memory (besides a method's query_cache count): at 7B's width (4096
+# float32 values, 16 KiB a feature) 16k instructions; the cache stops growing there, and the rest are computed.
+QUERY_CACHE_BYTES = 256 * 2 ** 20
 IGNORE_INDEX = -100
 
 
@@ -91,6 +94,7 @@ class InstructionEncoder:
         self.image_token_id, self.pad_token_id = image_token_id, pad_token_id
         self.cache_size = cache_size
         self.cache: dict[bytes, torch.Tensor] = {}
+        self.cache_bytes = 0           # held by the cache's keys and features; at most QUERY_CACHE_BYTES
         self.running = False           # hooks on the language model stand aside while it computes queries
 
     @staticmethod
@@ -135,8 +139,10 @@ class InstructionEncoder:
         if todo or self.forward_is_collective():
             fresh = dict(zip(todo, self._encode(list(todo.values()))))
         for k, v in fresh.items():
-            if len(self.cache) < self.cache_size:
+            size = len(k) + v.nbytes
+            if len(self.cache) < self.cache_size and self.cache_bytes + size <= QUERY_CACHE_BYTES:
                 self.cache[k] = v
+                self.cache_bytes += size
         if not keys:
             return None
         return torch.stack([self.cache[k] if k in self.cache else fresh[k] for k in keys]).to(device)
