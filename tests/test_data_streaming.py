@@ -74,6 +74,7 @@ def test_a_processor_the_text_count_gets_wrong_is_counted_by_the_processor(tmp_p
 @pytest.mark.parametrize("problem, message, field", [
     ("missing", "image not found", "images[0]"),
     ("garbage", "cannot be read", "images[0]"),
+    ("truncated", "image cannot be read (truncated: the JPEG file ends before its end marker)", "images[0]"),
     ("long", "exceed model.max_length=64", "messages"),
     ("no-image-token", "has images but the encoded text has no image tokens", "images"),
 ])
@@ -86,6 +87,15 @@ def test_a_bad_record_is_named_with_its_file_and_field(tmp_path, problem, messag
     elif problem == "garbage":
         (tmp_path / "garbage.png").write_bytes(b"not an image at all")
         bad["images"] = [str(tmp_path / "garbage.png")]
+    elif problem == "truncated":            # a download cut short: the header is whole, the end is missing
+        import random
+
+        rnd = random.Random(0)
+        noisy = Image.frombytes("RGB", (200, 200), bytes(rnd.randrange(256) for _ in range(200 * 200 * 3)))
+        noisy.save(tmp_path / "cut.jpg", quality=95)
+        data = (tmp_path / "cut.jpg").read_bytes()
+        (tmp_path / "cut.jpg").write_bytes(data[:len(data) * 2 // 3])
+        bad["images"] = [str(tmp_path / "cut.jpg")]
     elif problem == "long":
         bad["messages"][0]["content"][1]["text"] = "word " * 300
     else:

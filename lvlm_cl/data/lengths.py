@@ -16,6 +16,7 @@ taken by the processor itself, as exact and as slow as encoding (the log says so
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
@@ -25,14 +26,28 @@ from lvlm_cl.data.encoding import EncodingError, encode_many, has_generation_mar
 CHUNK = 256
 
 
+# The bytes a complete file of these formats ends with (within its last KiB: a few writers append a little
+# after them): a file cut short, by a failed copy or download, lacks them. Read without decoding anything.
+TRAILERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82", "GIF": b";"}
+
+
 def image_size(path: str, *, record_id: str, field: str) -> tuple[int, int]:
-    """(width, height) from an image file's header (nothing decoded); a missing or unreadable file is an
-    ``EncodingError`` naming the record and field."""
+    """(width, height) from an image file's header (nothing decoded); a missing or unreadable file, or a
+    JPEG / PNG / GIF cut short (its end marker missing), is an ``EncodingError`` naming the record and field."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            return im.size
+            size, trailer = im.size, TRAILERS.get(im.format)
+            if trailer is not None:
+                im.fp.seek(0, os.SEEK_END)
+                im.fp.seek(max(0, im.fp.tell() - 1024))
+                if trailer not in im.fp.read():
+                    raise EncodingError(f"image cannot be read (truncated: the {im.format} file ends before its end "
+                                        f"marker): {path}", record_id=record_id, field=field)
+            return size
+    except EncodingError:
+        raise
     except FileNotFoundError:
         raise EncodingError(f"image not found: {path}", record_id=record_id, field=field) from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
