@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lvlm_cl.distributed import uses_deepspeed
+from lvlm_cl.state_io import StateFormatError, has_state, load_state, save_state
 from lvlm_cl.io import atomic_replace_dir, atomic_write_json, complete_dir
 
 
@@ -102,7 +103,7 @@ def save_task_checkpoint(run_dir: Path, index: int, name: str, trainable: dict[s
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-    torch.save(methods_state, tmp / "methods.pt")
+    save_state(tmp, "methods", methods_state)          # safetensors + JSON: nothing to unpickle on loading
     atomic_write_json(tmp / "meta.json", {"task_index": index, "task": name, **meta})
     return atomic_replace_dir(tmp, final)
 
@@ -136,7 +137,7 @@ def save_step_checkpoint(accelerator, run_dir: Path, meta: dict, trainable: dict
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / "accelerate"),
                            **({"exclude_frozen_parameters": True} if uses_deepspeed(accelerator) else {}))
-    torch.save(methods_state, tmp / f"methods-rank{accelerator.process_index}.pt")
+    save_state(tmp, f"methods-rank{accelerator.process_index}", methods_state)
     if accelerator.is_main_process and trainable is not None:
         save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
     accelerator.wait_for_everyone()
@@ -183,11 +184,33 @@ def load_task_checkpoint(run_dir: Path, index: int, name: str) -> tuple[dict, di
         raise CheckpointError(f"checkpoint {task_dir(run_dir, index, name)} is missing or incomplete (no meta.json)")
     try:
         tensors = load_file(str(d / "trainable.safetensors"))
-        methods_state = torch.load(d / "methods.pt", map_location="cpu", weights_only=False)
+        methods_state = load_methods_state(d, "methods")
         meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
-    except Exception as e:  # safetensors/pickle/json each raise their own types on damaged files
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors/json each raise their own types on damaged files
         raise CheckpointError(f"checkpoint {d} is damaged ({type(e).__name__}: {e})") from None
     return tensors, methods_state, meta
+
+
+def load_methods_state(folder: Path, name: str) -> dict:
+    """The methods' state saved as ``name`` in ``folder`` (``state_io``: safetensors + JSON). A folder written
+    by lvlm-cl before that format holds ``name.pt``, a pickle: it is read only through torch's restricted
+    loader (``weights_only=True``: tensors and plain containers, no code), and refused if it needs more."""
+    if has_state(folder, name):
+        try:
+            return load_state(folder, name)
+        except StateFormatError as e:
+            raise CheckpointError(f"checkpoint {folder} is damaged: {e}") from None
+    legacy = folder / f"{name}.pt"
+    if not legacy.is_file():
+        raise CheckpointError(f"checkpoint {folder} has no methods' state ({name}.json)")
+    try:
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - the restricted unpickler refuses anything beyond tensors and containers
+        raise CheckpointError(f"{legacy}: an older run's methods' state that holds more than tensors and plain values "
+                              f"({type(e).__name__}); it is not unpickled, since a pickle can run code. Train this "
+                              "task again (remove the checkpoint) or start over with --overwrite") from None
 
 
 def set_aside(run_dir: Path, task) -> Path | None:

@@ -27,7 +27,7 @@ import torch
 from accelerate.utils import send_to_device
 from tqdm.auto import tqdm
 
-from lvlm_cl.checkpoint import (CheckpointError, RunState, prepare_run_dir, read_step_checkpoint,
+from lvlm_cl.checkpoint import (CheckpointError, RunState, load_methods_state, prepare_run_dir, read_step_checkpoint,
                                 remove_step_checkpoint, restore_task, restore_trainable, save_step_checkpoint,
                                 save_task_checkpoint, set_aside)
 from lvlm_cl.config import ConfigError, RunConfig, cache_dir, load_recipe, to_dict
@@ -472,7 +472,7 @@ def resume_step(accelerator, model, methods, task, run_dir: Path, train_samples:
         from safetensors.torch import load_file
 
         restore_trainable(model, load_file(str(folder / "trainable.safetensors")), str(folder))
-    states = torch.load(folder / f"methods-rank{accelerator.process_index}.pt", map_location="cpu", weights_only=False)
+    states = load_methods_state(folder, f"methods-rank{accelerator.process_index}")
     for m in methods:
         m.load_state_dict(states.get(m.name, {}))
     log(f"resuming task {task.name} at step {meta['step']}/{meta['steps']}")

@@ -17,6 +17,7 @@ from lvlm_cl.methods.routing import generate as routed_generate
 from lvlm_cl.methods.cross_modal_moe import CrossModalMoE, alignment_loss, cosine_matrix, relation_loss
 from lvlm_cl.models import parts, trainable_state_dict
 from lvlm_cl.train import run
+from lvlm_cl.state_io import load_state
 
 
 @pytest.fixture(scope="module")
@@ -307,6 +308,6 @@ def test_a_run_with_replay_keeps_anchors_of_every_task(tmp_path):
                                            "{name: replay, memory_per_task: 4}]"]), progress=False)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_completed"] == 2
-    state = torch.load(out / "checkpoints" / "task-01-warmth" / "methods.pt", weights_only=False)["cross_modal_moe"]
+    state = load_state(out / "checkpoints" / "task-01-warmth", "methods")["cross_modal_moe"]
     assert [a["task"] for a in state["anchors"]] == [0] * 4 + [1] * 4
     assert state["reference"].shape == (8, 8) and state["pending"] == []

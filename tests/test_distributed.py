@@ -16,6 +16,7 @@ from conftest import SMALL_MODEL, stage_scores, write_colour_tasks, write_recipe
 from lvlm_cl.config import load_recipe
 from lvlm_cl.stage import load_stage
 from lvlm_cl.train import run
+from lvlm_cl.state_io import load_state
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,9 +147,7 @@ def test_every_method_runs_under_zero(setup, config, name):
     assert metrics["num_completed"] == 2
     assert stage_scores(load_stage(out)) == metrics["matrix"][-1]
     if name == "ewc":       # the gradient hooks saw ZeRO-2's gradients: every micro-step of both processes
-        import torch
-
-        state = torch.load(out / "checkpoints" / "task-01-warmth" / "methods.pt", weights_only=False)["ewc"]
+        state = load_state(out / "checkpoints" / "task-01-warmth", "methods")["ewc"]
         assert state["micro_steps"] == {"colour": 4, "warmth": 4}
         assert sum(f.sum().item() for f in state["anchors"][0]["fisher"].values()) > 0
 

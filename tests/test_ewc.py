@@ -6,6 +6,7 @@ import torch
 from conftest import SMALL_MODEL, write_recipe
 from lvlm_cl.methods.base import Task
 from lvlm_cl.methods.ewc import EWC
+from lvlm_cl.state_io import load_state
 
 
 def task(index: int) -> Task:
@@ -226,7 +227,7 @@ def test_real_run_saves_the_fisher_with_each_checkpoint(tmp_path, colour_tasks, 
 
     for index, name, tasks in ((0, "colour", ["colour"]), (1, "warmth", ["colour", "warmth"])):
         ck = out / "checkpoints" / f"task-{index:02d}-{name}"
-        ewc = torch.load(ck / "methods.pt", weights_only=False)["ewc"]
+        ewc = load_state(ck, "methods")["ewc"]
         trainable = load_file(str(ck / "trainable.safetensors"))
         assert ewc["tasks"] == tasks and ewc["micro_steps"][name] == 4
         [anchor] = ewc["anchors"]                                       # online: one running anchor

@@ -9,6 +9,7 @@ from conftest import forward, routed_forward, SMALL_MODEL, png, record, write_re
 from lvlm_cl.data.encoding import collate_train, encode_record
 from lvlm_cl.methods.base import Task
 from lvlm_cl.methods.lwf import LwF
+from lvlm_cl.state_io import load_state, save_state
 
 TASK0 = Task(index=0, name="colour", metric="exact_match", train_records=[], test_records=[])
 TASK1 = Task(index=1, name="warmth", metric="exact_match", train_records=[], test_records=[])
@@ -208,8 +209,8 @@ def test_state_round_trip_gives_the_same_term(model, batch, tmp_path):
     outputs = forward(model, batch)
     term = m.loss(model, batch, outputs, TASK1).item()
 
-    torch.save({"lwf": m.state_dict()}, tmp_path / "methods.pt")            # as the checkpoint does
-    state = torch.load(tmp_path / "methods.pt", weights_only=False)["lwf"]
+    save_state(tmp_path, "methods", {"lwf": m.state_dict()})            # as the checkpoint does
+    state = load_state(tmp_path, "methods")["lwf"]
     assert state["task"] == "colour" and set(state["teacher"]) == set(m.teacher)
     resumed = LwF(alpha=0.5, temperature=3.0)
     resumed.load_state_dict(state)
@@ -295,7 +296,7 @@ def test_real_run_saves_the_teacher_with_each_checkpoint(tmp_path, colour_tasks,
 
     for name in ("task-00-colour", "task-01-warmth"):
         ck = out / "checkpoints" / name
-        lwf = torch.load(ck / "methods.pt", weights_only=False)["lwf"]
+        lwf = load_state(ck, "methods")["lwf"]
         trained = load_file(str(ck / "trainable.safetensors"))
         # The teacher saved with a task is the model at the end of that task.
         assert lwf["task"] == name.split("-", 2)[2] and set(lwf["teacher"]) == set(trained)

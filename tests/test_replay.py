@@ -4,13 +4,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import SMALL_MODEL, write_recipe
 from lvlm_cl.config import ConfigError, load_recipe
 from lvlm_cl.methods import build_methods
 from lvlm_cl.methods.base import Task
 from lvlm_cl.methods.replay import Replay, ReplayMemory, even_shares
+from lvlm_cl.state_io import load_state
 
 
 def make_task(index: int, n: int = 200, name: str | None = None) -> Task:
@@ -245,9 +245,9 @@ def test_real_run_saves_the_bank_with_each_checkpoint(tmp_path, colour_tasks):
     _, _, state = run(cfg, progress=False)
     assert len(state.rows) == 2 and all(len(r) == 2 for r in state.rows)
 
-    ck0 = torch.load(out / "checkpoints" / "task-00-colour" / "methods.pt", weights_only=False)["replay"]
+    ck0 = load_state(out / "checkpoints" / "task-00-colour", "methods")["replay"]
     assert len(ck0["records"]) == 8 and set(ck0["owners"]) == {"colour"}
-    ck1 = torch.load(out / "checkpoints" / "task-01-warmth" / "methods.pt", weights_only=False)["replay"]
+    ck1 = load_state(out / "checkpoints" / "task-01-warmth", "methods")["replay"]
     assert len(ck1["records"]) == 16 and ck1["owners"].count("colour") == 8 and ck1["owners"].count("warmth") == 8
     assert all(r["task"] == o for r, o in zip(ck1["records"], ck1["owners"]))
     assert all(Path(p).is_absolute() and Path(p).is_file() for r in ck1["records"] for p in r["images"])

@@ -16,6 +16,7 @@ from lvlm_cl.methods.routing import TaskKeyRouter
 from lvlm_cl.methods.semantic_transfer import (AnswerPrototypes, SemanticTransfer, first_answers, is_closed_set,
                                                nearest_similarity, prototype_loss, refine_prototypes,
                                                relevance_weights)
+from lvlm_cl.state_io import load_state, save_state
 
 COLOUR_Q, WARMTH_Q = "What color is the image?", "Is this color warm or cold? Answer in one word."
 
@@ -308,8 +309,8 @@ def test_state_round_trip_gives_the_same_terms(setup, tmp_path):
     batch = _batch(processor, stream[1].train_records[:4] + stream[0].train_records[:2], [1, 1, 1, 1, 0, 0])
     m.loss(model, batch, forward(model, batch), stream[1])                        # current prototypes exist now
     _nudge(model)
-    torch.save({"semantic_transfer": m.state_dict()}, tmp_path / "methods.pt")         # as the checkpoint does
-    state = torch.load(tmp_path / "methods.pt", weights_only=False)["semantic_transfer"]
+    save_state(tmp_path, "methods", {"semantic_transfer": m.state_dict()})         # as the checkpoint does
+    state = load_state(tmp_path, "methods")["semantic_transfer"]
     resumed = SemanticTransfer(alpha=0.5)
     resumed.setup(model, stream)
     resumed.before_task(stream[1], model, stream[1].train_records)             # as a resume inside a task
@@ -347,7 +348,7 @@ def test_real_run_with_replay_saves_keys_prototypes_and_teacher(tmp_path, colour
     _, _, state = run(load_recipe(recipe, [*SMALL_MODEL, methods, "trainer.eval_max_samples=4",
                                            "eval_before_training=false"]), progress=False)
     assert len(state.rows) == 2
-    saved = torch.load(out / "checkpoints" / "task-01-warmth" / "methods.pt", weights_only=False)["semantic_transfer"]
+    saved = load_state(out / "checkpoints" / "task-01-warmth", "methods")["semantic_transfer"]
     assert saved["closed"] == {0: True, 1: True}
     assert [len(saved["answers"][t]["answers"]) for t in (0, 1)] == [4, 2]
     assert all(p is not None for t in (0, 1) for p in saved["answers"][t]["protos"])
