@@ -64,17 +64,71 @@ class RunState:
         atomic_write_json(run_dir / "run_state.json", asdict(self))
 
 
+# What a run writes at the top of its folder (and what --overwrite may remove): nothing else is touched.
+RUN_ENTRIES = {"config.json", "run_state.json", "versions.json", "metrics.json", "report.md", "accuracy_matrix.png",
+               "base_model", "checkpoints", "predictions", "logs", "evaluations"}
+LOCK_FILE = ".lock"
+
+
+def _protected(run_dir: Path) -> str | None:
+    """Why ``run_dir`` must never be emptied (None: it may be a run folder)."""
+    if str(run_dir) in ("", "."):
+        return "an empty output_dir or '.' (the working folder)"
+    resolved = run_dir.expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == Path(resolved.anchor):
+        return "the root of the file system"
+    if resolved == Path.home().resolve():
+        return "the home folder"
+    if resolved == cwd or resolved in cwd.parents:
+        return "the working folder or one of its parents"
+    return None
+
+
+def is_run_dir(run_dir: Path) -> bool:
+    """A folder this project's runs wrote: nothing at its top but run files (and hidden temporaries), with
+    the versions.json every run writes first, or a run's config.json."""
+    if not all(e.name in RUN_ENTRIES or e.name.startswith(".") for e in run_dir.iterdir()):
+        return False
+    if (run_dir / "versions.json").is_file():
+        return True
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(cfg, dict) and {"model", "trainer", "output_dir"} <= set(cfg)
+
+
 def prepare_run_dir(run_dir: Path, resolved_config: dict, *, overwrite: bool) -> None:
-    """Create the output folder. ``overwrite`` starts over; otherwise a folder holding a different run is
-    refused (the same recipe resumes; ``output_dir`` itself may differ: a run folder moved or copied
-    elsewhere resumes there)."""
+    """Create the output folder, refusing one that holds a different run (the same recipe resumes;
+    ``output_dir`` itself may differ: a run folder moved or copied elsewhere resumes there). ``overwrite``
+    starts over: it removes the run's own files (``RUN_ENTRIES``) and only from a folder that is a run of
+    this project (``is_run_dir``), never from ``.``, an empty path, the home folder, the file system's root
+    or the working folder and its parents; anything else in the folder is left alone. The config is written
+    later, once the inputs are checked (``write_run_config``): a run stopped by bad data leaves none, so the
+    fixed recipe starts there."""
     cfg_path = run_dir / "config.json"
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
+    if overwrite and run_dir.exists() and any(e.name != LOCK_FILE for e in run_dir.iterdir()):
+        why = _protected(run_dir)
+        if why is not None:
+            raise CheckpointError(f"--overwrite refused: output_dir {str(run_dir)!r} is {why}; point output_dir at "
+                                  "the run's own folder")
+        if not is_run_dir(run_dir):
+            raise CheckpointError(f"--overwrite refused: {run_dir} is not a run folder of lvlm-cl (no run config.json, "
+                                  f"or files a run does not write: "
+                                  f"{sorted(e.name for e in run_dir.iterdir() if e.name not in RUN_ENTRIES and not e.name.startswith('.'))[:5]}); "
+                                  "remove it yourself or choose another output_dir")
+        for entry in run_dir.iterdir():
+            if entry.name == LOCK_FILE:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
     elif cfg_path.is_file():
         try:
             old = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{cfg_path} is unreadable ({e}); pass --overwrite to start over") from None
         keys = (set(old) | set(resolved_config)) - {"output_dir"}
         changed = sorted(k for k in keys if old.get(k) != resolved_config.get(k))
@@ -82,7 +136,48 @@ def prepare_run_dir(run_dir: Path, resolved_config: dict, *, overwrite: bool) ->
             raise CheckpointError(f"{run_dir} holds a different run (keys differ: {changed}); choose another "
                                   "output_dir, or pass --overwrite to start over")
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(cfg_path, resolved_config)
+    remove_orphans(run_dir)
+
+
+def write_run_config(run_dir: Path, resolved_config: dict) -> None:
+    """The run's config.json (once its inputs have passed the start's checks)."""
+    atomic_write_json(run_dir / "config.json", resolved_config)
+
+
+def lock_run_dir(run_dir: Path):
+    """An exclusive lock on the run folder for the life of this process (released by the OS if it dies):
+    a second run started on the same output_dir is refused instead of corrupting the first one's files."""
+    from filelock import FileLock, Timeout
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run_dir / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise CheckpointError(f"another run is using {run_dir} (it holds {run_dir / LOCK_FILE}); wait for it to end, "
+                              "or choose another output_dir") from None
+    return lock
+
+
+def remove_orphans(run_dir: Path) -> list[Path]:
+    """What a killed run left half-written: temporary files of atomic writes (``.NAME.XXXX.tmp``) and
+    temporary checkpoint folders (``checkpoints/.task-NN-NAME.XXXXXXXX``; a full checkpoint each). Kept:
+    ``.NAME.old`` twins (the last good copy when a kill came between two renames) and ``.damaged-*``."""
+    removed = []
+    for folder in (run_dir, run_dir / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            name = entry.name
+            if not name.startswith(".") or name.endswith(".old") or name.startswith(".damaged-") or name == LOCK_FILE:
+                continue
+            if name.endswith(".tmp") or (folder.name == "checkpoints" and name.startswith(".task-")):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(entry)
+    return removed
 
 
 def data_fingerprint(paths: list[str]) -> str:

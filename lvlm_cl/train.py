@@ -14,8 +14,10 @@ import argparse
 import faulthandler
 import hashlib
 import math
+import os
 import platform
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -27,7 +29,8 @@ import torch
 from accelerate.utils import send_to_device
 from tqdm.auto import tqdm
 
-from lvlm_cl.checkpoint import (CheckpointError, RunState, load_methods_state, prepare_run_dir, read_step_checkpoint,
+from lvlm_cl.checkpoint import (CheckpointError, RunState, load_methods_state, lock_run_dir, prepare_run_dir,
+                                read_step_checkpoint, write_run_config,
                                 remove_step_checkpoint, restore_task, restore_trainable, save_step_checkpoint,
                                 save_task_checkpoint, set_aside)
 from lvlm_cl.config import ConfigError, RunConfig, cache_dir, load_recipe, to_dict
@@ -55,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.lr=1e-4")
     parser.add_argument("--overwrite", action="store_true", help="start over in an output folder holding another run")
     args = parser.parse_args(argv)
+    _die_with_launcher()
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         cfg = load_recipe(args.recipe, args.overrides)
         run(cfg, overwrite=args.overwrite)
@@ -63,19 +68,58 @@ def main(argv: list[str] | None = None) -> int:
         # one message naming what is wrong and where, no traceback.
         print(f"lvlm_cl: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except (KeyboardInterrupt, Terminated) as e:
+        if int(os.environ.get("RANK", "0")) == 0:     # one line per launch, not one per process
+            print(f"lvlm_cl: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; run the same command "
+                  "to resume (from the last step checkpoint)", file=sys.stderr, flush=True)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 
-def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
-    """Train the whole stream (or what is left of it) and return ``(model, processor, run_state)``."""
-    from accelerate.utils import set_seed
+class Terminated(Exception):
+    """SIGTERM, raised where the process is (a step checkpoint being written is finished atomically or not
+    at all), so that the run stops with one line instead of silently."""
 
+
+def _terminated(signum, frame):
+    raise Terminated()
+
+
+def _die_with_launcher() -> None:
+    """A process started by ``accelerate launch`` (or torchrun) is sent SIGTERM when its launcher dies, instead
+    of training on as an orphan that holds the run folder (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)     # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
+    """Train the whole stream (or what is left of it) and return ``(model, processor, run_state)``. The main
+    process holds the run folder's lock throughout (a second run on the same folder is refused)."""
     run_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, str(run_dir / "logs"))
     # Step checkpoints keep the trained parameters themselves (only those): accelerate's save_state would
     # write the whole model, frozen base included, and its load_state would read it back.
     accelerator.register_save_state_pre_hook(lambda models, weights, folder: weights.clear())
     accelerator.register_load_state_pre_hook(lambda models, folder: models.clear())
+    lock = lock_run_dir(run_dir) if accelerator.is_main_process else None
+    try:
+        return _run(cfg, accelerator, run_dir, overwrite, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg: RunConfig, accelerator, run_dir: Path, overwrite: bool, progress: bool):
+    from accelerate.utils import set_seed
+
     log = _logger(accelerator)
     if accelerator.is_main_process:
         prepare_run_dir(run_dir, to_dict(cfg), overwrite=overwrite)
@@ -136,6 +180,8 @@ def run(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True):
     counter = TokenCounter(processor, cfg.model.max_length)
     check_samples(stream[state.trained:], stream, files, counter, cfg.trainer, log,
                   progress and accelerator.is_main_process)
+    if accelerator.is_main_process:
+        write_run_config(run_dir, to_dict(cfg))         # the inputs passed: this folder is now this recipe's run
     while state.trained:
         last = stream[state.trained - 1]
         try:
