@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from lvlm_cl.checkpoint import CheckpointError
 from lvlm_cl.data.encoding import encode_prompt
 from lvlm_cl.data.records import RecordError, check_image
 from lvlm_cl.methods.routing import generate as routed_generate
@@ -158,6 +157,8 @@ def load(args):
 
 
 def main(argv=None, stdin=None, stdout=None) -> int:
+    from lvlm_cl.errors import report, user_errors
+
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     args = parse_args(argv)
@@ -199,9 +200,11 @@ def main(argv=None, stdin=None, stdout=None) -> int:
             stdout.write("ASSISTANT: ")
             stdout.flush()
             chat.answer(line, stream=stdout, **gen)
-    except (ChatError, CheckpointError) as e:
-        print(f"chat: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        stdout.write("\n")
+        return 0
+    except (ChatError, *user_errors()) as e:
+        return report("chat", e)
 
 
 def _print_routing(chat: Chat, text: str, stdout) -> None:

@@ -25,8 +25,7 @@ import json
 import sys
 from pathlib import Path
 
-from lvlm_cl.checkpoint import CheckpointError
-from lvlm_cl.data.records import RecordError, final_answer, user_text
+from lvlm_cl.data.records import final_answer, user_text
 from lvlm_cl.evaluation import SCORERS, score_many, write_predictions
 from lvlm_cl.io import atomic_write_json, atomic_write_text
 
@@ -130,11 +129,15 @@ def evaluate(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from lvlm_cl.errors import report, user_errors
+
     try:
         evaluate(args)
-    except (CheckpointError, RecordError, FileNotFoundError) as e:
-        print(f"evaluate: {e}", file=sys.stderr)
-        return 2
+    except user_errors() as e:
+        return report("evaluate", e)
+    except KeyboardInterrupt:
+        print("evaluate: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -37,19 +37,20 @@ from lvlm_cl.config import ConfigError, RunConfig, cache_dir, load_recipe, to_di
 from lvlm_cl.data.dataset import Collator, StepBatchOrder, check_batch, loader
 from lvlm_cl.data.encoding import IGNORE_INDEX
 from lvlm_cl.data.lengths import TokenCounter
-from lvlm_cl.data.records import RecordError, final_answer, user_text
+from lvlm_cl.data.records import final_answer, user_text
 from lvlm_cl.data.stream import build_stream
 from lvlm_cl.distributed import (checkpoint_state, gathered, make_accelerator, refuse_unsupported, shard,
                                  unshard, uses_deepspeed, zero3_init_disabled, zero_stage)
+from lvlm_cl.errors import report, user_errors
 from lvlm_cl.evaluation import cl_metrics_partial, score_many, write_predictions, write_report
 from lvlm_cl.evaluation.generate import generate_answers
 from lvlm_cl.io import atomic_replace_dir, atomic_write_json
 from lvlm_cl.methods import build_methods
 from lvlm_cl.methods.routing import held_for_batch, model_inputs
+from lvlm_cl.models import (BUILTIN_GEMMA3, BUILTIN_PRETRAINED, BUILTIN_RANDOM, apply_training_setup, count_parameters,
+                            load_model_dir, resolve_model_dir, trainable_state_dict, upcast_trainable, weights_dtype)
 from lvlm_cl.models.kernels import use_liger
 from lvlm_cl.models.memory import enable_checkpointing, optimizer_bytes, peak_reader, probe_needs_checkpointing
-from lvlm_cl.models import (BUILTIN_GEMMA3, BUILTIN_PRETRAINED, BUILTIN_RANDOM, ModelError, apply_training_setup, count_parameters,
-                            load_model_dir, resolve_model_dir, trainable_state_dict, upcast_trainable, weights_dtype)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,11 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_recipe(args.recipe, args.overrides)
         run(cfg, overwrite=args.overwrite)
-    except (ConfigError, RecordError, ModelError, CheckpointError, FloatingPointError) as e:
-        # What the user can fix (the recipe, the data, the model folder, the run folder, the learning rate):
-        # one message naming what is wrong and where, no traceback.
-        print(f"lvlm_cl: error: {e}", file=sys.stderr, flush=True)
-        return 2
+    except user_errors() as e:
+        # What the user can fix (the recipe, the data, the model folder, the run folder, the learning rate, the
+        # disk): one message naming what is wrong and where, no traceback.
+        return report("lvlm_cl", e)
     except (KeyboardInterrupt, Terminated) as e:
         if int(os.environ.get("RANK", "0")) == 0:     # one line per launch, not one per process
             print(f"lvlm_cl: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; run the same command "

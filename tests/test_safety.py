@@ -176,3 +176,30 @@ def test_sigterm_ends_the_run_with_one_line_and_the_same_command_resumes(tmp_pat
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming task colour at step" in resumed.stdout
     assert json.loads((out / "metrics.json").read_text())["num_completed"] == 2
+
+
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, colour_tasks, capsys, monkeypatch):
+    import errno
+
+    import lvlm_cl.train as train
+
+    def full(path, obj):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    monkeypatch.setattr(train, "atomic_write_json", full)
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", colour_tasks, out)
+    assert main([str(recipe), *BASE]) == 2
+    err = capsys.readouterr().err
+    assert err == f"lvlm_cl: error: {out / 'versions.json'}: No space left on device\n"
+
+
+@pytest.mark.parametrize("entry", ["evaluate", "chat"])
+def test_evaluate_and_chat_say_one_line_for_a_folder_that_is_not_a_run(tmp_path, capsys, entry):
+    from lvlm_cl import chat, evaluate
+
+    (tmp_path / "data.jsonl").write_text("{}\n")
+    args = (["--run", str(tmp_path / "nothing"), "--data", str(tmp_path / "data.jsonl"), "--metric", "exact_match"]
+            if entry == "evaluate" else ["--run", str(tmp_path / "nothing"), "--prompt", "hi"])
+    code = (evaluate if entry == "evaluate" else chat).main(args)
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"{entry}: error: ") and err.count("\n") == 1 and "Traceback" not in err

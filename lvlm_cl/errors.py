@@ -1,0 +1,36 @@
+"""What the entry points (train, evaluate, chat) say when the user's input, not the code, is at fault: one
+line naming the file, record or key, no traceback. Anything else is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+import sys
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that carry a message for the user (the recipe, the data, the model folder, the
+    run folder, a loss gone NaN, the file system)."""
+    from lvlm_cl.checkpoint import CheckpointError
+    from lvlm_cl.config import ConfigError
+    from lvlm_cl.data.records import RecordError
+    from lvlm_cl.models import ModelError
+    from lvlm_cl.state_io import StateFormatError
+
+    return (ConfigError, RecordError, ModelError, CheckpointError, StateFormatError, FloatingPointError, OSError)
+
+
+def describe(e: BaseException) -> str:
+    """The one line for ``e``: an OS error (a full disk, a read-only folder, a missing file) as its file and
+    the system's reason, the others as their own message."""
+    if isinstance(e, OSError) and e.strerror:
+        where = e.filename if e.filename is not None else ""
+        return f"{where}: {e.strerror}" if where else e.strerror
+    return str(e)
+
+
+def report(prog: str, e: BaseException) -> int:
+    """Print ``prog: error: <message>`` to stderr; the exit code (2)."""
+    print(f"{prog}: error: {describe(e)}", file=sys.stderr, flush=True)
+    return 2
+
+
+__all__ = ["describe", "report", "user_errors"]
