@@ -6,14 +6,15 @@
       base_model/               the built-in model in Hugging Face format (a local model is referred to)
       checkpoints/task-00-<name>/
           trainable.safetensors the parameters that trained, by name
-          methods.pt            each method's state_dict
+          methods.safetensors   each method's state_dict: its tensors (state_io: no pickle anywhere)
+          methods.json          ... and the rest of it
           meta.json             written last: a checkpoint without it is incomplete and is not used
       checkpoints/step/         the latest step checkpoint inside the task in training (trainer.save_every);
                                 removed once that task's own checkpoint is written
           accelerate/           accelerate's save_state: optimizer, scheduler, every process's RNG states
                                 (under DeepSpeed, its engine checkpoint: trained weights and ZeRO shards)
           trainable.safetensors the parameters that train (without DeepSpeed)
-          methods-rank<r>.pt    each method's state_dict on process r (mid-task state is per process)
+          methods-rank<r>.*     each method's state_dict on process r (mid-task state is per process)
           meta.json             written last: task, step, loss curve so far, and every file's size and
                                 sha256 (a damaged step checkpoint is refused and the task starts over)
       predictions/<stage>/<task>.jsonl

@@ -105,3 +105,26 @@ def test_scaling_rows_are_read_from_a_real_run(tmp_path, colour_tasks):
     assert row["train_seconds"] > 0 and row["eval_seconds"] == pytest.approx(sum(row["eval_seconds_per_stage"]))
     bank = benchmark_scaling.bank_row(tmp_path / "run", 3)
     assert bank["bank_records"] == 6 and bank["methods_state_bytes"] > 0 and bank["last_task_train_seconds"] > 0
+
+
+@pytest.mark.slow
+def test_data_benchmark_measures_a_generated_task_and_the_padding(tmp_path):
+    import json
+    import subprocess
+
+    out = tmp_path / "data.json"
+    proc = subprocess.run([sys.executable, "scripts/benchmark_data.py", "--sizes", "40", "--steps", "3", "--work",
+                           str(tmp_path / "work"), "--output", str(out)], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    run, = result["runs"]
+    assert run["status"] == "ok" and run["records"] == 40 and run["steps"] == 3
+    assert run["first_step_seconds"] > 0 and run["samples_per_second"] > 0 and run["peak_rss_mib"] > 100
+    lines = (tmp_path / "work" / "task-40.train.jsonl").read_text().splitlines()
+    assert len(lines) == 40 and json.loads(lines[0])["images"][0].endswith(".jpg")
+    pad = result["padding"]
+    assert set(pad) == {"generated (40 records)", *(f"seq5 {t}" for t in ("digits", "scienceqa", "vqa", "ocr",
+                                                                          "grounding"))}
+    for p in pad.values():
+        assert 0 <= p["padding_grouped"] <= p["padding_random"] < 1

@@ -43,6 +43,7 @@ def test_the_coin_recipe_runs_its_eight_tasks_on_the_tiny_model(tmp_path):
     assert [t.metric for t in cfg.tasks] == ["multiple_choice", "vqa", "contains", "vqa", "vqa", "iou", "vqa", "vqa"]
     assert cfg.model.lora.r == 128 and cfg.model.lora.modules_to_save == ["multi_modal_projector"]
     assert cfg.model.gradient_checkpointing == "auto" and cfg.model.liger_kernel == "auto" and cfg.trainer.mixed_precision == "bf16"
+    assert cfg.trainer.group_by_length and cfg.trainer.num_workers == 4
 
     # Stand-in data at the paths the recipe names (relative to where it runs), in each task's answer style.
     (tmp_path / "img").mkdir()

@@ -99,11 +99,11 @@ def test_killed_in_the_middle_of_a_task_resumes_to_the_same_metrics(reference):
 
     # A damaged step checkpoint is refused with the reason; the task starts over from the last finished
     # task's checkpoint (every task starts from its own seed) and the run still ends the same.
-    with open(damaged / "checkpoints" / "step" / "methods-rank0.pt", "ab") as f:
+    with open(damaged / "checkpoints" / "step" / "methods-rank0.safetensors", "ab") as f:
         f.write(b"garbage")
     (damaged / "checkpoints" / ".step.tmp").mkdir()                  # a save killed half-way: ignored
     log = resume(command(recipe, damaged))
-    assert "step checkpoint not used, task warmth starts over" in log and "methods-rank0.pt is missing or damaged" in log
+    assert "step checkpoint not used, task warmth starts over" in log and "methods-rank0.safetensors is missing or damaged" in log
     assert "resuming task warmth at step" not in log
     assert results(damaged) == expected
     assert not (damaged / "checkpoints" / ".step.tmp").exists()
