@@ -235,5 +235,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # an output that cannot be written, a folder where a file was expected, ...
-        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
+        name = e.filename2 or e.filename  # os.replace(temporary file, output) names the output second
+        print(f"error: {name}: {e.strerror}" if name else f"error: {e}", file=sys.stderr)
         return 1

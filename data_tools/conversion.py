@@ -6,10 +6,10 @@ a location; the driver adds file, line and id). The driver then
 
 1. turns image references into output paths (``ImageFile``: relative to the output folder when the image lies
    under it, else absolute; ``ImageData``: a PNG written under ``<output folder>/images/<task>/``),
-2. checks the record with ``record_problems`` (fields translated back to the input's names), duplicate ids,
-   and the images (exist, open, not truncated: ``check_image``),
+2. checks the record with ``record_problems`` (lone surrogates included; fields translated back to the input's
+   names), duplicate ids, and the images (exist, open, not truncated: ``check_image``),
 3. stops at the first invalid record, or with ``skip_invalid`` sends it to ``OUT.rejects.jsonl`` with reasons,
-4. writes the output atomically.
+4. writes the output atomically; the PNG files it wrote appear only when it succeeds (``ImageWriter``).
 """
 
 from __future__ import annotations
@@ -17,14 +17,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from lvlm_cl.data.records import Problem, RecordError, check_image, record_problems, write_jsonl
+from lvlm_cl.data.records import LONE_SURROGATE, Problem, RecordError, check_image, record_problems, write_jsonl
 from lvlm_cl.io import atomic_save, atomic_write_text
 
 
@@ -154,8 +157,14 @@ def safe_name(text: str) -> str:
     """A file-name-safe version of an id or task; a short hash keeps distinct ids distinct."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", text)[:80] or "_"
     if cleaned != text:
-        cleaned += "-" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+        cleaned += "-" + hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     return cleaned
+
+
+def json_line(obj: Any) -> str:
+    """``obj`` as one line of JSON; text with lone surrogates is written \\u-escaped (it reads back the same)."""
+    line = json.dumps(obj, ensure_ascii=False)
+    return json.dumps(obj) if LONE_SURROGATE.search(line) else line
 
 
 def json_safe(obj: Any) -> Any:
@@ -184,6 +193,50 @@ def write_png(data: Any, dest: Path) -> None:
     atomic_save(dest, lambda tmp: im.save(tmp, format="PNG"))
 
 
+class ImageWriter:
+    """The PNG files of one conversion: written to a hidden folder in the output folder and moved to their
+    names only when the conversion succeeds; ``rollback`` puts back what was there before."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.staging: Path | None = None
+        self.files: dict[Path, Path] = {}                  # final name -> written file
+        self.moved: list[tuple[Path, Path | None]] = []    # final name, the file it replaced (kept aside)
+        self._names = itertools.count()
+
+    def write(self, data: Any, dest: Path) -> None:
+        if self.staging is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.staging = Path(tempfile.mkdtemp(prefix=".images-", dir=self.folder))
+        tmp = self.staging / f"{next(self._names)}.png"
+        write_png(data, tmp)
+        self.files[dest] = tmp
+
+    def drop(self, dest: Path) -> None:
+        self.files.pop(dest).unlink(missing_ok=True)
+
+    def commit(self) -> None:
+        """Move the images to their names; a file found there is kept aside in the hidden folder until the end."""
+        for dest, tmp in self.files.items():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            old = tmp.with_suffix(".old") if os.path.lexists(dest) else None
+            if old is not None:
+                os.replace(dest, old)
+            self.moved.append((dest, old))
+            os.replace(tmp, dest)
+
+    def rollback(self) -> None:
+        for dest, old in reversed(self.moved):
+            if old is None:
+                dest.unlink(missing_ok=True)
+            else:
+                os.replace(old, dest)
+
+    def cleanup(self) -> None:
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+
 @dataclass
 class ConversionResult:
     records: list[dict]
@@ -194,8 +247,8 @@ class ConversionResult:
 ToRecord = Callable[[Any, int, Context], "tuple[dict, SourceFields]"]
 
 
-def _finish(record: dict, fields: SourceFields, ctx: Context, seen: dict[str, str],
-            loc: str) -> list[Problem]:
+def _finish(record: dict, fields: SourceFields, ctx: Context, seen: dict[str, str], loc: str,
+            images: ImageWriter) -> list[Problem]:
     """Resolve image paths, check the record, write/check its images. Returns its problems (empty = ok)."""
     refs = record["images"]
     dests: list[Path | None] = []
@@ -209,7 +262,8 @@ def _finish(record: dict, fields: SourceFields, ctx: Context, seen: dict[str, st
             dests.append(None)
             paths.append(path_for_output(ref.path, ctx.output_dir))
     record["images"] = paths
-    problems = [Problem(fields.translate(p.field), p.message) for p in record_problems(record)]
+    problems = [Problem(fields.translate(p.field), p.message)
+                for p in record_problems(record)]
     if problems:
         return problems
     if record["id"] in seen:
@@ -219,7 +273,7 @@ def _finish(record: dict, fields: SourceFields, ctx: Context, seen: dict[str, st
         fld = fields.translate(f"images[{k}]")
         if dest is not None:
             try:
-                write_png(ref.data, dest)
+                images.write(ref.data, dest)
                 written.append(dest)
             except Exception as e:  # PIL raises several types for undecodable data
                 problems.append(Problem(fld, f"image cannot be decoded ({type(e).__name__}: {e})"))
@@ -230,10 +284,17 @@ def _finish(record: dict, fields: SourceFields, ctx: Context, seen: dict[str, st
                 problems.append(Problem(fld, e.reason))
     if problems:  # a rejected record leaves no image files behind
         for dest in written:
-            dest.unlink(missing_ok=True)
+            images.drop(dest)
     else:
         seen[record["id"]] = loc
     return problems
+
+
+def _reject_copy(raw: Any) -> Any:
+    try:
+        return json_safe(raw)
+    except RecursionError:  # nesting that json.loads just accepted
+        return "<nested too deeply to copy; see the input at this line>"
 
 
 def _raw_id(raw: Any) -> str | None:
@@ -245,8 +306,20 @@ def convert(items: Iterable[SourceItem], to_record: ToRecord, ctx: Context, *,
     """Convert every item; write ``ctx.output_path`` (and the rejects file) atomically.
 
     Raises ``RecordError`` on the first invalid record unless ``skip_invalid``; raises as well when no
-    record at all is valid (an empty task is always a mistake).
+    record at all is valid (an empty task is always a mistake). A conversion that fails leaves no image.
     """
+    images = ImageWriter(ctx.output_dir)
+    try:
+        return _convert(items, to_record, ctx, skip_invalid, images)
+    except BaseException:
+        images.rollback()
+        raise
+    finally:
+        images.cleanup()
+
+
+def _convert(items: Iterable[SourceItem], to_record: ToRecord, ctx: Context, skip_invalid: bool,
+             images: ImageWriter) -> ConversionResult:
     records: list[dict] = []
     rejects: list[dict] = []
     seen: dict[str, str] = {}
@@ -265,7 +338,7 @@ def convert(items: Iterable[SourceItem], to_record: ToRecord, ctx: Context, *,
                 rid = e.record_id or rid
             else:
                 rid = record["id"]
-                problems = _finish(record, fields, ctx, seen, loc)
+                problems = _finish(record, fields, ctx, seen, loc, images)
         if not problems:
             records.append(record)
             continue
@@ -273,16 +346,17 @@ def convert(items: Iterable[SourceItem], to_record: ToRecord, ctx: Context, *,
             first = problems[0]
             raise RecordError(first.message, path=item.where, line=item.line, record_id=rid,
                               field=first.field or None)
-        rejects.append({"source": item.where, "line": item.line, "id": rid, "record": json_safe(item.raw),
+        rejects.append({"source": item.where, "line": item.line, "id": rid, "record": _reject_copy(item.raw),
                         "reasons": [(f"field {p.field!r}: " if p.field else "") + p.message for p in problems]})
     if n_items == 0:
         raise RecordError("no records (the input is empty)", path=ctx.input_path)
     rfile = rejects_path(ctx.output_path)
     if rejects:
-        atomic_write_text(rfile, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
+        atomic_write_text(rfile, "".join(json_line(r) + "\n" for r in rejects))
     elif rfile.exists():  # a stale rejects file from an earlier run would describe records that are fine now
         rfile.unlink()
     if not records:
         raise RecordError(f"no valid records: all {len(rejects)} rejected, see {rfile}", path=ctx.input_path)
+    images.commit()
     write_jsonl(ctx.output_path, records)
     return ConversionResult(records, len(rejects), rfile if rejects else None)

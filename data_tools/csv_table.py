@@ -13,15 +13,20 @@ answer the assistant turn. An empty image cell makes a text-only record. Column 
 
 from __future__ import annotations
 
+import codecs
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from lvlm_cl.data.records import RecordError
 
 from data_tools.conversion import Context, SourceFields, SourceItem
+from data_tools.sources import check_not_utf16, decode
 from data_tools.turns import place_images, record_id, text_to_parts
+
+# A cell holds a whole answer or an inline image, often more than the csv module's default 128 KiB limit.
+csv.field_size_limit(2**31 - 1)  # the largest value every platform's C long takes
 
 
 @dataclass
@@ -67,27 +72,51 @@ def qa_to_record(row: dict, index: int, ctx: Context, *, columns: QAColumns) -> 
     return {"id": rid, "task": ctx.task, "images": refs, "messages": messages}, fields
 
 
+def _text_lines(path: Path, f: BinaryIO) -> Iterator[str]:
+    """The lines of ``f`` as text for ``csv.reader`` (ends kept; ``\\r``, ``\\n`` and ``\\r\\n`` end a line, as
+    with ``newline=""``), decoded one by one so that bytes that are not UTF-8 are reported with their line."""
+    lineno = 0
+    for chunk in f:
+        if lineno == 0:
+            check_not_utf16(path, chunk)
+            chunk = chunk.removeprefix(codecs.BOM_UTF8)
+        for raw in chunk.splitlines(keepends=True):
+            lineno += 1
+            yield decode(raw, path=path, line=lineno)
+
+
+def _csv_error(path: Path, e: csv.Error, line: int) -> RecordError:
+    return RecordError(f"unreadable table row: {e}", path=path, line=line)
+
+
 def iter_csv_items(path: Path, columns: QAColumns, *, id_given: bool) -> tuple[QAColumns, Iterator[SourceItem]]:
     """Check the header now; rows are read lazily. Lines count from 1 and include the header."""
     if not path.is_file():
         raise RecordError("file not found", path=path)
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        header = next(csv.reader(f, delimiter=delimiter), None)
+    with open(path, "rb") as f:
+        reader = csv.reader(_text_lines(path, f), delimiter=delimiter)
+        try:
+            header = next(reader, None)
+        except csv.Error as e:
+            raise _csv_error(path, e, reader.line_num) from None
     if not header:
         raise RecordError("no header row; expected column names on the first line", path=path)
     columns = columns.check(header, where=path, id_given=id_given)
 
     def items() -> Iterator[SourceItem]:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f, delimiter=delimiter)
+        with open(path, "rb") as f:
+            reader = csv.DictReader(_text_lines(path, f), delimiter=delimiter)
             start = 2
-            for index, row in enumerate(reader):
-                item = SourceItem(raw=row, index=index, where=str(path), line=start)
-                if None in row:  # more cells than header columns
-                    item.raw = {k: v for k, v in row.items() if k is not None} | {"<extra cells>": row[None]}
-                    item.error = RecordError(f"{len(header) + len(row[None])} cells but {len(header)} columns")
-                yield item
-                start = reader.line_num + 1
+            try:
+                for index, row in enumerate(reader):
+                    item = SourceItem(raw=row, index=index, where=str(path), line=start)
+                    if None in row:  # more cells than header columns
+                        item.raw = {k: v for k, v in row.items() if k is not None} | {"<extra cells>": row[None]}
+                        item.error = RecordError(f"{len(header) + len(row[None])} cells but {len(header)} columns")
+                    yield item
+                    start = reader.line_num + 1
+            except csv.Error as e:  # DictReader's own line_num is the last row read well
+                raise _csv_error(path, e, reader.reader.line_num) from None
 
     return columns, items()

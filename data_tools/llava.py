@@ -24,6 +24,7 @@ from lvlm_cl.io import atomic_write_json, atomic_write_text
 
 from data_tools.conversion import Context, SourceFields, image_field_names, path_for_output
 from data_tools.turns import parts_to_text, place_images, record_id, string_turns
+from data_tools.validate import check_file
 
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 CANONICAL_TO_LLAVA = {v: k for k, v in LLAVA_ROLES.items()}
@@ -91,6 +92,7 @@ def export_llava(path: str | os.PathLike, output: str | os.PathLike,
     Image paths are written relative to ``image_root`` (default: the output file's folder) when the image
     lies under it, else absolute.
     """
+    check_file(path)
     records = load_records(path)
     base = Path(image_root) if image_root is not None else Path(os.path.abspath(output)).parent
     out = [record_to_llava(r, base) for r in records]

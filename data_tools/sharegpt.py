@@ -22,6 +22,7 @@ from lvlm_cl.data.records import RecordError
 
 from data_tools.conversion import Context, SourceFields, image_field_names
 from data_tools.llava import image_list
+from data_tools.sources import check_not_utf16, decode, loads
 from data_tools.turns import place_images, record_id, string_turns
 
 DEFAULT_COLUMNS = {"messages": "conversations", "system": "system", "images": "images", "tools": "tools",
@@ -75,8 +76,10 @@ def resolve_spec(input_path: Path, dataset_info: Path | None, dataset: str | Non
         return ShareGPTSpec(input_path)
     if not info_path.is_file():
         raise RecordError("file not found", path=info_path)
+    data = info_path.read_bytes()
+    check_not_utf16(info_path, data)
     try:
-        info = json.loads(info_path.read_text(encoding="utf-8"))
+        info = loads(decode(data, path=info_path))
     except json.JSONDecodeError as e:
         raise RecordError(f"invalid JSON: {e.msg}", path=info_path, line=e.lineno) from None
     if not isinstance(info, dict):

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from lvlm_cl.data.records import RecordError, iter_jsonl, load_records, write_jsonl
 
+from data_tools.validate import check_file
+
 
 @dataclass
 class SplitResult:
@@ -43,6 +45,7 @@ def split_file(path: str | Path, eval_fraction: float, seed: int = 0, *, output_
     if not 0 < eval_fraction < 1:
         raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
     path = Path(path)
+    check_file(path)
     resolved = load_records(path, image_root=image_root)  # validated; image paths made absolute
     records = [obj for _, obj in iter_jsonl(path)]        # the same records, as written
     if len(records) < 2:

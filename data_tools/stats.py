@@ -12,6 +12,7 @@ from pathlib import Path
 from lvlm_cl.data.records import load_records
 
 from data_tools.tokens import TokenCounter
+from data_tools.validate import check_file
 
 
 def _spread(values: list[float]) -> dict | None:
@@ -27,6 +28,7 @@ def _text(turn: dict) -> str:
 def file_stats(path: str | Path, *, image_root: str | Path | None = None,
                tokens: TokenCounter | None = None) -> dict:
     """Statistics of a valid canonical file (an invalid one raises ``RecordError``: run ``validate``)."""
+    check_file(path)
     records = load_records(path, image_root=image_root)
     answers = [_text(m) for r in records for m in r["messages"] if m["role"] == "assistant"]
     per_record = Counter(len(r.get("images", [])) for r in records)

@@ -1,20 +1,21 @@
 """``validate``: check every record of a canonical JSONL file and report every problem, not just the first.
 
-Checks: JSON syntax, the record rules of ``lvlm_cl.data.records`` (ids, roles and their order, empty turns,
-image placeholders against the image list), duplicate ids, images (exist, open, decode completely), and with
-a model the token length after image expansion against the maximum length.
+Checks: UTF-8 text, JSON syntax, the record rules of ``lvlm_cl.data.records`` (ids, roles and their order,
+empty turns, image placeholders against the image list), text that is not valid Unicode (lone surrogates),
+duplicate ids, images (exist, open, decode completely), and with a model the token length after image
+expansion against the maximum length.
 
     python -m data_tools validate data/mytask.jsonl [--image-root DIR] [--model tiny]
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lvlm_cl.data.records import RecordError, check_image, record_problems, resolve_image
 
+from data_tools.sources import check_not_utf16, json_lines
 from data_tools.tokens import TokenCounter
 
 
@@ -42,21 +43,17 @@ def validate_file(path: str | Path, *, image_root: str | Path | None = None, che
         raise RecordError("file not found", path=path)
     report = ValidationReport(path)
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")  # not splitlines(): U+2028 inside a JSON string is not a line break
-    for lineno, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
+    data = path.read_bytes()
+    check_not_utf16(path, data)
+    for lineno, record, error in json_lines(data):  # a UTF-8 BOM stays: lvlm_cl does not read it either
         report.records += 1
         found = report.problems
 
         def problem(message: str, field: str | None = None, rid: str | None = None) -> None:
             found.append(RecordError(message, path=path, line=lineno, record_id=rid, field=field))
 
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as e:
-            problem(f"invalid JSON: {e.msg} (column {e.colno})")
+        if error is not None:
+            problem(error.reason)
             continue
         rid = record.get("id") if isinstance(record, dict) else None
         rid = None if rid is None else str(rid)
@@ -95,3 +92,12 @@ def validate_file(path: str | Path, *, image_root: str | Path | None = None, che
     if report.records == 0:
         report.problems.append(RecordError("no records (the file is empty)", path=path))
     return report
+
+
+def check_file(path: str | Path) -> None:
+    """Raise the first problem ``validate`` finds (images not opened). ``split``, ``stats`` and ``export`` read
+    through ``lvlm_cl.data.records.load_records``, which does not catch text that cannot be written back as
+    UTF-8 or nesting too deep to parse."""
+    report = validate_file(path, check_images=False)
+    if report.problems:
+        raise report.problems[0]

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any, Iterable, Iterator
 
 ROLES = ("system", "user", "assistant")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class RecordError(ValueError):
@@ -125,6 +127,26 @@ def record_problems(record: Any) -> list[Problem]:
         problems.append(Problem("messages", "the conversation must end with an assistant turn"))
     if n_image_parts != len(images):
         problems.append(Problem("images", f"{len(images)} image path(s) but {n_image_parts} image placeholder(s) in messages"))
+    return problems + surrogate_problems(record)
+
+
+def surrogate_problems(obj: Any) -> list[Problem]:
+    """A problem for every string (and key) of ``obj`` holding a lone surrogate: ``json.loads`` accepts
+    ``"\\ud800"``, but such text is not valid Unicode and cannot be written as UTF-8 (nor tokenized)."""
+    problems: list[Problem] = []
+    todo = [("", obj)]
+    while todo:  # not recursive: any nesting json.loads accepts is walked
+        name, value = todo.pop()
+        if isinstance(value, str):
+            if m := LONE_SURROGATE.search(value):
+                problems.append(Problem(name, f"lone surrogate {m.group()!r} at character {m.start()}: not valid "
+                                              f"Unicode text (an unpaired \\u escape?); it cannot be written as UTF-8"))
+        elif isinstance(value, dict):
+            for k, v in reversed(value.items()):
+                key = f"{name}.{k}" if name else str(k)
+                todo += [(key, v), (key, k)]
+        elif isinstance(value, list):
+            todo += reversed([(f"{name}[{i}]", v) for i, v in enumerate(value)])
     return problems
 
 
@@ -202,7 +224,12 @@ def load_table(path: str | os.PathLike, *, image_root: str | os.PathLike | None 
             if task is not None:
                 rec["task"] = task
             yield rec
-    return RecordTable(named(_validated(path, image_root=image_root, task=task, digest=digest)))
+    try:
+        return RecordTable(named(_validated(path, image_root=image_root, task=task, digest=digest)))
+    except RecordError as e:
+        if e.path is not None:
+            raise
+        raise RecordError(e.reason, path=path, record_id=e.record_id, field=e.field) from None
 
 
 def _validated(path, *, image_root=None, check_images: bool = False, task: str | None = None,
@@ -228,6 +255,14 @@ def _validated(path, *, image_root=None, check_images: bool = False, task: str |
         raise RecordError("no records (the file is empty)", path=path)
 
 
+def _encoded(record: dict) -> bytes:
+    try:
+        return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:
+        raise RecordError("holds a lone surrogate (half of a UTF-16 pair), which is not a character",
+                          record_id=record.get("id")) from None
+
+
 class RecordTable(Sequence):
     """Records kept as one buffer of their JSON texts and an array of offsets: a few hundred bytes a record
     instead of a tree of Python objects, and nothing a DataLoader worker's reads copy page by page (a list
@@ -243,7 +278,7 @@ class RecordTable(Sequence):
         import numpy as np
 
         if _buffer is None:
-            parts = [json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode("utf-8") for r in records]
+            parts = [_encoded(r) for r in records]
             _offsets = np.zeros(len(parts) + 1, dtype=np.int64)
             np.cumsum([len(x) for x in parts], out=_offsets[1:])
             _buffer = b"".join(parts)
