@@ -194,6 +194,7 @@ def setting_config(batch_size: int, checkpointing: bool, total_steps: int, out: 
                                 f"trainer.steps_per_task={total_steps}", "trainer.epochs_per_task=null",
                                 "trainer.lr_schedule=constant", "trainer.warmup_steps=0", "trainer.save_every=0",
                                 f"model.gradient_checkpointing={str(checkpointing).lower()}", "trainer.num_workers=0",
+                                "trainer.group_by_length=false",  # every record has one length
                                 "model.liger_kernel=false"])
 
 
