@@ -166,6 +166,10 @@ def test_a_table_loads_with_the_fingerprint_of_its_bytes_and_names_text_that_is_
     bad.write_bytes(json.dumps(record("x", None, "caf\u00e9", "a"), ensure_ascii=False).encode("latin-1") + b"\n")
     with pytest.raises(RecordError, match=r"latin1.jsonl:1: not UTF-8 text \(byte \d+: invalid"):
         load_table(bad)
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text(json.dumps(record("ok", None, "q", "a")) + "\n" + "[" * 100_000 + "\n")
+    with pytest.raises(RecordError, match=r"deep.jsonl:2: invalid JSON: nested too deeply"):
+        load_table(deep)
 
 
 def test_the_collator_encodes_in_the_worker_and_hands_errors_back_as_one_sentence(tmp_path):

@@ -182,6 +182,8 @@ def iter_jsonl(path: str | os.PathLike, digest=None) -> Iterator[tuple[int, Any]
                 yield lineno, json.loads(text)
             except json.JSONDecodeError as e:
                 raise RecordError(f"invalid JSON: {e.msg} (column {e.colno})", path=path, line=lineno) from None
+            except RecursionError:
+                raise RecordError("invalid JSON: nested too deeply", path=path, line=lineno) from None
 
 
 def resolve_image(record_path: str | os.PathLike, image: str, image_root: str | os.PathLike | None = None) -> Path:
