@@ -44,3 +44,22 @@ def test_load_stage_refuses_a_stage_that_was_not_trained(tmp_path, colour_tasks)
     assert first.task.name == "colour"
     with pytest.raises(CheckpointError, match=r"stage 5 does not exist; trained stages are 0\.\.1"):
         load_stage(out, index=5)
+
+
+@pytest.mark.parametrize("name", [n for n in available() if n not in ("finetune", "multitask")])  # no settings
+def test_no_numeric_setting_of_any_method_takes_nan_infinity_or_a_negative_seed(name):
+    """Every number a method takes is finite, and every seed an integer in a generator's range: for each
+    method, each of its numeric settings is tried with NaN, +inf and -inf (and seeds with -1 and 2**40)."""
+    import math
+
+    from lvlm_cl.config import MethodSpec
+    from lvlm_cl.methods import _lookup, check_methods
+
+    numeric = {k: v for k, v in _lookup(name).defaults.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert numeric, f"{name} has no numeric setting to try"
+    for key in numeric:
+        bad = [math.nan, math.inf, -math.inf] + ([-1, 2 ** 40] if key == "seed" else [])
+        for value in bad:
+            with pytest.raises(ValueError, match=f"method '{name}': .*{key}"):
+                check_methods([MethodSpec(name, {key: value})])

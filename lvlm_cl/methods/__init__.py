@@ -68,10 +68,28 @@ def check_methods(specs: Iterable) -> None:
         unknown = sorted(set(spec.args) - set(cls.defaults))
         if unknown:
             raise ValueError(f"method {spec.name!r} has no setting {unknown[0]!r}; its settings: {sorted(cls.defaults)}")
+        for key, value in spec.args.items():   # what holds for every method's settings
+            problem = _general_problem(key, value)
+            if problem:
+                raise ValueError(f"method {spec.name!r}: setting {key!r} {problem}, got {value!r}")
         try:
             cls(**spec.args)  # settings' values are checked by the constructor: fail at load time, not mid-run
         except (TypeError, ValueError) as e:
             raise ValueError(f"method {spec.name!r}: {e}") from None
+
+
+def _general_problem(key: str, value) -> str | None:
+    """A number is finite (no setting means anything by NaN or infinity); a ``seed`` is an integer from 0 to
+    2**32 - 1 (what every generator takes). Each method checks its own ranges besides."""
+    import math
+
+    from lvlm_cl.methods.base import is_number
+
+    if key == "seed" and not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2 ** 32):
+        return "must be an integer from 0 to 4294967295"
+    if is_number(value) and not math.isfinite(value):
+        return "must be a finite number"
+    return None
 
 
 def build_methods(specs: Iterable) -> list[Method]:
