@@ -133,6 +133,10 @@ class TrainerConfig:
     # Batches of samples of about one length (sorted within windows of 50 batches, the windows' batches
     # shuffled), as LLaVA's group_by_modality_length: less padding, the same samples per epoch.
     group_by_length: bool = False
+    # Keep every encoded sample (pixels included) in memory for the whole run, encoding in the training process:
+    # for small data on a CPU, where the model trains on the cores workers would use (recipes/seq5.yaml). Memory
+    # then grows with the data; leave it off for real datasets (docs/data.md#at-scale).
+    keep_encodings: bool = False
 
 
 @dataclass

@@ -33,7 +33,10 @@ def _recipe_path(name: str) -> Path:
 LATER_SETTINGS = [("model", "quantization", None), ("model", "gradient_checkpointing", False),
                   ("model", "liger_kernel", "auto"),
                   ("model", "attn_implementation", None),
-                  ("trainer", "mixed_precision", "no"), ("trainer", "optimizer", "adamw")]
+                  ("trainer", "mixed_precision", "no"), ("trainer", "optimizer", "adamw"),
+                  # how batches are built, not what they hold: the same base whatever these are
+                  ("trainer", "num_workers", 2), ("trainer", "group_by_length", False),
+                  ("trainer", "keep_encodings", False)]
 
 
 def pretrain_config(model_cfg, cache: Path):
@@ -59,6 +62,9 @@ def pretrain_config(model_cfg, cache: Path):
             resolved[section].pop(key)
     key = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:12]
     cfg.output_dir = str(cache / "pretrain-runs" / key)
+    # The tiny corpus is small and trains on the CPU's cores: its encodings are kept (the same result, no
+    # encoding every epoch again; not part of the key).
+    cfg.trainer.keep_encodings = True
     return cfg, key
 
 

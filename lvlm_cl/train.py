@@ -178,6 +178,7 @@ def _run(cfg: RunConfig, accelerator, run_dir: Path, overwrite: bool, progress: 
         raise CheckpointError(f"{run_dir} was started on other data (tasks {state.tasks}, fingerprint {state.data}; "
                               f"now {names}, {fingerprint}): the task files changed. Pass --overwrite to start over.")
     counter = TokenCounter(processor, cfg.model.max_length)
+    kept = {} if cfg.trainer.keep_encodings else None      # trainer.keep_encodings: small data on a CPU
     check_samples(stream[state.trained:], stream, files, counter, cfg.trainer, log,
                   progress and accelerator.is_main_process)
     if accelerator.is_main_process:
@@ -211,7 +212,7 @@ def _run(cfg: RunConfig, accelerator, run_dir: Path, overwrite: bool, progress: 
 
     if cfg.eval_before_training and state.initial is None:
         state.initial, _ = evaluate_stream(accelerator, model, processor, stream, cfg, run_dir,
-                                           "before", progress)
+                                           "before", progress, kept)
         _save_progress(accelerator, run_dir, state, stream)
 
     checkpointing = cfg.model.gradient_checkpointing is True
@@ -229,7 +230,7 @@ def _run(cfg: RunConfig, accelerator, run_dir: Path, overwrite: bool, progress: 
                 checkpointing = decide_checkpointing(accelerator, model, methods, task, train_data, processor, cfg,
                                                      names, log)
             train_data = with_lengths(train_data, counter)
-            collate = Collator(processor, cfg.model.max_length, files=task_paths(stream, files),
+            collate = Collator(processor, cfg.model.max_length, files=task_paths(stream, files), keep=kept,
                                task_index={n: i for i, n in enumerate(names)}
                                if any(m.uses_task_ids for m in methods) else None)
             curve = train_task(accelerator, model, methods, task, train_data, collate, cfg, log, progress, names,
@@ -252,7 +253,7 @@ def _run(cfg: RunConfig, accelerator, run_dir: Path, overwrite: bool, progress: 
                 remove_step_checkpoint(run_dir)     # the task's own checkpoint supersedes it
         started = time.time()
         row, routing = evaluate_stream(accelerator, model, processor, stream, cfg, run_dir,
-                                       f"after-{task.index:02d}-{task.name}", progress)
+                                       f"after-{task.index:02d}-{task.name}", progress, kept)
         if routing:
             state.extra.setdefault("routing_accuracy", {})[task.name] = routing
         state.extra.setdefault("eval_seconds", {})[task.name] = round(time.time() - started, 2)
@@ -531,7 +532,7 @@ def eval_records(task, trainer) -> list[dict]:
 
 
 def evaluate_stream(accelerator, model, processor, stream, cfg, run_dir: Path, stage: str,
-                    progress: bool) -> tuple[list[float], dict[str, float]]:
+                    progress: bool, kept: dict | None = None) -> tuple[list[float], dict[str, float]]:
     """Score on every task's test split (percent; predictions are written per task), and the routing
     accuracy of a method that routes by task keys (counted on the same prompt batches). Under ZeRO-3 the
     model is gathered whole on every process for the duration (it must fit one device for inference)."""
@@ -563,7 +564,7 @@ def evaluate_stream(accelerator, model, processor, stream, cfg, run_dir: Path, s
                                          progress=progress and accelerator.is_main_process,
                                          synced_gpus=zero_stage(accelerator) == 3 and accelerator.num_processes > 1,
                                          device=accelerator.device, num_workers=tr.num_workers,
-                                         observe=observe if counted else None)
+                                         observe=observe if counted else None, keep=kept)
             predictions = unshard(local, len(records), accelerator)
             if counted:
                 total = accelerator.reduce(hits, "sum") if accelerator.num_processes > 1 else hits

@@ -230,5 +230,7 @@ def test_workers_and_grouping_train_what_the_recipe_says(tmp_path, colour_tasks)
     inline, workers = train("inline", "trainer.num_workers=0"), train("workers", "trainer.num_workers=2")
     assert workers["train_loss"] == inline["train_loss"] and workers["matrix"] == inline["matrix"]
     assert workers["routing_accuracy"] == inline["routing_accuracy"]
+    kept = train("kept", "trainer.keep_encodings=true")          # encoded once, kept: the same run
+    assert kept["train_loss"] == inline["train_loss"] and kept["matrix"] == inline["matrix"]
     grouped = train("grouped", "trainer.num_workers=0", "trainer.group_by_length=true")
     assert grouped["num_completed"] == 2

@@ -203,3 +203,91 @@ def test_evaluate_and_chat_say_one_line_for_a_folder_that_is_not_a_run(tmp_path,
     code = (evaluate if entry == "evaluate" else chat).main(args)
     err = capsys.readouterr().err
     assert code == 2 and err.startswith(f"{entry}: error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A two-task run to point evaluate and chat at."""
+    from conftest import write_colour_tasks
+    from lvlm_cl.train import run
+
+    root = tmp_path_factory.mktemp("trained")
+    tasks = write_colour_tasks(root / "data", n_train=8, n_test=4)
+    recipe = write_recipe(root / "r.yaml", tasks, root / "run", steps_per_task=2)
+    run(load_recipe(recipe, [*SMALL_MODEL]), progress=False)
+    return root / "run", tasks
+
+
+def _bad_data(tmp_path: Path, kind: str) -> Path:
+    from conftest import record
+
+    path = tmp_path / "data.jsonl"
+    good = json.dumps(record("ok", None, "What colour?", "red"))
+    if kind == "latin-1":
+        path.write_bytes(good.encode() + b"\n" + json.dumps(record("b", None, "caf\u00e9", "x"),
+                                                              ensure_ascii=False).encode("latin-1") + b"\n")
+    elif kind == "bad json":
+        path.write_text(good + "\n{not json\n")
+    elif kind == "missing image":
+        path.write_text(good + "\n" + json.dumps(record("img", "nowhere.png", "q", "a")) + "\n")
+    elif kind == "roles":
+        bad = record("r", None, "q", "a")
+        bad["messages"].reverse()
+        path.write_text(json.dumps(bad) + "\n")
+    elif kind == "empty":
+        path.write_text("")
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, message", [
+    ("latin-1", "data.jsonl:2: not UTF-8 text"),
+    ("bad json", "data.jsonl:2: invalid JSON"),
+    ("missing image", "data.jsonl, record 'img', field 'images[0]': image not found"),
+    ("roles", "data.jsonl:1, record 'r', field 'messages[0].role'"),
+    ("empty", "data.jsonl: no records (the file is empty)"),
+    ("no run", "is not a run folder"),
+])
+def test_evaluate_names_every_bad_input_in_one_line(tmp_path, trained, capsys, kind, message):
+    from lvlm_cl import evaluate
+
+    run_dir, _ = trained
+    data = _bad_data(tmp_path, "empty" if kind == "no run" else kind)
+    if kind == "no run":
+        data.write_text(json.dumps({"id": "x"}) + "\n")
+        run_dir = tmp_path
+    code = evaluate.main(["--run", str(run_dir), "--data", str(data), "--metric", "exact_match",
+                          "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("evaluate: error: ") and err.count("\n") == 1, err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()                  # nothing written for input that was refused
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, message", [
+    ("missing image", "--image"),
+    ("not an image", "cannot"),
+    ("no run", "no such folder"),
+    ("stage out of range", "stage"),
+])
+def test_chat_names_every_bad_input_in_one_line(tmp_path, trained, capsys, kind, message):
+    from lvlm_cl import chat
+
+    run_dir, _ = trained
+    args = ["--run", str(run_dir), "--prompt", "What colour?"]
+    if kind == "missing image":
+        args += ["--image", str(tmp_path / "nowhere.png")]
+    elif kind == "not an image":
+        (tmp_path / "x.png").write_bytes(b"plain text, not a picture")
+        args += ["--image", str(tmp_path / "x.png")]
+    elif kind == "no run":
+        args[1] = str(tmp_path / "nothing")
+    else:
+        args += ["--stage", "7"]
+    import io
+
+    code = chat.main(args, stdout=io.StringIO())
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("chat: error: ") and err.count("\n") == 1, err
+    assert message in err and "Traceback" not in err

@@ -31,14 +31,15 @@ def prompt_lengths(processor, records: Sequence[dict], max_length: int):
 def generate_answers(model, processor, records: Sequence[dict], *, max_length: int, batch_size: int,
                      max_new_tokens: int, desc: str = "generate", progress: bool = True, synced_gpus: bool = False,
                      device: torch.device | str | None = None, num_workers: int = 0,
-                     observe: Callable[[dict, list[int]], None] | None = None) -> list[str]:
+                     observe: Callable[[dict, list[int]], None] | None = None, keep: dict | None = None) -> list[str]:
     """The model's answer to the last user turn of each record, in the records' order.
 
     Prompts are sorted by length so that batches carry little padding (the lengths counted from the text,
     ``prompt_lengths``), encoded batch by batch in ``num_workers`` DataLoader workers and not kept, and sent
     to ``device`` (default: the device of the model's first parameter); answers are put back in order.
     ``observe(batch, positions)`` sees each batch on the device with its records' positions (routing
-    accuracy is counted so, without encoding the prompts twice). ``synced_gpus``: every process keeps
+    accuracy is counted so, without encoding the prompts twice). ``keep``: encodings kept across calls
+    (``Collator``'s ``keep``, ``trainer.keep_encodings``). ``synced_gpus``: every process keeps
     stepping until all are done (DeepSpeed ZeRO-3, where each step gathers parameters from every process).
     """
     if device is None:
@@ -50,7 +51,7 @@ def generate_answers(model, processor, records: Sequence[dict], *, max_length: i
     answers: list[str] = [""] * len(records)
     was_training = model.training
     model.eval()
-    prompts = loader(records, Collator(processor, max_length, prompt=True), batches, num_workers=num_workers,
+    prompts = loader(records, Collator(processor, max_length, prompt=True, keep=keep), batches, num_workers=num_workers,
                      device=torch.device(device))
     try:
         for idx, batch in zip(batches, tqdm(prompts, desc=desc, leave=False, disable=not progress)):
