@@ -72,7 +72,7 @@ class Chat:
             try:
                 check_image(Path(path))
             except RecordError as e:
-                raise ChatError(f"image {path}: {e}") from None
+                raise ChatError(e.reason) from None      # names the file
         self.image = None if path is None else str(Path(path).resolve())
         self.history = []
 

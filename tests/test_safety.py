@@ -259,8 +259,9 @@ def test_evaluate_names_every_bad_input_in_one_line(tmp_path, trained, capsys, k
     code = evaluate.main(["--run", str(run_dir), "--data", str(data), "--metric", "exact_match",
                           "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("evaluate: error: ") and err.count("\n") == 1, err
-    assert message in err and "Traceback" not in err
+    last = err.splitlines()[-1]           # (transformers' own progress bar may come first, when a model loads)
+    assert code == 2 and last.startswith("evaluate: error: ") and message in last, err
+    assert "Traceback" not in err
     assert not (tmp_path / "out").exists()                  # nothing written for input that was refused
 
 
@@ -289,5 +290,6 @@ def test_chat_names_every_bad_input_in_one_line(tmp_path, trained, capsys, kind,
 
     code = chat.main(args, stdout=io.StringIO())
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("chat: error: ") and err.count("\n") == 1, err
-    assert message in err and "Traceback" not in err
+    last = err.splitlines()[-1]           # (transformers' own progress bar may come first, when a model loads)
+    assert code == 2 and last.startswith("chat: error: ") and message in last, err
+    assert "Traceback" not in err
