@@ -128,7 +128,8 @@ class TrainerConfig:
     # on CPU and GPU) or "adamw" (torch's default implementation, a loop of per-tensor operations on CPU).
     optimizer: Literal["adamw_fused", "adamw"] = "adamw_fused"
     # DataLoader worker processes that encode batches (templating, tokenizing, image processing) while the
-    # model computes; 0 encodes in the training process. Per training process.
+    # model computes; 0 encodes in the training process. Per training process (none in a run of several processes
+    # on CPUs: a fork beside gloo's threads was seen to hang).
     num_workers: int = 2
     # Batches of samples of about one length (sorted within windows of 50 batches, the windows' batches
     # shuffled), as LLaVA's group_by_modality_length: less padding, the same samples per epoch.

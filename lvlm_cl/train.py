@@ -311,6 +311,16 @@ def with_lengths(records, counter):
     return table
 
 
+def worker_count(accelerator, trainer) -> int:
+    """DataLoader workers for this process: ``trainer.num_workers``, except in a run of several processes on
+    CPUs (gloo), where a worker forked beside the collective's threads was seen to hang in its start (CI,
+    ZeRO-3, 2 processes); there batches are encoded in the training process. GPU runs (NCCL) fork them as
+    every PyTorch loader does."""
+    if accelerator.num_processes > 1 and accelerator.device.type == "cpu":
+        return 0
+    return trainer.num_workers
+
+
 def task_paths(stream, files: list[str]) -> dict[str, str]:
     """Each task's training file, by task name (what a batch's encoding error names)."""
     return {t.name: files[2 * t.index] for t in stream}
@@ -368,7 +378,7 @@ def train_task(accelerator, model, methods, task, train_data, collate, cfg, log,
     # Batches are encoded and collated in trainer.num_workers worker processes (pinned on a GPU, so the copy
     # overlaps compute) and sent to the process's device here: the DataLoader is not prepared, since
     # StepBatchOrder already shards by rank.
-    batches = loader(train_data, collate, order, num_workers=tr.num_workers, device=accelerator.device)
+    batches = loader(train_data, collate, order, num_workers=worker_count(accelerator, tr), device=accelerator.device)
     wrapped.train()
     bar = tqdm(total=steps, initial=step, desc=f"task {task.index + 1} {task.name}",
                disable=not (progress and accelerator.is_main_process))
@@ -563,7 +573,7 @@ def evaluate_stream(accelerator, model, processor, stream, cfg, run_dir: Path, s
                                          desc=f"eval {stage} {task.name}",
                                          progress=progress and accelerator.is_main_process,
                                          synced_gpus=zero_stage(accelerator) == 3 and accelerator.num_processes > 1,
-                                         device=accelerator.device, num_workers=tr.num_workers,
+                                         device=accelerator.device, num_workers=worker_count(accelerator, tr),
                                          observe=observe if counted else None, keep=kept)
             predictions = unshard(local, len(records), accelerator)
             if counted:
