@@ -36,7 +36,7 @@ from lvlm_cl.checkpoint import (CheckpointError, RunState, load_methods_state, l
 from lvlm_cl.config import ConfigError, RunConfig, cache_dir, load_recipe, to_dict
 from lvlm_cl.data.dataset import Collator, StepBatchOrder, check_batch, loader
 from lvlm_cl.data.encoding import IGNORE_INDEX
-from lvlm_cl.data.lengths import TokenCounter
+from lvlm_cl.data.lengths import TokenCounter, counted
 from lvlm_cl.data.records import final_answer, user_text
 from lvlm_cl.data.stream import build_stream
 from lvlm_cl.distributed import (checkpoint_state, gathered, make_accelerator, refuse_unsupported, shard,
@@ -226,13 +226,13 @@ def _run(cfg: RunConfig, accelerator, run_dir: Path, overwrite: bool, progress: 
             for m in methods:
                 train_data = m.before_task(task, model, train_data)
             state.extra.setdefault("trainable_parameters", {})[task.name] = count_parameters(model)[0]
-            if cfg.model.gradient_checkpointing == "auto" and not checkpointing:
-                checkpointing = decide_checkpointing(accelerator, model, methods, task, train_data, processor, cfg,
-                                                     names, log)
             train_data = with_lengths(train_data, counter)
             collate = Collator(processor, cfg.model.max_length, files=task_paths(stream, files), keep=kept,
                                task_index={n: i for i, n in enumerate(names)}
                                if any(m.uses_task_ids for m in methods) else None)
+            if cfg.model.gradient_checkpointing == "auto" and not checkpointing:
+                checkpointing = decide_checkpointing(accelerator, model, methods, task, train_data, collate, cfg,
+                                                     log)
             curve = train_task(accelerator, model, methods, task, train_data, collate, cfg, log, progress, names,
                                run_dir)
             state.extra.setdefault("train_loss", {})[task.name] = curve
@@ -297,17 +297,10 @@ def check_samples(to_train, stream, files: list[str], counter, trainer, log, pro
 def with_lengths(records, counter):
     """``records`` as a table whose every sample has its training token count (replayed records added by a
     method come without one: counted here, from the text)."""
-    import numpy as np
-
     from lvlm_cl.data.records import RecordTable
 
     table = records if isinstance(records, RecordTable) else RecordTable(records)
-    lengths = table.lengths if table.lengths is not None else np.full(len(table), -1, dtype=np.int32)
-    todo = np.flatnonzero(lengths < 0)
-    if len(todo):
-        lengths = lengths.copy()
-        lengths[todo] = counter.count([table[int(i)] for i in todo], prompt=False)
-    table.lengths = lengths
+    table.lengths = counted(table, counter, prompt=False)
     return table
 
 
@@ -438,11 +431,12 @@ def train_task(accelerator, model, methods, task, train_data, collate, cfg, log,
     return curve
 
 
-def decide_checkpointing(accelerator, model, methods, task, train_data, processor, cfg, names, log) -> bool:
+def decide_checkpointing(accelerator, model, methods, task, train_data, collate, cfg, log) -> bool:
     """``model.gradient_checkpointing: auto`` before a task: on if this task's worst batch (its longest sample,
     replayed ones included, ``trainer.batch_size`` times) would not fit the device's memory with the
     optimizer's state (``models.memory``); the processes agree. Once on, it stays on for the run.
-    Returns whether it is on."""
+    ``train_data`` carries its token counts (``with_lengths``); ``collate`` is the loop's. Returns whether it
+    is on."""
     deepspeed = uses_deepspeed(accelerator)
     measure = peak_reader(accelerator.device)
     if zero_stage(accelerator) == 3:
@@ -452,10 +446,7 @@ def decide_checkpointing(accelerator, model, methods, task, train_data, processo
     else:
         if not deepspeed:
             upcast_trainable(model)         # as train_task trains it: what trains in float32
-        lengths = getattr(train_data, "lengths", None)
-        longest = train_data[int(lengths.argmax())] if lengths is not None else train_data[0]
-        collate = Collator(processor, cfg.model.max_length, task_index={n: i for i, n in enumerate(names)}
-                           if any(m.uses_task_ids for m in methods) else None)
+        longest = train_data[int(train_data.lengths.argmax())]
         batch = send_to_device(check_batch(collate([longest] * cfg.trainer.batch_size)), accelerator.device)
         extra = optimizer_bytes(model, shards=accelerator.num_processes if deepspeed else 1,
                                 ddp=accelerator.num_processes > 1 and not deepspeed)
@@ -556,7 +547,7 @@ def evaluate_stream(accelerator, model, processor, stream, cfg, run_dir: Path, s
         for task in stream:
             records = eval_records(task, tr)
             mine = shard(records, accelerator)
-            real = len(records[accelerator.process_index::accelerator.num_processes])   # without ZeRO-3's padding
+            real = len(range(accelerator.process_index, len(records), accelerator.num_processes))  # unpadded share
             counted = router is not None and task.index < router.num_known
             hits = torch.zeros(2, dtype=torch.long, device=accelerator.device)
 

@@ -239,6 +239,14 @@ def _bad_data(tmp_path: Path, kind: str) -> Path:
     return path
 
 
+def assert_one_error_line(code: int, err: str, prog: str, message: str) -> None:
+    """Exit code 2 and a last stderr line ``PROG: error: ...`` holding ``message``, no traceback (transformers'
+    own progress bar may come first, when a model loads)."""
+    last = err.splitlines()[-1]
+    assert code == 2 and last.startswith(f"{prog}: error: ") and message in last, err
+    assert "Traceback" not in err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind, message", [
     ("latin-1", "data.jsonl:2: not UTF-8 text"),
@@ -258,10 +266,7 @@ def test_evaluate_names_every_bad_input_in_one_line(tmp_path, trained, capsys, k
         run_dir = tmp_path
     code = evaluate.main(["--run", str(run_dir), "--data", str(data), "--metric", "exact_match",
                           "--output", str(tmp_path / "out")])
-    err = capsys.readouterr().err
-    last = err.splitlines()[-1]           # (transformers' own progress bar may come first, when a model loads)
-    assert code == 2 and last.startswith("evaluate: error: ") and message in last, err
-    assert "Traceback" not in err
+    assert_one_error_line(code, capsys.readouterr().err, "evaluate", message)
     assert not (tmp_path / "out").exists()                  # nothing written for input that was refused
 
 
@@ -289,7 +294,4 @@ def test_chat_names_every_bad_input_in_one_line(tmp_path, trained, capsys, kind,
     import io
 
     code = chat.main(args, stdout=io.StringIO())
-    err = capsys.readouterr().err
-    last = err.splitlines()[-1]           # (transformers' own progress bar may come first, when a model loads)
-    assert code == 2 and last.startswith("chat: error: ") and message in last, err
-    assert "Traceback" not in err
+    assert_one_error_line(code, capsys.readouterr().err, "chat", message)

@@ -179,4 +179,15 @@ class TokenCounter:
                                     record_id=rid, field="messages")
 
 
-__all__ = ["TokenCounter", "image_size"]
+def counted(records: Sequence[dict], counter: TokenCounter, *, prompt: bool) -> np.ndarray:
+    """(N,) int32 token counts of ``records``: their table's where it has them (``RecordTable.lengths``, -1
+    for records added without one), the others counted by ``counter``."""
+    lengths = getattr(records, "lengths", None)
+    lengths = np.full(len(records), -1, dtype=np.int32) if lengths is None else np.array(lengths)
+    todo = np.flatnonzero(lengths < 0)
+    if len(todo):
+        lengths[todo] = counter.count([records[int(i)] for i in todo], prompt=prompt)
+    return lengths
+
+
+__all__ = ["TokenCounter", "counted", "image_size"]

@@ -9,22 +9,8 @@ from accelerate.utils import send_to_device
 from tqdm.auto import tqdm
 
 from lvlm_cl.data.dataset import Collator, check_batch, loader
+from lvlm_cl.data.lengths import TokenCounter, counted
 from lvlm_cl.methods.routing import generate as routed_generate
-
-
-def prompt_lengths(processor, records: Sequence[dict], max_length: int):
-    """The records' prompt token counts: their table's where counted (``RecordTable.lengths``, -1 where not),
-    the others counted from the text (``TokenCounter``)."""
-    import numpy as np
-
-    from lvlm_cl.data.lengths import TokenCounter
-
-    lengths = getattr(records, "lengths", None)
-    lengths = np.full(len(records), -1, dtype=np.int32) if lengths is None else np.array(lengths)
-    todo = np.flatnonzero(lengths < 0)
-    if len(todo):
-        lengths[todo] = TokenCounter(processor, max_length).count([records[int(i)] for i in todo], prompt=True)
-    return lengths
 
 
 @torch.no_grad()
@@ -34,8 +20,8 @@ def generate_answers(model, processor, records: Sequence[dict], *, max_length: i
                      observe: Callable[[dict, list[int]], None] | None = None, keep: dict | None = None) -> list[str]:
     """The model's answer to the last user turn of each record, in the records' order.
 
-    Prompts are sorted by length so that batches carry little padding (the lengths counted from the text,
-    ``prompt_lengths``), encoded batch by batch in ``num_workers`` DataLoader workers and not kept, and sent
+    Prompts are sorted by length so that batches carry little padding (the table's lengths, or counted from
+    the text: ``lengths.counted``), encoded batch by batch in ``num_workers`` DataLoader workers and not kept, and sent
     to ``device`` (default: the device of the model's first parameter); answers are put back in order.
     ``observe(batch, positions)`` sees each batch on the device with its records' positions (routing
     accuracy is counted so, without encoding the prompts twice). ``keep``: encodings kept across calls
@@ -45,7 +31,7 @@ def generate_answers(model, processor, records: Sequence[dict], *, max_length: i
     if device is None:
         device = next(model.parameters()).device
     tokenizer = processor.tokenizer
-    lengths = prompt_lengths(processor, records, max_length)
+    lengths = counted(records, TokenCounter(processor, max_length), prompt=True)
     order = sorted(range(len(records)), key=lambda i: int(lengths[i]))
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     answers: list[str] = [""] * len(records)
