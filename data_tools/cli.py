@@ -1,6 +1,8 @@
 """The ``python -m data_tools`` command line: convert, validate, split, export, stats.
 
-Errors are printed as ``error: <message>`` on stderr with exit code 1; usage errors exit with 2.
+Bad input (a broken record, an unreadable or unwritable file) ends in one line, ``lvlm_cl: error: <message>``,
+with exit code 2, as for every lvlm-cl entry point (``lvlm_cl.errors``); so do usage errors (argparse). A
+``validate`` that runs and finds problems exits with 1: a result, not an error.
 """
 
 from __future__ import annotations
@@ -8,10 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 from lvlm_cl.data.records import RecordError
+from lvlm_cl.errors import report as report_error
 
 FORMATS = ("llava", "sharegpt", "messages", "hf", "csv")
 
@@ -231,10 +233,5 @@ def main(argv: list[str] | None = None) -> int:
         run = {"convert": run_convert, "validate": run_validate, "split": run_split, "export": run_export,
                "stats": run_stats}[args.command]
         return run(args)
-    except RecordError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # an output that cannot be written, a folder where a file was expected, ...
-        name = e.filename2 or e.filename  # os.replace(temporary file, output) names the output second
-        print(f"error: {name}: {e.strerror}" if name else f"error: {e}", file=sys.stderr)
-        return 1
+    except (RecordError, OSError) as e:  # OSError: an output that cannot be written, a folder for a file, ...
+        return report_error(e)

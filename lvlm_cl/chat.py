@@ -204,7 +204,7 @@ def main(argv=None, stdin=None, stdout=None) -> int:
         stdout.write("\n")
         return 0
     except (ChatError, *user_errors()) as e:
-        return report("chat", e)
+        return report(e)
 
 
 def _print_routing(chat: Chat, text: str, stdout) -> None:

@@ -1,5 +1,6 @@
-"""What the entry points (train, evaluate, chat) say when the user's input, not the code, is at fault: one
-line naming the file, record or key, no traceback. Anything else is a bug and keeps its traceback."""
+"""What every entry point (train, evaluate, chat, data_tools) says when the user's input, not the code, is at
+fault: one line, ``lvlm_cl: error: <message>``, naming the file, record or key, and exit code 2. Anything else
+is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
@@ -22,15 +23,20 @@ def describe(e: BaseException) -> str:
     """The one line for ``e``: an OS error (a full disk, a read-only folder, a missing file) as its file and
     the system's reason, the others as their own message."""
     if isinstance(e, OSError) and e.strerror:
-        where = e.filename if e.filename is not None else ""
+        # os.replace(temporary file, output) names the output second: the name the user gave
+        where = e.filename2 if e.filename2 is not None else e.filename if e.filename is not None else ""
         return f"{where}: {e.strerror}" if where else e.strerror
     return str(e)
 
 
-def report(prog: str, e: BaseException) -> int:
-    """Print ``prog: error: <message>`` to stderr; the exit code (2)."""
+PROG = "lvlm_cl"
+EXIT_CODE = 2
+
+
+def report(e: BaseException, prog: str = PROG) -> int:
+    """Print ``lvlm_cl: error: <message>`` to stderr; the exit code (2)."""
     print(f"{prog}: error: {describe(e)}", file=sys.stderr, flush=True)
-    return 2
+    return EXIT_CODE
 
 
-__all__ = ["describe", "report", "user_errors"]
+__all__ = ["EXIT_CODE", "PROG", "describe", "report", "user_errors"]

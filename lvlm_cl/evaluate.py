@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     try:
         evaluate(args)
     except user_errors() as e:
-        return report("evaluate", e)
+        return report(e)
     except KeyboardInterrupt:
         print("evaluate: interrupted", file=sys.stderr)
         return 130

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as e:
         # What the user can fix (the recipe, the data, the model folder, the run folder, the learning rate, the
         # disk): one message naming what is wrong and where, no traceback.
-        return report("lvlm_cl", e)
+        return report(e)
     except (KeyboardInterrupt, Terminated) as e:
         if int(os.environ.get("RANK", "0")) == 0:     # one line per launch, not one per process
             print(f"lvlm_cl: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; run the same command "

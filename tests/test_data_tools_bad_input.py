@@ -1,5 +1,5 @@
 """Bad input to ``python -m data_tools``: text that is not UTF-8, lone surrogates, deep nesting, huge CSV cells
-and conversions that fail part-way end in one ``error: <file>[:<line>]...`` line and exit 1, never a traceback,
+and conversions that fail part-way end in one ``lvlm_cl: error: <file>[:<line>]...`` line and exit 2, never a traceback,
 and lose nothing (rejects keep what was skipped; a failed conversion leaves no image behind)."""
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ CASES = {
 def one_error_line(capsys) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert len(err.splitlines()) == 1 and err.startswith("lvlm_cl: error: "), err
     return err.rstrip("\n")
 
 
@@ -139,8 +139,8 @@ def test_bad_input_is_one_error_line(tmp_path: Path, monkeypatch, capsys, files,
     monkeypatch.chdir(tmp_path)
     for name, data in files.items():
         Path(name).write_bytes(data)
-    assert main(argv) == 1
-    assert one_error_line(capsys).startswith(f"error: {start}")
+    assert main(argv) == 2
+    assert one_error_line(capsys).startswith(f"lvlm_cl: error: {start}")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files)  # a failed command writes nothing
 
 
@@ -206,10 +206,10 @@ def test_csv_error_names_file_and_line(tmp_path: Path, capsys):
     limit = csv.field_size_limit(10)
     try:
         assert main(["convert", "--from", "csv", str(src), "--image-column", "", "--output",
-                     str(tmp_path / "out.jsonl")]) == 1
+                     str(tmp_path / "out.jsonl")]) == 2
     finally:
         csv.field_size_limit(limit)
-    assert one_error_line(capsys) == f"error: {src}:3: unreadable table row: field larger than field limit (10)"
+    assert one_error_line(capsys) == f"lvlm_cl: error: {src}:3: unreadable table row: field larger than field limit (10)"
 
 
 def test_csv_with_classic_mac_line_ends_and_a_utf8_bom(tmp_path: Path):
@@ -244,8 +244,8 @@ def test_failed_conversion_leaves_no_image(tmp_path: Path, capsys, failure):
     else:
         src.write_bytes(json_list(*rows))
         out.mkdir()  # the JSONL cannot replace a folder: the failure comes after the images were moved in place
-    assert main(["convert", "--from", "messages", str(src), "--output", str(out)]) == 1
-    assert one_error_line(capsys).startswith(f"error: {out}:" if out.is_dir() else f"error: {src}:4")
+    assert main(["convert", "--from", "messages", str(src), "--output", str(out)]) == 2
+    assert one_error_line(capsys).startswith(f"lvlm_cl: error: {out}:" if out.is_dir() else f"lvlm_cl: error: {src}:4")
     assert {p: p.read_bytes() for p in images.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "in.json"] + (["out.jsonl"] * out.is_dir())
 

@@ -88,7 +88,7 @@ def test_validate_clean_file_and_image_root(folder: Path, capsys):
     assert res.returncode == 1 and "image not found" in res.stdout
     assert run_cli("validate", str(elsewhere), "--image-root", str(folder)).returncode == 0
     missing = run_cli("validate", str(folder / "nope.jsonl"))
-    assert missing.returncode == 1 and missing.stderr == f"error: {folder / 'nope.jsonl'}: file not found\n"
+    assert missing.returncode == 2 and missing.stderr == f"lvlm_cl: error: {folder / 'nope.jsonl'}: file not found\n"
 
 
 def test_token_lengths_with_the_builtin_model(folder: Path, capsys):
@@ -108,7 +108,7 @@ def test_token_lengths_with_the_builtin_model(folder: Path, capsys):
     assert stats["tokens"]["max"] - stats["tokens"]["min"] >= 400
     # Without --max-length the recipe default applies; an unknown model fails at once, naming it.
     assert load_token_counter("builtin:tiny-llava").max_length == 256
-    assert main(["validate", str(path), "--model", str(folder / "no-model")]) == 1
+    assert main(["validate", str(path), "--model", str(folder / "no-model")]) == 2
     assert "expected a local model folder or a built-in name" in capsys.readouterr().err
 
 
@@ -148,7 +148,7 @@ def test_split_keeps_one_record_each_side_and_needs_two(folder: Path, capsys):
     assert main(["split", str(path), "--eval-fraction", "0.01"]) == 0
     assert len(read_jsonl(folder / "t.eval.jsonl")) == 1 and len(read_jsonl(folder / "t.train.jsonl")) == 2
     one = write_jsonl(folder / "one.jsonl", [rec("a")])
-    assert main(["split", str(one), "--eval-fraction", "0.5"]) == 1
+    assert main(["split", str(one), "--eval-fraction", "0.5"]) == 2
     assert "a split needs at least 2" in capsys.readouterr().err
 
 
@@ -179,7 +179,7 @@ def test_export_to_llava_json_and_jsonl(folder: Path, capsys):
     # An invalid canonical file is not exported.
     capsys.readouterr()
     bad = write_jsonl(folder / "bad.jsonl", [{"id": "x", "messages": []}])
-    assert main(["export", "--to", "llava", str(bad), "--output", str(folder / "bad.json")]) == 1
+    assert main(["export", "--to", "llava", str(bad), "--output", str(folder / "bad.json")]) == 2
     assert "record 'x', field 'messages'" in capsys.readouterr().err and not (folder / "bad.json").exists()
 
 
@@ -205,5 +205,5 @@ def test_stats_table_and_json(folder: Path, capsys):
     assert "records             4" in table and "colours: 3, pairs: 1" in table
     assert "answer words        min 1, median 1, max 3" in table
     # --max-length without a model is refused.
-    assert main(["stats", str(path), "--max-length", "10"]) == 1
+    assert main(["stats", str(path), "--max-length", "10"]) == 2
     assert "--max-length needs --model" in capsys.readouterr().err

@@ -78,7 +78,7 @@ def test_sharegpt_dataset_info_columns_and_tags(root: Path, capsys):
     assert read_jsonl(out2) == read_jsonl(out)
     # An alpaca entry is refused with the reason.
     assert convert("--from", "sharegpt", str(root / "dataset_info.json"), "--dataset", "other",
-                   "--output", str(out)) == 1
+                   "--output", str(out)) == 2
     assert "only 'sharegpt' is supported" in capsys.readouterr().err
 
 
@@ -93,7 +93,7 @@ def test_sharegpt_errors_name_the_input_fields(root: Path, capsys):
         {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}], "system": "s"},
     ], indent=1))
     out = root / "out.jsonl"
-    assert convert("--from", "sharegpt", str(src), "--output", str(out), "--skip-invalid") == 1  # all invalid
+    assert convert("--from", "sharegpt", str(src), "--output", str(out), "--skip-invalid") == 2  # all invalid
     reasons = [r["reasons"][0] for r in read_jsonl(root / "out.rejects.jsonl")]
     assert "field 'conversations[1].from': tool-use turns" in reasons[0]
     assert "field 'conversations': 1 <image> placeholder(s) but 2 image(s) in 'images'" in reasons[1]
@@ -162,7 +162,7 @@ def test_messages_string_list_and_inline_content(root: Path):
 def test_messages_errors(root: Path, capsys, row, field, message):
     src = root / "m.jsonl"
     src.write_text(json.dumps(row) + "\n")
-    assert convert("--from", "messages", str(src), "--output", str(root / "o.jsonl")) == 1
+    assert convert("--from", "messages", str(src), "--output", str(root / "o.jsonl")) == 2
     err = capsys.readouterr().err
     assert f"{src}:1, record 'm-0', field {field!r}: " in err and message in err
 
@@ -197,7 +197,7 @@ def test_tsv_with_custom_column_names_and_line_numbers(root: Path, capsys):
                       [["1", "img/a.png", "colour?", "red"], ["2", "img/nope.png", "colour?", "blue"]], "\t")
     args = ["--from", "csv", str(src), "--output", str(root / "t.jsonl"), "--id-column", "qid",
             "--image-column", "img", "--question-column", "q", "--answer-column", "a"]
-    assert convert(*args) == 1
+    assert convert(*args) == 2
     assert f"{src}:3, record '2', field 'img': image not found" in capsys.readouterr().err
     assert convert(*args, "--skip-invalid") == 0
     assert [r["id"] for r in read_jsonl(root / "t.jsonl")] == ["1"]
@@ -205,7 +205,7 @@ def test_tsv_with_custom_column_names_and_line_numbers(root: Path, capsys):
 
 def test_csv_missing_column_lists_what_exists(root: Path, capsys):
     src = write_table(root / "t.csv", ["picture", "question", "answer"], [["img/a.png", "q", "a"]])
-    assert convert("--from", "csv", str(src), "--output", str(root / "o.jsonl")) == 1
+    assert convert("--from", "csv", str(src), "--output", str(root / "o.jsonl")) == 2
     err = capsys.readouterr().err
     assert "no image column 'image'" in err and "'picture'" in err and "--image-column" in err
     # A table without images says so explicitly.

@@ -55,7 +55,7 @@ def test_save_to_disk_chat_dataset_writes_png_images(tmp_path: Path, capsys):
     datasets.DatasetDict({"train": chat_dataset(), "test": chat_dataset()}).save_to_disk(str(ds_dir))
     out = tmp_path / "data" / "vsft.jsonl"
     # Two splits: the user must choose one.
-    assert main(["convert", "--from", "hf", str(ds_dir), "--output", str(out)]) == 1
+    assert main(["convert", "--from", "hf", str(ds_dir), "--output", str(out)]) == 2
     assert "--split" in capsys.readouterr().err
     assert main(["convert", "--from", "hf", str(ds_dir), "--split", "train", "--output", str(out)]) == 0
     recs = read_jsonl(out)
@@ -72,7 +72,7 @@ def test_corrupt_image_bytes_reject_the_row(tmp_path: Path, capsys):
     ds_dir = tmp_path / "vsft"
     chat_dataset(with_corrupt=True).save_to_disk(str(ds_dir))
     out = tmp_path / "out.jsonl"
-    assert main(["convert", "--from", "hf", str(ds_dir), "--output", str(out)]) == 1
+    assert main(["convert", "--from", "hf", str(ds_dir), "--output", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"{ds_dir}, row 0, record 'r0', field 'images[1]': image cannot be decoded" in err
     assert main(["convert", "--from", "hf", str(ds_dir), "--output", str(out), "--skip-invalid"]) == 0
@@ -119,5 +119,5 @@ def test_llava_style_rows_and_unknown_columns(tmp_path: Path, capsys):
     rec = read_jsonl(out)[0]
     assert rec["id"] == "5" and rec["images"] == ["images/llava_rows/5_0.png"]
     assert rec["messages"][0]["content"] == [IMG, text("Colour?")]
-    assert main(["convert", "--from", "hf", str(pq), "--messages-column", "turns", "--output", str(out)]) == 1
+    assert main(["convert", "--from", "hf", str(pq), "--messages-column", "turns", "--output", str(out)]) == 2
     assert "no messages column 'turns'; columns are ['id', 'image', 'conversations']" in capsys.readouterr().err

@@ -114,10 +114,10 @@ def write_llava(data_dir: Path, records: list[dict], name: str = "bad.json") -> 
 def convert_error(data_dir: Path, records: list[dict], capsys, *extra: str) -> str:
     src = write_llava(data_dir, records)
     out = data_dir / "out.jsonl"
-    assert main(["convert", "--from", "llava", str(src), "--output", str(out), *extra]) == 1
+    assert main(["convert", "--from", "llava", str(src), "--output", str(out), *extra]) == 2
     assert not out.exists()  # nothing half-written
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and str(src) in err
+    assert err.startswith("lvlm_cl: error: ") and str(src) in err
     return err
 
 
@@ -203,7 +203,7 @@ def test_skip_invalid_writes_rejects_with_reasons(data_dir, capsys):
 def test_all_records_invalid_is_an_error_even_with_skip(data_dir, capsys):
     src = write_llava(data_dir, [{"id": 1, "conversations": [gpt("a")]}])
     out = data_dir / "out.jsonl"
-    assert main(["convert", "--from", "llava", str(src), "--output", str(out), "--skip-invalid"]) == 1
+    assert main(["convert", "--from", "llava", str(src), "--output", str(out), "--skip-invalid"]) == 2
     assert "no valid records" in capsys.readouterr().err
     assert not out.exists() and len(read_jsonl(data_dir / "out.rejects.jsonl")) == 1
 
@@ -211,7 +211,7 @@ def test_all_records_invalid_is_an_error_even_with_skip(data_dir, capsys):
 def test_json_syntax_error_names_the_line(data_dir, capsys):
     src = data_dir / "broken.json"
     src.write_text("[\n" + json.dumps(GOOD) + ',\n  {"id": 2 "conversations": []}\n]\n')
-    assert main(["convert", "--from", "llava", str(src), "--output", str(data_dir / "o.jsonl")]) == 1
+    assert main(["convert", "--from", "llava", str(src), "--output", str(data_dir / "o.jsonl")]) == 2
     assert f"{src}:3" in capsys.readouterr().err
 
 
@@ -219,7 +219,7 @@ def test_bad_jsonl_line_is_rejectable(data_dir, capsys):
     src = data_dir / "lines.jsonl"
     src.write_text(json.dumps(GOOD) + "\n{not json\n")
     out = data_dir / "o.jsonl"
-    assert main(["convert", "--from", "llava", str(src), "--output", str(out)]) == 1
+    assert main(["convert", "--from", "llava", str(src), "--output", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"{src}:2: invalid JSON" in err
     assert main(["convert", "--from", "llava", str(src), "--output", str(out), "--skip-invalid"]) == 0
@@ -241,8 +241,8 @@ def test_exit_codes_through_the_module_entry_point(data_dir):
     bad = write_llava(data_dir, [GOOD, {"id": 9, "image": "img/none.png",
                                         "conversations": [human("<image>\nq"), gpt("a")]}])
     res = run_cli("convert", "--from", "llava", str(bad), "--output", str(data_dir / "bad_out.jsonl"))
-    assert res.returncode == 1
-    assert res.stderr.startswith(f"error: {bad}:") and "record '9', field 'image'" in res.stderr
+    assert res.returncode == 2
+    assert res.stderr.startswith(f"lvlm_cl: error: {bad}:") and "record '9', field 'image'" in res.stderr
 
     usage = run_cli("convert", "--from", "yaml", str(good), "--output", str(out))
     assert usage.returncode == 2 and "invalid choice" in usage.stderr

@@ -202,7 +202,7 @@ def test_evaluate_and_chat_say_one_line_for_a_folder_that_is_not_a_run(tmp_path,
             if entry == "evaluate" else ["--run", str(tmp_path / "nothing"), "--prompt", "hi"])
     code = (evaluate if entry == "evaluate" else chat).main(args)
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith(f"{entry}: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert code == 2 and err.startswith("lvlm_cl: error: ") and err.count("\n") == 1 and "Traceback" not in err
 
 
 @pytest.fixture(scope="module")
@@ -239,11 +239,11 @@ def _bad_data(tmp_path: Path, kind: str) -> Path:
     return path
 
 
-def assert_one_error_line(code: int, err: str, prog: str, message: str) -> None:
-    """Exit code 2 and a last stderr line ``PROG: error: ...`` holding ``message``, no traceback (transformers'
+def assert_one_error_line(code: int, err: str, message: str) -> None:
+    """Exit code 2 and a last stderr line ``lvlm_cl: error: ...`` holding ``message``, no traceback (transformers'
     own progress bar may come first, when a model loads)."""
     last = err.splitlines()[-1]
-    assert code == 2 and last.startswith(f"{prog}: error: ") and message in last, err
+    assert code == 2 and last.startswith("lvlm_cl: error: ") and message in last, err
     assert "Traceback" not in err
 
 
@@ -266,7 +266,7 @@ def test_evaluate_names_every_bad_input_in_one_line(tmp_path, trained, capsys, k
         run_dir = tmp_path
     code = evaluate.main(["--run", str(run_dir), "--data", str(data), "--metric", "exact_match",
                           "--output", str(tmp_path / "out")])
-    assert_one_error_line(code, capsys.readouterr().err, "evaluate", message)
+    assert_one_error_line(code, capsys.readouterr().err, message)
     assert not (tmp_path / "out").exists()                  # nothing written for input that was refused
 
 
@@ -294,4 +294,4 @@ def test_chat_names_every_bad_input_in_one_line(tmp_path, trained, capsys, kind,
     import io
 
     code = chat.main(args, stdout=io.StringIO())
-    assert_one_error_line(code, capsys.readouterr().err, "chat", message)
+    assert_one_error_line(code, capsys.readouterr().err, message)
