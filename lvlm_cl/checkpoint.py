@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from lvlm_cl.distributed import uses_deepspeed
 from lvlm_cl.state_io import StateFormatError, has_state, load_state, save_state
-from lvlm_cl.io import atomic_replace_dir, atomic_write_json, complete_dir
+from lvlm_cl.io import atomic_replace_dir, atomic_write_json, complete_dir, under
 
 
 class CheckpointError(RuntimeError):
@@ -190,7 +190,7 @@ def data_fingerprint(paths: list[str]) -> str:
 
 
 def task_dir(run_dir: Path, index: int, name: str) -> Path:
-    return run_dir / "checkpoints" / f"task-{index:02d}-{name}"
+    return under(run_dir, "checkpoints", f"task-{index:02d}-{name}")
 
 
 def save_task_checkpoint(run_dir: Path, index: int, name: str, trainable: dict[str, torch.Tensor],

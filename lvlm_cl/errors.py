@@ -13,10 +13,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from lvlm_cl.checkpoint import CheckpointError
     from lvlm_cl.config import ConfigError
     from lvlm_cl.data.records import RecordError
+    from lvlm_cl.io import PathEscapeError
     from lvlm_cl.models import ModelError
     from lvlm_cl.state_io import StateFormatError
 
-    return (ConfigError, RecordError, ModelError, CheckpointError, StateFormatError, FloatingPointError, OSError)
+    return (ConfigError, RecordError, ModelError, CheckpointError, StateFormatError, PathEscapeError,
+            FloatingPointError, OSError)
 
 
 def describe(e: BaseException) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from lvlm_cl.data.records import final_answer, user_text
 from lvlm_cl.evaluation import SCORERS, score_many, write_predictions
-from lvlm_cl.io import atomic_write_json, atomic_write_text
+from lvlm_cl.io import atomic_write_json, atomic_write_text, under
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -108,12 +108,12 @@ def evaluate(args) -> dict:
             correct = score_many(args.metric, predictions, answers)
             label = f"stage-{k}-{stage.task.name}"
             scores[label] = 100.0 * sum(correct) / len(correct)
-            write_predictions(out / f"predictions-{label}.jsonl",
+            write_predictions(under(out, f"predictions-{label}.jsonl"),
                               ({"id": r["id"], "prompt": user_text(r), "prediction": p, "answer": a, "correct": c}
                                for r, p, a, c in zip(records, predictions, answers, correct)))
             if args.export == "coin":
                 rows = coin_rows(records, predictions, f"{args.run.name}/{label}")
-                atomic_write_text(out / f"coin-answers-{label}.jsonl", "".join(json.dumps(x) + "\n" for x in rows))
+                atomic_write_text(under(out, f"coin-answers-{label}.jsonl"), "".join(json.dumps(x) + "\n" for x in rows))
             print(f"[evaluate] {args.data.name} after {label}: {args.metric} = {scores[label]:.2f}", flush=True)
     if accelerator.is_main_process:
         result = {"run": str(args.run), "data": str(args.data), "metric": args.metric, "records": len(records),

@@ -10,6 +10,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+class PathEscapeError(ValueError):
+    """A file name (a task's, a stage's, a state's) that would put a file outside the folder it belongs in."""
+
+
+def under(root: str | os.PathLike, *parts: str) -> Path:
+    """``root / parts``, refused (``PathEscapeError``) unless it stays inside ``root`` once resolved: no ``..``,
+    no absolute part, no symbolic link pointing out. Every path a run builds from a name goes through here."""
+    root = Path(root)
+    path = root.joinpath(*parts)
+    top, resolved = root.resolve(), path.resolve()
+    if resolved == top or top not in resolved.parents:
+        raise PathEscapeError(f"{path}: the name {'/'.join(map(str, parts))!r} leads outside {root}")
+    return path
+
+
 def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from lvlm_cl.io import atomic_save, atomic_write_text
+from lvlm_cl.io import atomic_save, atomic_write_text, under
 
 
 class StateFormatError(ValueError):
@@ -84,8 +84,8 @@ def save_state(folder: str | os.PathLike, name: str, state: Any) -> None:
     tensors: dict[str, torch.Tensor] = {}
     structure = _encode(state, tensors, name)
     # safetensors refuses tensors sharing memory: each is its own copy (states are small: prompts, keys, banks)
-    atomic_save(folder / f"{name}.safetensors", lambda tmp: save_file({k: v.clone() for k, v in tensors.items()}, tmp))
-    atomic_write_text(folder / f"{name}.json", json.dumps({"format": "lvlm-cl state 1", "state": structure}) + "\n")
+    atomic_save(under(folder, f"{name}.safetensors"), lambda tmp: save_file({k: v.clone() for k, v in tensors.items()}, tmp))
+    atomic_write_text(under(folder, f"{name}.json"), json.dumps({"format": "lvlm-cl state 1", "state": structure}) + "\n")
 
 
 def load_state(folder: str | os.PathLike, name: str) -> Any:

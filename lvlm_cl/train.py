@@ -44,7 +44,7 @@ from lvlm_cl.distributed import (checkpoint_state, gathered, make_accelerator, r
 from lvlm_cl.errors import report, user_errors
 from lvlm_cl.evaluation import cl_metrics_partial, score_many, write_predictions, write_report
 from lvlm_cl.evaluation.generate import generate_answers
-from lvlm_cl.io import atomic_replace_dir, atomic_write_json
+from lvlm_cl.io import atomic_replace_dir, atomic_write_json, under
 from lvlm_cl.methods import build_methods
 from lvlm_cl.methods.routing import held_for_batch, model_inputs
 from lvlm_cl.models import (BUILTIN_GEMMA3, BUILTIN_PRETRAINED, BUILTIN_RANDOM, apply_training_setup, count_parameters,
@@ -574,7 +574,7 @@ def evaluate_stream(accelerator, model, processor, stream, cfg, run_dir: Path, s
             scores = score_many(task.metric, predictions, answers)
             row.append(100.0 * sum(scores) / len(scores))
             if accelerator.is_main_process:
-                write_predictions(run_dir / "predictions" / stage / f"{task.name}.jsonl",
+                write_predictions(under(run_dir, "predictions", stage, f"{task.name}.jsonl"),
                                   ({"id": r["id"], "prompt": user_text(r), "prediction": p, "answer": a,
                                     "correct": s} for r, p, a, s in zip(records, predictions, answers, scores)))
         return row, routing

@@ -295,3 +295,38 @@ def test_chat_names_every_bad_input_in_one_line(tmp_path, trained, capsys, kind,
 
     code = chat.main(args, stdout=io.StringIO())
     assert_one_error_line(code, capsys.readouterr().err, message)
+
+
+def test_a_name_that_leads_outside_its_folder_is_refused(tmp_path):
+    from lvlm_cl.io import PathEscapeError, under
+
+    root = tmp_path / "run"
+    root.mkdir()
+    assert under(root, "predictions", "stage-0", "colour.jsonl") == root / "predictions" / "stage-0" / "colour.jsonl"
+    (tmp_path / "elsewhere").mkdir()
+    (root / "link").symlink_to(tmp_path / "elsewhere")
+    for parts in [("..", "victim"), ("checkpoints", "task-00-../../../../victim"), (str(tmp_path / "abs"),),
+                  ("link", "x.json"), (".",), ("",)]:
+        with pytest.raises(PathEscapeError, match="leads outside"):
+            under(root, *parts)
+
+
+def test_a_shared_run_whose_files_name_a_path_writes_nothing_outside_it(tmp_path, trained, capsys):
+    """A run folder from someone else, its config.json and run_state.json edited to name a task ``../..``: the
+    evaluation refuses in one line and nothing appears outside the folders it was given."""
+    import shutil
+
+    from lvlm_cl import evaluate
+
+    run_dir, tasks = trained
+    shared = tmp_path / "shared" / "run"
+    shutil.copytree(run_dir, shared)
+    for name in ("config.json", "run_state.json"):
+        text = (shared / name).read_text()
+        assert '"warmth"' in text
+        (shared / name).write_text(text.replace('"warmth"', '"../../../../escaped"'))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = evaluate.main(["--run", str(shared), "--data", str(tasks["colour"][1]), "--metric", "exact_match",
+                          "--output", str(tmp_path / "shared" / "out")])
+    assert_one_error_line(code, capsys.readouterr().err, "leads outside")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and not (tmp_path / "escaped").exists()
