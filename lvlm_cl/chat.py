@@ -22,11 +22,12 @@ import torch
 
 from lvlm_cl.data.encoding import encode_prompt
 from lvlm_cl.data.records import RecordError, check_image
-from lvlm_cl.methods.routing import generate as routed_generate
+from lvlm_cl.errors import UserError
 from lvlm_cl.models import autocast_for
+from lvlm_cl.models.continual import generate as routed_generate
 
 
-class ChatError(RuntimeError):
+class ChatError(RuntimeError, UserError):
     """Bad input to the chat: the message says what is wrong."""
 
 

@@ -33,13 +33,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lvlm_cl.distributed import uses_deepspeed
-from lvlm_cl.state_io import StateFormatError, has_state, load_state, save_state
+from lvlm_cl.distributed import gathered, uses_deepspeed
+from lvlm_cl.errors import UserError
 from lvlm_cl.io import atomic_replace_dir, atomic_write_json, complete_dir, under
+from lvlm_cl.models import trainable_state_dict
+from lvlm_cl.models.continual import is_continual
+from lvlm_cl.state_io import StateFormatError, has_state, load_state, save_state
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(RuntimeError, UserError):
+    """A run folder that cannot be used as it is (not a run, another run's, a damaged checkpoint)."""
 
 
 @dataclass
@@ -187,6 +190,14 @@ def data_fingerprint(paths: list[str]) -> str:
     for p in paths:
         h.update(Path(p).read_bytes())
     return h.hexdigest()[:16]
+
+
+def checkpoint_state(model, accelerator) -> dict[str, torch.Tensor] | None:
+    """``trainable_state_dict`` on the main process (whole tensors, also under ZeRO-3), None elsewhere.
+    Every process must call it."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad or is_continual(n)}
+    with gathered(model, names):
+        return trainable_state_dict(model) if accelerator.is_main_process else None
 
 
 def task_dir(run_dir: Path, index: int, name: str) -> Path:

@@ -19,11 +19,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from lvlm_cl.errors import ConfigError
 from lvlm_cl.models.tiny import TinyLlavaSize
-
-
-class ConfigError(ValueError):
-    """A recipe problem; the message names the file and the key."""
 
 
 @dataclass

@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from lvlm_cl.config import ConfigError
+from lvlm_cl.errors import ConfigError
 
 
 def make_accelerator(cfg, project_dir: str):
@@ -88,19 +88,6 @@ def configure_deepspeed(accelerator, trainer) -> None:
                               f"set {key} to \"auto\" in the launch config's JSON, or change the recipe")
 
 
-def refuse_unsupported(methods, accelerator) -> None:
-    """Methods that read gradients from p.grad cannot run under ZeRO; methods that need whole parameter
-    values outside the forward cannot run under ZeRO-3. Both are refused before anything loads."""
-    stage = zero_stage(accelerator)
-    for m in methods:
-        if stage >= 1 and m.zero_unsupported:
-            raise ConfigError(f"method {m.name!r} does not run under DeepSpeed ZeRO: {m.zero_unsupported}. "
-                              "Use DDP (recipes/accelerate/ddp.yaml) or one process for it.")
-        if stage == 3 and m.zero3_unsupported:
-            raise ConfigError(f"method {m.name!r} does not run under DeepSpeed ZeRO-3: {m.zero3_unsupported}. "
-                              "Use ZeRO-2 (recipes/accelerate/zero2.yaml) or DDP for it.")
-
-
 @contextlib.contextmanager
 def whole(params: list[torch.nn.Parameter], modifier_rank: int | None = None):
     """Parameters whole for the duration: under DeepSpeed ZeRO-3 (partitioned parameters carry ``ds_id``)
@@ -118,17 +105,6 @@ def whole(params: list[torch.nn.Parameter], modifier_rank: int | None = None):
 def gathered(model, names: set[str] | None = None):
     """``whole`` for every parameter of ``model`` (or those named)."""
     return whole([p for n, p in model.named_parameters() if names is None or n in names])
-
-
-def checkpoint_state(model, accelerator) -> dict[str, torch.Tensor] | None:
-    """``trainable_state_dict`` on the main process (whole tensors, also under ZeRO-3), None elsewhere.
-    Every process must call it."""
-    from lvlm_cl.methods.routing import is_continual
-    from lvlm_cl.models import trainable_state_dict
-
-    names = {n for n, p in model.named_parameters() if p.requires_grad or is_continual(n)}
-    with gathered(model, names):
-        return trainable_state_dict(model) if accelerator.is_main_process else None
 
 
 def shard(items: list, accelerator) -> list:
@@ -149,11 +125,20 @@ def unshard(local: list, total: int, accelerator) -> list:
     world = accelerator.num_processes
     if world == 1:
         return local
-    parts = [None] * world      # torch's own all_gather_object: accelerate's gather_object skips MULTI_GPU on CPU
-    torch.distributed.all_gather_object(parts, (accelerator.process_index, local))
+    parts = gather_objects((accelerator.process_index, local))
     out = [None] * total
     for rank, part in parts:
         positions = range(rank, total, world)
         for i, value in zip(positions, part):
             out[i] = value
     return out
+
+
+def gather_objects(obj) -> list:
+    """``obj`` of every process, in process order (``[obj]`` when the run has one process). Every process
+    must call it. torch's own ``all_gather_object``: accelerate's ``gather_object`` skips MULTI_GPU on CPU."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, obj)
+    return parts

@@ -7,18 +7,19 @@ from __future__ import annotations
 import sys
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """The exception types that carry a message for the user (the recipe, the data, the model folder, the
-    run folder, a loss gone NaN, the file system)."""
-    from lvlm_cl.checkpoint import CheckpointError
-    from lvlm_cl.config import ConfigError
-    from lvlm_cl.data.records import RecordError
-    from lvlm_cl.io import PathEscapeError
-    from lvlm_cl.models import ModelError
-    from lvlm_cl.state_io import StateFormatError
+class UserError(Exception):
+    """What the user can fix (the recipe, the data, the model folder, the run folder): every such error class
+    of lvlm-cl derives from it (besides ValueError or RuntimeError), so the entry points know it from a bug."""
 
-    return (ConfigError, RecordError, ModelError, CheckpointError, StateFormatError, PathEscapeError,
-            FloatingPointError, OSError)
+
+class ConfigError(ValueError, UserError):
+    """A recipe problem; the message names the file and the key."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that carry a message for the user: lvlm-cl's own (``UserError``), a loss gone NaN,
+    the file system."""
+    return (UserError, FloatingPointError, OSError)
 
 
 def describe(e: BaseException) -> str:
@@ -41,4 +42,4 @@ def report(e: BaseException, prog: str = PROG) -> int:
     return EXIT_CODE
 
 
-__all__ = ["EXIT_CODE", "PROG", "describe", "report", "user_errors"]
+__all__ = ["EXIT_CODE", "PROG", "ConfigError", "UserError", "describe", "report", "user_errors"]

@@ -9,8 +9,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from lvlm_cl.errors import UserError
 
-class PathEscapeError(ValueError):
+
+class PathEscapeError(ValueError, UserError):
     """A file name (a task's, a stage's, a state's) that would put a file outside the folder it belongs in."""
 
 

@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 
+from lvlm_cl.errors import UserError
 from lvlm_cl.io import atomic_save, atomic_write_text, under
 
 
-class StateFormatError(ValueError):
+class StateFormatError(ValueError, UserError):
     """A state file that is not what ``save_state`` writes (damaged or hand-edited)."""
 
 

@@ -29,28 +29,30 @@ import torch
 from accelerate.utils import send_to_device
 from tqdm.auto import tqdm
 
-from lvlm_cl.checkpoint import (CheckpointError, RunState, load_methods_state, lock_run_dir, prepare_run_dir,
-                                read_step_checkpoint, write_run_config,
-                                remove_step_checkpoint, restore_task, restore_trainable, save_step_checkpoint,
-                                save_task_checkpoint, set_aside)
+from lvlm_cl.checkpoint import (CheckpointError, RunState, checkpoint_state, load_methods_state, lock_run_dir,
+                                prepare_run_dir, read_step_checkpoint, remove_step_checkpoint, restore_task,
+                                restore_trainable, save_step_checkpoint, save_task_checkpoint, set_aside,
+                                write_run_config)
 from lvlm_cl.config import ConfigError, RunConfig, cache_dir, load_recipe, to_dict
 from lvlm_cl.data.dataset import Collator, StepBatchOrder, check_batch, loader
 from lvlm_cl.data.encoding import IGNORE_INDEX
 from lvlm_cl.data.lengths import TokenCounter, counted
 from lvlm_cl.data.records import final_answer, user_text
-from lvlm_cl.data.stream import build_stream
-from lvlm_cl.distributed import (checkpoint_state, gathered, make_accelerator, refuse_unsupported, shard,
-                                 unshard, uses_deepspeed, zero3_init_disabled, zero_stage)
+from lvlm_cl.distributed import (gathered, make_accelerator, shard, unshard, uses_deepspeed, zero3_init_disabled,
+                                 zero_stage)
 from lvlm_cl.errors import report, user_errors
 from lvlm_cl.evaluation import cl_metrics_partial, score_many, write_predictions, write_report
 from lvlm_cl.evaluation.generate import generate_answers
 from lvlm_cl.io import atomic_replace_dir, atomic_write_json, under
-from lvlm_cl.methods import build_methods
-from lvlm_cl.methods.routing import held_for_batch, model_inputs
+from lvlm_cl.methods import build_methods, refuse_unsupported
 from lvlm_cl.models import (BUILTIN_GEMMA3, BUILTIN_PRETRAINED, BUILTIN_RANDOM, apply_training_setup, count_parameters,
                             load_model_dir, resolve_model_dir, trainable_state_dict, upcast_trainable, weights_dtype)
+from lvlm_cl.models.continual import held_for_batch, model_inputs
 from lvlm_cl.models.kernels import use_liger
 from lvlm_cl.models.memory import enable_checkpointing, optimizer_bytes, peak_reader, probe_needs_checkpointing
+from lvlm_cl.models.tiny import save_model_dir
+from lvlm_cl.pretrained import pretrain_config, pretrained_is_cached
+from lvlm_cl.stream import build_stream
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,14 +135,12 @@ def _run(cfg: RunConfig, accelerator, run_dir: Path, overwrite: bool, progress: 
     # writes only from the main process), whole: not under DeepSpeed ZeRO-3's partitioned initialisation,
     # which transformers enters under a ZeRO-3 launch and which cannot initialise it.
     if cfg.model.path == BUILTIN_PRETRAINED:
-        from lvlm_cl.pretrain import pretrained_is_cached
-
         if accelerator.num_processes > 1 and not pretrained_is_cached(cfg.model, cache):
             raise ConfigError(f"model.path {BUILTIN_PRETRAINED!r}: the pretrained tiny base is not built yet, and it "
                               "is built by a training run of its own, in one process. Build it once with one "
                               "process (python -m lvlm_cl.pretrain <this recipe> <the same overrides>), then "
                               "launch again.")
-        model_dir = resolve_model_dir(cfg.model, cfg.seed, cache)
+        model_dir = resolve_model_dir(cfg.model, cfg.seed, cache, pretrained=pretrained_base)
     else:
         with zero3_init_disabled(accelerator), accelerator.main_process_first():
             model_dir = resolve_model_dir(cfg.model, cfg.seed, cache)
@@ -267,6 +267,36 @@ def _run(cfg: RunConfig, accelerator, run_dir: Path, overwrite: bool, progress: 
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return model, processor, state
+
+
+def pretrained_base(model_cfg, cache: Path) -> Path:
+    """The cached pretrained tiny base (``lvlm_cl.pretrained``), built now by a training run of its own
+    (resumably) if it is not there yet."""
+    cfg, key = pretrain_config(model_cfg, cache)
+    final = cache / "models" / f"tiny-llava-pretrained-{key}"
+    if (final / "config.json").is_file():
+        return final
+    from filelock import FileLock
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final) + ".lock"):     # two runs started at once on a fresh cache: one builds, one waits
+        if (final / "config.json").is_file():
+            return final
+        return _build_pretrained(cfg, model_cfg, final)
+
+
+def _build_pretrained(cfg, model_cfg, final: Path) -> Path:
+    print(f"[lvlm_cl] building the pretrained tiny base (once, cached in {final}) with {model_cfg.pretrain_recipe}",
+          flush=True)
+    started = time.time()
+    model, processor, state = run(cfg)
+    model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    save_model_dir(model, processor, final)
+    atomic_write_json(final / "pretrain_summary.json", {
+        "recipe": str(model_cfg.pretrain_recipe), "seconds": round(time.time() - started, 1),
+        "tasks": state.tasks, "scores_after": state.rows[-1] if state.rows else None})
+    print(f"[lvlm_cl] pretrained tiny base ready in {time.time() - started:.0f}s", flush=True)
+    return final
 
 
 def check_samples(to_train, stream, files: list[str], counter, trainer, log, progress: bool) -> None:

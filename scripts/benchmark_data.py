@@ -153,9 +153,9 @@ def paddings(train: Path) -> dict:
     from lvlm_cl.config import cache_dir, load_recipe
     from lvlm_cl.data.lengths import TokenCounter
     from lvlm_cl.data.records import load_table
-    from lvlm_cl.data.stream import build_stream
     from lvlm_cl.models import load_processor
     from lvlm_cl.models.tiny import TinyLlavaSize, build_tiny_processor
+    from lvlm_cl.stream import build_stream
 
     out = {}
     processor = build_tiny_processor(TinyLlavaSize(image_size=336, patch_size=84))

@@ -29,10 +29,11 @@ def main(argv=None) -> int:
     import torch
 
     from lvlm_cl.config import cache_dir, load_recipe
-    from lvlm_cl.data.stream import build_stream
     from lvlm_cl.evaluation.generate import generate_answers
     from lvlm_cl.io import atomic_write_json
     from lvlm_cl.models import load_model_dir, resolve_model_dir
+    from lvlm_cl.stream import build_stream
+    from lvlm_cl.train import pretrained_base
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="recipes/seq5.yaml")
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
     else:
         cfg = load_recipe(args.recipe)
         cache = cache_dir(cfg)
-        model, processor = load_model_dir(resolve_model_dir(cfg.model, cfg.seed, cache), cfg.model)
+        model, processor = load_model_dir(resolve_model_dir(cfg.model, cfg.seed, cache, pretrained=pretrained_base), cfg.model)
         stream, _ = build_stream(cfg, cache)
     model.eval()
     per_task = [t.test_records[:args.per_task] for t in stream]

@@ -25,9 +25,10 @@ def main(argv=None) -> int:
 
     from lvlm_cl.config import cache_dir, load_recipe
     from lvlm_cl.data.encoding import collate_prompts, encode_prompt
-    from lvlm_cl.data.stream import build_stream
     from lvlm_cl.methods.routing import InstructionEncoder
     from lvlm_cl.models import load_model_dir, parts, resolve_model_dir
+    from lvlm_cl.stream import build_stream
+    from lvlm_cl.train import pretrained_base
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", type=Path)
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
 
     cfg = load_recipe(args.recipe)
     cache = cache_dir(cfg)
-    model, processor = load_model_dir(resolve_model_dir(cfg.model, cfg.seed, cache), cfg.model)
+    model, processor = load_model_dir(resolve_model_dir(cfg.model, cfg.seed, cache, pretrained=pretrained_base), cfg.model)
     stream, _ = build_stream(cfg, cache)
     pad = processor.tokenizer.pad_token_id
     encoder = InstructionEncoder(parts(model)["language_model"], model.config.image_token_id, pad)

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 def seq5_tasks(cache_root: str | None) -> list[dict]:
     """seq5's task files (materialized in the cache on first use)."""
     from lvlm_cl.config import BenchmarkConfig, RunConfig, cache_dir
-    from lvlm_cl.data.stream import task_files
+    from lvlm_cl.stream import task_files
 
     cfg = RunConfig(output_dir="unused", benchmark=BenchmarkConfig(), cache_dir=cache_root or "")
     return [{"name": name, "train": str(train), "eval": str(test), "metric": metric,
@@ -91,6 +91,7 @@ def exponent(xs: list[float], ys: list[float]) -> float:
 
 def main(argv=None) -> int:
     from compare_methods import run_recipe
+
     from lvlm_cl.io import atomic_write_json, atomic_write_text
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -36,15 +36,16 @@ def prepare(recipe: str, steps: int, overrides: list[str] = ()) -> SimpleNamespa
     tracker), its base model, the first task's training records encoded once, one accelerator."""
     from lvlm_cl.config import cache_dir, load_recipe
     from lvlm_cl.data.encoding import encode_record
-    from lvlm_cl.data.stream import build_stream
     from lvlm_cl.distributed import make_accelerator
     from lvlm_cl.models import load_model_dir, resolve_model_dir
+    from lvlm_cl.stream import build_stream
+    from lvlm_cl.train import pretrained_base
 
     cfg = load_recipe(recipe, ["report_to=[]", f"trainer.steps_per_task={steps}", "trainer.epochs_per_task=null",
                                "trainer.save_every=0", f"trainer.log_every={steps}", "trainer.num_workers=0",
                                *overrides])
     cache = cache_dir(cfg)
-    base, processor = load_model_dir(resolve_model_dir(cfg.model, cfg.seed, cache), cfg.model)
+    base, processor = load_model_dir(resolve_model_dir(cfg.model, cfg.seed, cache, pretrained=pretrained_base), cfg.model)
     stream, _ = build_stream(cfg, cache)
     task = stream[0]
     records = list(task.train_records)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import SMALL_MODEL, write_recipe
-from lvlm_cl.config import ModelConfig, LoraSettings, load_recipe
-from lvlm_cl.models import (ModelError, apply_training_setup, load_model_dir, parts, resolve_model_dir)
+from lvlm_cl.config import LoraSettings, ModelConfig, load_recipe
+from lvlm_cl.models import ModelError, apply_training_setup, load_model_dir, parts, resolve_model_dir
 from lvlm_cl.models.tiny import TinyLlavaSize, build_tiny_llava, save_model_dir
 
 SMALL = TinyLlavaSize(text_hidden=64, vision_hidden=64, text_intermediate=128)
@@ -98,11 +98,13 @@ def test_pretrained_base_is_built_once_and_cached(tmp_path):
                       [*SMALL_MODEL[2:], "model.path=builtin:tiny-llava",
                        "model.pretrain_recipe=tests/fixtures/pretrain_micro.yaml"])
     cache = tmp_path / "cache"
-    first = resolve_model_dir(cfg.model, cfg.seed, cache)
+    from lvlm_cl.train import pretrained_base
+
+    first = resolve_model_dir(cfg.model, cfg.seed, cache, pretrained=pretrained_base)
     summary = json.loads((first / "pretrain_summary.json").read_text())
     assert summary["tasks"] == ["caption", "instruct"] and (first / "config.json").is_file()
     stamp = (first / "config.json").stat().st_mtime_ns
-    assert resolve_model_dir(cfg.model, cfg.seed, cache) == first
+    assert resolve_model_dir(cfg.model, cfg.seed, cache, pretrained=pretrained_base) == first
     assert (first / "config.json").stat().st_mtime_ns == stamp                     # reused, not rebuilt
     model, processor = load_model_dir(first, cfg.model)
     assert model.config.text_config.hidden_size == 64                               # the recipe's sizes

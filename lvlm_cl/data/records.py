@@ -23,16 +23,18 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any, Iterable, Iterator
+
+from lvlm_cl.errors import UserError
 
 ROLES = ("system", "user", "assistant")
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class RecordError(ValueError):
+class RecordError(ValueError, UserError):
     """A record breaks the canonical format. The message names file, line, id and field."""
 
     def __init__(self, message: str, *, path: str | os.PathLike | None = None, line: int | None = None,

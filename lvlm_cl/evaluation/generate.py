@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from lvlm_cl.data.dataset import Collator, check_batch, loader
 from lvlm_cl.data.lengths import TokenCounter, counted
-from lvlm_cl.methods.routing import generate as routed_generate
+from lvlm_cl.models.continual import generate as routed_generate
 
 
 @torch.no_grad()

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from lvlm_cl.distributed import zero_stage
+from lvlm_cl.errors import ConfigError
 from lvlm_cl.methods.base import Method, Task
 from lvlm_cl.methods.cross_modal_moe import CrossModalMoE
 from lvlm_cl.methods.dual_modality import DualModality
 from lvlm_cl.methods.ewc import EWC
 from lvlm_cl.methods.finetune import Finetune
 from lvlm_cl.methods.lwf import LwF
-from lvlm_cl.methods.multitask import Multitask
 from lvlm_cl.methods.moelora import MoELoRA
+from lvlm_cl.methods.multitask import Multitask
 from lvlm_cl.methods.olora import OLoRA
 from lvlm_cl.methods.replay import Replay
 from lvlm_cl.methods.semantic_transfer import SemanticTransfer
@@ -98,4 +100,17 @@ def build_methods(specs: Iterable) -> list[Method]:
     return [_lookup(s.name)(**s.args) for s in specs] or [Finetune()]
 
 
-__all__ = ["Method", "Task", "available", "build_methods", "check_methods"]
+def refuse_unsupported(methods, accelerator) -> None:
+    """Methods that read gradients from p.grad cannot run under ZeRO; methods that need whole parameter
+    values outside the forward cannot run under ZeRO-3. Both are refused before anything loads."""
+    stage = zero_stage(accelerator)
+    for m in methods:
+        if stage >= 1 and m.zero_unsupported:
+            raise ConfigError(f"method {m.name!r} does not run under DeepSpeed ZeRO: {m.zero_unsupported}. "
+                              "Use DDP (recipes/accelerate/ddp.yaml) or one process for it.")
+        if stage == 3 and m.zero3_unsupported:
+            raise ConfigError(f"method {m.name!r} does not run under DeepSpeed ZeRO-3: {m.zero3_unsupported}. "
+                              "Use ZeRO-2 (recipes/accelerate/zero2.yaml) or DDP for it.")
+
+
+__all__ = ["Method", "Task", "available", "build_methods", "check_methods", "refuse_unsupported"]

@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from lvlm_cl.methods.routing import unwrap
+from lvlm_cl.models.continual import unwrap
 
 ADAPTER_PREFIX = "cl_"
 # Module paths (transformers 5 LLaVA layout) of the language model's and the vision tower's projections.

@@ -35,25 +35,11 @@ method of the run does, the loop runs the model with the labels and the logits o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, ClassVar
-
-from collections.abc import Sequence
 
 import torch
 
-
-@dataclass(frozen=True)
-class Task:
-    """One task of the stream, as every hook sees it."""
-
-    index: int                 # 0-based position in the stream
-    name: str
-    metric: str
-    # Canonical records (dicts) with absolute image paths: a sequence (a ``RecordTable`` in a run: indexing and
-    # iterating give fresh dicts; ``records + more`` gives a new table).
-    train_records: Sequence[dict]
-    test_records: Sequence[dict]
+from lvlm_cl.stream import Task  # noqa: F401  (what every hook is given; defined with the stream)
 
 
 class Method:

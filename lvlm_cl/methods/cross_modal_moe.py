@@ -62,7 +62,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lvlm_cl.distributed import whole
+from lvlm_cl.distributed import gather_objects, whole
 from lvlm_cl.methods.base import Method, Task, check_finite, check_integer
 from lvlm_cl.methods.routing import TASK_IDS, InstructionEncoder, Selector, attach, query_encoder, unwrap
 from lvlm_cl.models import parts
@@ -328,11 +328,7 @@ def _install_hooks(model, projector, adapter: CrossModalAdapter) -> None:
 
 def _gather_first(items: list, k: int) -> list:
     """The first ``k`` of every process's ``items``, in process order (the same on every process)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        every = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(every, items)
-        items = [x for part in every for x in part]
-    return items[:k]
+    return [x for part in gather_objects(items) for x in part][:k]
 
 
 def cosine_matrix(x: torch.Tensor) -> torch.Tensor:

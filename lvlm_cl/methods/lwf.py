@@ -35,10 +35,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lvlm_cl.data.encoding import IGNORE_INDEX
 from lvlm_cl.methods.base import Method, Task, check_finite
-from lvlm_cl.methods.routing import held_for_batch, model_inputs
-
-IGNORE_INDEX = -100
+from lvlm_cl.models.continual import held_for_batch, model_inputs
 
 
 class LwF(Method):

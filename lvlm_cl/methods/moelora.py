@@ -25,7 +25,7 @@ import torch
 
 from lvlm_cl.methods.adapters import refuse_recipe_lora, targets
 from lvlm_cl.methods.base import Method, Task, check_integer
-from lvlm_cl.methods.routing import unwrap
+from lvlm_cl.models.continual import unwrap
 
 
 class MoEExperts(torch.nn.Module):

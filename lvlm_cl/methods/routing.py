@@ -35,39 +35,16 @@ import torch
 import torch.nn.functional as F
 
 from lvlm_cl.data.dataset import TASK_IDS  # noqa: F401  the batch key of each sample's task index
-from lvlm_cl.distributed import whole
+from lvlm_cl.data.encoding import IGNORE_INDEX
+from lvlm_cl.distributed import gather_objects, whole
+from lvlm_cl.errors import ConfigError
 from lvlm_cl.methods.base import check_integer
+from lvlm_cl.models.continual import (CONTINUAL, Selector, adapters_disabled, attach, generate, held,  # noqa: F401
+                                      held_for_batch, is_continual, model_inputs, selectors, unwrap)
 
-CONTINUAL = "continual"          # the submodule of the model that holds every method's modules
 # The instruction features cached in host memory (besides a method's query_cache count): at 7B's width (4096
 # float32 values, 16 KiB a feature) 16k instructions; the cache stops growing there, and the rest are computed.
 QUERY_CACHE_BYTES = 256 * 2 ** 20
-IGNORE_INDEX = -100
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside DDP / DeepSpeed / compile wrappers and a PEFT wrapper (or the model
-    itself)."""
-    from accelerate.utils import extract_model_from_parallel
-
-    model = extract_model_from_parallel(model, keep_fp32_wrapper=True)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def attach(model: torch.nn.Module, name: str, module: torch.nn.Module) -> torch.nn.Module:
-    """Register ``module`` as ``<model>.continual.<name>`` (part of the model's state from now on)."""
-    base = unwrap(model)
-    if not hasattr(base, CONTINUAL):
-        base.add_module(CONTINUAL, torch.nn.ModuleDict())
-        _install_selection(base)
-    getattr(base, CONTINUAL)[name] = module
-    return module
-
-
-def is_continual(name: str) -> bool:
-    """Whether a parameter or buffer belongs to what methods added to the model (always checkpointed, frozen
-    or not): modules under ``continual``, adapters whose name starts with ``cl_``."""
-    return any(part == CONTINUAL or part.startswith("cl_") for part in name.split("."))
 
 
 def routers(model: torch.nn.Module) -> list["TaskKeyRouter"]:
@@ -84,8 +61,6 @@ class InstructionEncoder:
                  pad_token_id: int, cache_size: int = 100_000):
         trains_in_full = any(p.requires_grad for n, p in language_model.named_parameters() if "lora_" not in n)
         if trains_in_full and any(hasattr(p, "ds_id") for p in language_model.parameters()):
-            from lvlm_cl.config import ConfigError
-
             raise ConfigError("task routing under DeepSpeed ZeRO-3 with the language model trained in full: the "
                               "instruction queries need a frozen whole copy of the language model on every process, "
                               "which ZeRO-3 partitions. Train the language model with LoRA (model.lora, "
@@ -204,165 +179,6 @@ def query_encoder(model: torch.nn.Module, cache_size: int = 100_000) -> Instruct
                                      cache_size)
         object.__setattr__(base, "_cl_query_encoder", encoder)   # not a submodule: never saved, never moved
     return encoder
-
-
-@contextlib.contextmanager
-def adapters_disabled(module: torch.nn.Module):
-    """Run ``module`` on its base weights: every PEFT adapter layer in it disabled (PEFT's
-    ``enable_adapters``), and every layer of a method's own (``is_cl_adapter``), then restored,
-    ``requires_grad`` flags included (PEFT resets them)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
-    own = [m for m in module.modules() if getattr(m, "is_cl_adapter", False)]   # methods' own adapter layers
-    states = [(m, m.disable_adapters, [(p, p.requires_grad) for p in m.parameters()]) for m in layers]
-    enabled = [(m, m.adapters_enabled) for m in own]
-    try:
-        for m in layers:
-            m.enable_adapters(False)
-        for m in own:
-            m.adapters_enabled = False
-        yield
-    finally:
-        for m, disabled, flags in states:
-            m.enable_adapters(not disabled)
-            for p, flag in flags:
-                p.requires_grad_(flag)
-        for m, flag in enabled:
-            m.adapters_enabled = flag
-
-
-def selectors(model: torch.nn.Module) -> list["Selector"]:
-    """The modules of ``<model>.continual`` that select per sample inside the forward (``Selector``)."""
-    holder = getattr(unwrap(model), CONTINUAL, None)
-    return [m for m in holder.values() if isinstance(m, Selector)] if holder is not None else []
-
-
-@contextlib.contextmanager
-def held(model: torch.nn.Module, *, input_ids: torch.Tensor | None = None,
-         attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-         task_ids: torch.Tensor | None = None):
-    """One routing choice for everything the model runs inside the block, released at its end.
-
-    Each ``Selector`` of the model chooses now: from ``task_ids`` (a training batch: each sample's task,
-    replayed samples included) or by routing the instructions of ``input_ids`` (the text before the first
-    answer token of ``labels``, when given). A ``generate`` call inside the block decodes every token with
-    that choice (``generate`` below). ``model`` may be wrapped (PEFT, DDP, DeepSpeed)."""
-    found = selectors(model)
-    if any(s.held for s in found):
-        raise RuntimeError("routing.held: a routing choice is already held for this model (blocks do not nest)")
-    try:
-        for s in found:
-            s.choose(task_ids, input_ids, attention_mask, labels)
-            s.held = True
-            s.prompt_length = 0 if input_ids is None else input_ids.shape[1]
-        yield
-    finally:
-        for s in found:
-            s.release()
-
-
-@contextlib.contextmanager
-def held_for_batch(model: torch.nn.Module, batch: dict):
-    """``held`` for a training batch (its ``cl_task_ids`` when it has them, else its instructions)."""
-    with held(model, task_ids=batch.get(TASK_IDS), input_ids=batch["input_ids"],
-              attention_mask=batch.get("attention_mask"), labels=batch.get("labels")):
-        yield
-
-
-def model_inputs(batch: dict) -> dict:
-    """A training batch as the model's forward takes it (without ``cl_task_ids``)."""
-    return {k: v for k, v in batch.items() if k != TASK_IDS}
-
-
-def generate(model: torch.nn.Module, **inputs):
-    """``model.generate(**inputs)`` with the routing chosen once from the prompt (``input_ids``) and held for
-    the whole call: how evaluation, ``scripts/evaluate.py`` and chat generate. Without routed methods it is
-    ``model.generate``."""
-    with held(model, input_ids=inputs.get("input_ids"), attention_mask=inputs.get("attention_mask")):
-        return model.generate(**inputs)
-
-
-class Selector:
-    """What a module that selects by task inside the forward implements (a ``TaskKeyRouter``, the
-    ``cross_modal_moe`` adapter). It holds one choice at a time, only inside ``held(...)``: chosen when the
-    block starts, released when it ends. Once a task is known (``needs_route``), a forward of the model
-    outside such a block is refused: it would have to guess, and a decoding step's one-token input cannot
-    be routed.
-
-    Per forward inside the block, the model's hooks set ``past_length`` (positions of this call already in
-    a decoding cache) and ``input_mask`` (the forward's 2-D padding mask, or None) for the hooks below the
-    model, and clear them after it. ``past_length`` is counted, not read from the cache: a forward shorter
-    than the held prompt continues the previous ones (how ``generate`` decodes with a cache); one at least as
-    long starts again from position 0 (without a cache). Where a 2-D mask is given, which covers the
-    cache and the input, the two must agree."""
-
-    held = False
-    prompt_length = 0              # of the held call's input_ids
-    cache_length = 0               # positions the held call's forwards have run so far
-    input_mask: torch.Tensor | None = None
-    past_length = 0
-
-    @property
-    def needs_route(self) -> bool:
-        """Whether a forward must have a choice (some task is known)."""
-        raise NotImplementedError
-
-    def choose(self, task_ids, input_ids, attention_mask, labels) -> None:
-        raise NotImplementedError
-
-    def forget_choice(self) -> None:
-        raise NotImplementedError
-
-    def release(self) -> None:
-        self.forget_choice()
-        self.held = False
-        self.prompt_length = self.cache_length = self.past_length = 0
-        self.input_mask = None
-
-
-def _positions(args, kwargs) -> int:
-    """The sequence length of a forward's input (``input_ids`` or ``inputs_embeds``)."""
-    x = kwargs.get("input_ids", args[0] if args else None)
-    if x is None:
-        x = kwargs.get("inputs_embeds")
-    return 0 if x is None else x.shape[1]
-
-
-def _install_selection(base: torch.nn.Module) -> None:
-    """The forward hooks of ``Selector`` (once per model: when its ``continual`` holder is created). The
-    post-hook runs even when the forward raises."""
-
-    def before(module, args, kwargs):
-        if TASK_IDS in kwargs:
-            raise TypeError(f"the model got '{TASK_IDS}': pass each sample's task with routing.held(model, "
-                            "task_ids=...) around the forward (as train.language_modelling_loss does)")
-        found = selectors(module)
-        if any(s.needs_route and not s.held for s in found):
-            raise ValueError("routing: this model picks a task per sample, and it ran with no routing choice "
-                             "held: generate with lvlm_cl.methods.routing.generate(model, ...), run a forward "
-                             "inside routing.held(model, input_ids=...) (or task_ids=...)")
-        mask = kwargs.get("attention_mask")
-        length = _positions(args, kwargs)
-        two_d = isinstance(mask, torch.Tensor) and mask.dim() == 2
-        for s in found:
-            s.past_length = s.cache_length if length < s.prompt_length else 0
-            if two_d and mask.shape[1] - length != s.past_length:
-                raise RuntimeError(f"routing: a forward of {length} positions with an attention mask of "
-                                   f"{mask.shape[1]}, after {s.cache_length} positions of this call: the model "
-                                   "was not called as greedy or sampled decoding calls it")
-            s.input_mask = mask if two_d else None
-        return args, kwargs
-
-    def after(module, args, kwargs, output):
-        for s in selectors(module):
-            if s.held:
-                s.cache_length = s.past_length + _positions(args, kwargs)
-            s.input_mask, s.past_length = None, 0
-        return output
-
-    base.register_forward_pre_hook(before, with_kwargs=True)
-    base.register_forward_hook(after, with_kwargs=True, always_call=True)
 
 
 KEY_MODES = ("prototypes", "learned")
@@ -534,13 +350,10 @@ class TaskKeyRouter(Selector, torch.nn.Module):
         from sklearn.cluster import KMeans
         from sklearn.exceptions import ConvergenceWarning
 
-        seen = dict(self._seen)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            parts = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(parts, seen)
-            for part in parts:
-                for key, q in part.items():
-                    seen.setdefault(key, q)
+        seen = {}
+        for part in gather_objects(dict(self._seen)):
+            for key, q in part.items():
+                seen.setdefault(key, q)
         if not seen:
             raise RuntimeError(f"task routing: no training query of task {task_index} was seen, so it has no keys")
         ordered = [seen[k] for k in sorted(seen)]                    # the same order on every process

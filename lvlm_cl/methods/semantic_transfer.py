@@ -63,11 +63,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lvlm_cl.data.encoding import IGNORE_INDEX
 from lvlm_cl.data.records import final_answer
+from lvlm_cl.distributed import gather_objects
 from lvlm_cl.methods.base import Method, Task, check_finite, check_integer
 from lvlm_cl.methods.lwf import LwF, distillation
-from lvlm_cl.methods.routing import IGNORE_INDEX, TASK_IDS, InstructionEncoder, TaskKeyRouter, query_encoder, unwrap
-
+from lvlm_cl.methods.routing import TASK_IDS, InstructionEncoder, TaskKeyRouter, query_encoder, unwrap
 
 # The terms, on tensors (unit-tested by hand)
 
@@ -179,10 +180,7 @@ class AnswerPrototypes:
 
     def merged_over_processes(self) -> "AnswerPrototypes":
         """Every process's prototypes averaged (weighted by counts), in one order on all processes."""
-        parts = [self.state()]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            parts = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(parts, self.state())
+        parts = gather_objects(self.state())
         merged = AnswerPrototypes()
         for answer in sorted({tuple(a) for p in parts for a in p["answers"]}):
             found = [(p, p["answers"].index(answer)) for p in parts if answer in [tuple(a) for a in p["answers"]]]

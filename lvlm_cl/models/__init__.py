@@ -14,15 +14,15 @@ from pathlib import Path
 import torch
 
 from lvlm_cl.data.encoding import has_generation_markers
-from lvlm_cl.models.tiny import (TinyLlavaSize, build_tiny_llava, build_tiny_processor, chat_template,
-                                 save_model_dir)
+from lvlm_cl.errors import UserError
+from lvlm_cl.models.tiny import TinyLlavaSize, build_tiny_llava, build_tiny_processor, chat_template, save_model_dir
 
 BUILTIN_RANDOM = "builtin:tiny-llava-random"
 BUILTIN_PRETRAINED = "builtin:tiny-llava"
 BUILTIN_GEMMA3 = "builtin:tiny-gemma3-random"     # a second family, randomly initialised (docs/models.md)
 
 
-class ModelError(ValueError):
+class ModelError(ValueError, UserError):
     """The model directory or its settings cannot be used; the message says what to do."""
 
 
@@ -62,16 +62,20 @@ def random_model_dir(size: TinyLlavaSize, seed: int, cache: Path, family: str = 
     return path
 
 
-def resolve_model_dir(model_cfg, seed: int, cache: Path) -> Path:
-    """The Hugging Face directory the recipe's ``model.path`` stands for (building it if it is built-in)."""
+def resolve_model_dir(model_cfg, seed: int, cache: Path, pretrained=None) -> Path:
+    """The Hugging Face directory the recipe's ``model.path`` stands for (building a randomly initialised
+    built-in one). The pretrained tiny base is trained by a run of its own, so it comes from the caller:
+    ``pretrained(model_cfg, cache) -> Path`` (``lvlm_cl.train.pretrained_base`` builds it when missing,
+    ``lvlm_cl.pretrained.cached_dir`` only finds it)."""
     if model_cfg.path == BUILTIN_RANDOM:
         return random_model_dir(model_cfg.tiny, seed, cache)
     if model_cfg.path == BUILTIN_GEMMA3:
         return random_model_dir(model_cfg.tiny, seed, cache, family="gemma3")
     if model_cfg.path == BUILTIN_PRETRAINED:
-        from lvlm_cl.pretrain import pretrained_tiny_dir
-
-        return pretrained_tiny_dir(model_cfg, cache)
+        if pretrained is None:
+            raise ModelError(f"model.path {BUILTIN_PRETRAINED!r}: the pretrained tiny base is built by a training run "
+                             "(lvlm_cl.train.pretrained_base, or python -m lvlm_cl.pretrain RECIPE)")
+        return pretrained(model_cfg, cache)
     if model_cfg.path.startswith("builtin:"):
         raise ModelError(f"model.path: unknown built-in model {model_cfg.path!r}; "
                          f"available: {[BUILTIN_PRETRAINED, BUILTIN_RANDOM, BUILTIN_GEMMA3]}")
@@ -240,7 +244,7 @@ def trainable_state_dict(model) -> dict[str, torch.Tensor]:
     """What a task checkpoint stores, by name: the parameters that train, and every parameter and buffer
     of the modules methods attached to the model (prompts, keys, per-task adapters: those of finished
     tasks are frozen but belong to the stage)."""
-    from lvlm_cl.methods.routing import is_continual
+    from lvlm_cl.models.continual import is_continual
 
     out = {n: p.detach().clone().contiguous() for n, p in model.named_parameters()
            if p.requires_grad or is_continual(n)}

@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from lvlm_cl.methods.base import Task
+from lvlm_cl import benchmarks
+from lvlm_cl.data.records import load_table
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task of the stream, as every hook sees it."""
+
+    index: int                 # 0-based position in the stream
+    name: str
+    metric: str
+    # Canonical records (dicts) with absolute image paths: a sequence (a ``RecordTable`` in a run: indexing and
+    # iterating give fresh dicts; ``records + more`` gives a new table).
+    train_records: Sequence[dict]
+    test_records: Sequence[dict]
 
 
 def task_files(cfg, cache: Path) -> list[tuple[str, str, str, str, str | None]]:
     """(name, train path, eval path, metric, image_root) for every task, in stream order."""
     if cfg.benchmark is None:
         return [(t.name, t.train, t.eval, t.metric, t.image_root) for t in cfg.tasks]
-    from lvlm_cl import benchmarks
-
     b = cfg.benchmark
     specs = benchmarks.materialize(b.name, cache / "benchmarks", seed=b.seed, image_size=cfg.model.tiny.image_size,
                                    train_size=b.train_size, test_size=b.test_size)
@@ -30,8 +44,6 @@ def build_stream(cfg, cache: Path, digest=None) -> tuple[list[Task], list[str]]:
     run counts tokens, ``lengths.TokenCounter``), into compact ``RecordTable``s; and the task files read, in
     order. ``digest`` (a ``hashlib`` object) is updated with the files' bytes as they are read: the run's data
     fingerprint, without a second read."""
-    from lvlm_cl.data.records import load_table
-
     stream, files = [], []
     for index, (name, train, test, metric, image_root) in enumerate(task_files(cfg, cache)):
         files += [train, test]
