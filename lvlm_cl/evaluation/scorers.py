@@ -1,4 +1,4 @@
-"""Per-sample scorers: ``score(metric, prediction, answer) -> float`` in [0, 1].
+"""Scorers: ``score(metric, prediction, answer) -> float`` in [0, 1], and ``corpus_score`` for a test set.
 
 The conventions follow CoIN (zackschen/CoIN: ETrain/Eval/LLaVA/CoIN/) and lmms-eval's
 ``EvalAIAnswerProcessor``; see docs/metrics.md for examples.
@@ -9,18 +9,36 @@ The conventions follow CoIN (zackschen/CoIN: ETrain/Eval/LLaVA/CoIN/) and lmms-e
 ``multiple_choice`` option letter parsed from the prediction equals the answer letter
 ``contains``        normalised answer occurs in the normalised prediction as whole words; ``a|b``
 ``iou``             IoU of ``[x1, y1, x2, y2]`` boxes > 0.5
+``token_f1``        SQuAD-style F1 of the VQA-normalised word bags; ``a|b`` = best of them
+``numeric``         last number of the prediction equals the answer's within a tolerance; ``a|b``
+``rouge_l``         ROUGE-L F-measure (pycocoevalcap, :mod:`lvlm_cl.evaluation.caption`)
+``bleu``            BLEU-4 (pycocoevalcap); corpus level in ``corpus_score``, one sentence in ``score``
+``cider``           CIDEr-D (pycocoevalcap); corpus level only
+``judge``           a language model says whether the prediction matches (:mod:`lvlm_cl.evaluation.judge`)
 ==================  ===========================================================================
 
-A malformed *reference* (no option letter, no box) raises ``ValueError``: it is a data error, not a
-wrong answer. A malformed *prediction* scores 0.
+A malformed *reference* (no option letter, no box, no number, no word) raises ``ValueError``: it is a
+data error, not a wrong answer. A malformed *prediction* scores 0.
+
+A task's value is ``corpus_score(metric, predictions, references)``, in percent. For the per-sample
+metrics it is ``100 * mean(score)``; ``bleu`` and ``cider`` pool statistics over the whole test set
+(:func:`is_corpus_metric`), and ``judge`` asks a model (:func:`is_judge_metric`), so ``score`` refuses
+``cider`` and ``judge``.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import string
+from collections import Counter
 from types import MappingProxyType
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from lvlm_cl.evaluation import caption
+
+if TYPE_CHECKING:
+    from lvlm_cl.evaluation.judge import JudgeSettings
 
 Box = tuple[float, float, float, float]
 
@@ -179,6 +197,119 @@ def iou_match(prediction: str, answer: str) -> float:
     return float(box_iou(predicted, reference) > IOU_THRESHOLD)
 
 
+def token_f1(prediction: str, answer: str) -> float:
+    """F1 of the word bags of prediction and answer after :func:`vqa_normalize` (SQuAD's token F1).
+
+    Precision = shared words / predicted words, recall = shared words / reference words, counted with
+    multiplicity. Two empty bags score 1, one empty bag scores 0. A ``|``-separated answer scores its
+    best alternative.
+    """
+    predicted = vqa_normalize(prediction).split()
+    return max(_bag_f1(predicted, vqa_normalize(ref).split()) for ref in answer.split("|"))
+
+
+def _bag_f1(predicted: list[str], reference: list[str]) -> float:
+    if not predicted or not reference:
+        return float(predicted == reference)
+    shared = sum((Counter(predicted) & Counter(reference)).values())
+    if shared == 0:
+        return 0.0
+    precision, recall = shared / len(predicted), shared / len(reference)
+    return 2 * precision * recall / (precision + recall)
+
+
+# --- numbers -------------------------------------------------------------------------------------
+
+NUMERIC_REL_TOL = 1e-6
+NUMERIC_ABS_TOL = 1e-9
+
+# A number not glued to a word or a preceding number ("A4", "v2", "3-5" give no "A4", "v2" or "-5"): a
+# fraction "1/2", a comma-grouped "3,000" or "1,234.5", or a plain decimal "-2.5", ".5", "1e-3".
+_DIGIT_NUMBER = re.compile(r"""
+    (?<![\w.])
+    (?P<sign>[-+\u2212]?)
+    (?:
+        (?P<numerator>\d+)/(?P<denominator>\d+)(?![/\d])
+      | (?P<grouped>\d{1,3}(?:,\d{3})+(?:\.\d+)?)(?!,?\d)
+      | (?P<plain>(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?)
+    )
+""", re.VERBOSE)
+_UNITS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+          "sixteen seventeen eighteen nineteen").split()
+_TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
+_WORD_VALUES = MappingProxyType({**{word: i for i, word in enumerate(_UNITS)},
+                                 **{word: 20 + 10 * i for i, word in enumerate(_TENS)}})
+_WORD_NUMBER = re.compile(rf"\b(?:({'|'.join(_TENS)})(?:[- ]({'|'.join(_UNITS[1:10])}))?|({'|'.join(_UNITS)}))\b",
+                          re.IGNORECASE)
+
+
+def parse_number(text: str) -> float | None:
+    """The last number written in ``text``, or ``None``.
+
+    Digits first: signed decimals (``-2.5``, ``.5``, ``1e-3``), thousands groups (``3,000``), fractions
+    (``1/2``; a zero denominator is skipped); a unit or ordinal may follow (``10km``, ``3rd``). The
+    *last* one is taken, so a model that reasons before it answers is read right ("2 + 2 = 4" -> 4).
+    Only when the text holds no digit: number words ``zero``..``ninety-nine`` ("twenty-one", "twenty one").
+    """
+    values = []
+    for match in _DIGIT_NUMBER.finditer(text):
+        sign = -1.0 if match["sign"] in ("-", "\u2212") else 1.0
+        if match["numerator"] is not None:
+            denominator = int(match["denominator"])
+            if denominator == 0:
+                continue
+            values.append(sign * int(match["numerator"]) / denominator)
+        else:
+            values.append(sign * float((match["grouped"] or match["plain"]).replace(",", "")))
+    if values:
+        return values[-1]
+    words = list(_WORD_NUMBER.finditer(text))
+    if not words:
+        return None
+    tens, unit, single = words[-1].groups()
+    if single is not None:
+        return float(_WORD_VALUES[single.lower()])
+    return float(_WORD_VALUES[tens.lower()] + (_WORD_VALUES[unit.lower()] if unit else 0))
+
+
+def numeric_match(prediction: str, answer: str, *, rel_tol: float = NUMERIC_REL_TOL,
+                  abs_tol: float = NUMERIC_ABS_TOL) -> float:
+    """1.0 if the prediction's number (:func:`parse_number`) is within tolerance of the answer's.
+
+    Close means ``math.isclose(predicted, expected, rel_tol=rel_tol, abs_tol=abs_tol)``: the defaults
+    accept ``"4.0000001"`` for ``4`` and an exact ``0`` for ``0``. A ``|``-separated answer accepts any
+    alternative. A prediction without a number scores 0; an answer alternative without one raises
+    ``ValueError``.
+    """
+    expected = []
+    for ref in answer.split("|"):
+        value = parse_number(ref)
+        if value is None:
+            raise ValueError(f"numeric reference {answer!r} holds no number")
+        expected.append(value)
+    predicted = parse_number(prediction)
+    if predicted is None:
+        return 0.0
+    return float(any(math.isclose(predicted, value, rel_tol=rel_tol, abs_tol=abs_tol) for value in expected))
+
+
+# --- caption metrics on one sample ---------------------------------------------------------------
+
+def rouge_l_match(prediction: str, answer: str) -> float:
+    """ROUGE-L F-measure of one prediction against one reference sentence, in [0, 1]."""
+    return caption.rouge_l([prediction], [[answer]]).corpus
+
+
+def bleu_match(prediction: str, answer: str) -> float:
+    """Sentence BLEU-4 of one prediction against one reference, in [0, 1].
+
+    pycocoevalcap does not smooth, only keeps zero counts off zero with 1e-15 / 1e-9: a sentence with
+    no 4-gram in common scores near 0, and one of fewer than 4 words scores at most about 0.03 even
+    when identical. The corpus BLEU of :func:`corpus_score` pools counts and is not the mean of these.
+    """
+    return caption.bleu4([prediction], [[answer]]).corpus
+
+
 # --- registry ------------------------------------------------------------------------------------
 
 _SCORERS: MappingProxyType[str, Callable[[str, str], float]] = MappingProxyType({
@@ -187,22 +318,51 @@ _SCORERS: MappingProxyType[str, Callable[[str, str], float]] = MappingProxyType(
     "multiple_choice": multiple_choice_match,
     "contains": contains_match,
     "iou": iou_match,
+    "token_f1": token_f1,
+    "numeric": numeric_match,
+    "rouge_l": rouge_l_match,
+    "bleu": bleu_match,
+})
+# Statistics pooled over the test set: the value is not the mean of per-sample scores.
+_CORPUS = frozenset({"bleu", "cider"})
+_JUDGE = "judge"
+_NO_PER_SAMPLE = MappingProxyType({
+    "cider": "cider (CIDEr-D) is a corpus metric: its idf weights come from the references of the whole test "
+             "set, and one sample alone always scores 0; use corpus_score",
+    _JUDGE: "judge asks a language model and needs its settings and the questions; use "
+            "corpus_score(..., questions=..., judge=JudgeSettings(...)) or lvlm_cl.evaluation.judge.judge_many",
 })
 
-SCORERS: tuple[str, ...] = tuple(_SCORERS)
+SCORERS: tuple[str, ...] = (*_SCORERS, *_NO_PER_SAMPLE)
 """The metric names a task may name in its config."""
 
 
 def check_metric(name: str) -> str:
-    """Return ``name`` if it is a known scorer, else raise ``ValueError`` listing the allowed names."""
-    if name not in _SCORERS:
+    """Return ``name`` if it is a known metric, else raise ``ValueError`` listing the allowed names."""
+    if name not in SCORERS:
         raise ValueError(f"unknown metric {name!r}; allowed: {', '.join(SCORERS)}")
     return name
 
 
+def is_corpus_metric(name: str) -> bool:
+    """True for ``bleu`` and ``cider``: their test-set value pools statistics over all samples, so it must
+    come from :func:`corpus_score`, not from the mean of :func:`score_many`."""
+    return check_metric(name) in _CORPUS
+
+
+def is_judge_metric(name: str) -> bool:
+    """True for ``judge``: scoring asks a model; :func:`corpus_score` needs ``questions`` and ``judge``."""
+    return check_metric(name) == _JUDGE
+
+
 def get_scorer(name: str) -> Callable[[str, str], float]:
-    """The scorer ``(prediction, answer) -> float in [0, 1]`` registered under ``name``."""
-    return _SCORERS[check_metric(name)]
+    """The scorer ``(prediction, answer) -> float in [0, 1]`` registered under ``name``.
+
+    ``cider`` and ``judge`` have none: asking raises ``ValueError`` saying what to call instead.
+    """
+    if check_metric(name) in _NO_PER_SAMPLE:
+        raise ValueError(_NO_PER_SAMPLE[name])
+    return _SCORERS[name]
 
 
 def score(metric: str, prediction: str, answer: str) -> float:
@@ -216,3 +376,40 @@ def score_many(metric: str, predictions: Sequence[str], answers: Sequence[str]) 
         raise ValueError(f"{len(predictions)} predictions but {len(answers)} answers; they must pair up")
     scorer = get_scorer(metric)
     return [scorer(prediction, answer) for prediction, answer in zip(predictions, answers)]
+
+
+_CAPTION = MappingProxyType({"bleu": caption.bleu4, "rouge_l": caption.rouge_l, "cider": caption.cider_d})
+
+
+def corpus_score(metric: str, predictions: Sequence[str], references: Sequence[Sequence[str]], *,
+                 questions: Sequence[str] | None = None, judge: JudgeSettings | None = None) -> float:
+    """A test set's value for the named metric, in percent: ``references[i]`` lists sample i's references.
+
+    - ``bleu``: corpus BLEU-4 x 100; ``rouge_l``: pycocoevalcap's mean ROUGE-L x 100 (with several
+      references, its precision and recall are each the max over them); both in [0, 100].
+    - ``cider``: CIDEr-D x 100 as papers print it (pycocoevalcap's 1.17 is 117), in [0, 1000].
+    - ``judge``: 100 x the share of "yes" verdicts; needs ``questions`` (one per sample) and ``judge``
+      settings; a sample's references are shown to the judge joined by ``" | "``. The judge module is
+      imported here only, so no other metric touches the network or its code.
+    - every other metric: 100 x the mean over samples of the best :func:`score` over the sample's
+      references, in [0, 100].
+
+    ``questions`` and ``judge`` are ignored by the other metrics. Raises ``ValueError`` for an unknown
+    metric, lengths that do not pair up, no samples, or a sample with no reference (naming its index).
+    """
+    check_metric(metric)
+    caption.check_corpus(predictions, references)
+    if metric in _CAPTION:
+        return 100.0 * _CAPTION[metric](predictions, references).corpus
+    if metric == _JUDGE:
+        if judge is None or questions is None:
+            raise ValueError("metric 'judge' needs judge=JudgeSettings(...) and questions=[one per sample]")
+        if len(questions) != len(predictions):
+            raise ValueError(f"{len(questions)} questions but {len(predictions)} predictions; they must pair up")
+        from lvlm_cl.evaluation.judge import judge_many
+
+        verdicts = judge_many(judge, questions, predictions, [" | ".join(refs) for refs in references])
+        return 100.0 * sum(verdicts) / len(verdicts)
+    scorer = get_scorer(metric)
+    best = [max(scorer(prediction, ref) for ref in refs) for prediction, refs in zip(predictions, references)]
+    return 100.0 * sum(best) / len(best)
