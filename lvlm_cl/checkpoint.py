@@ -356,3 +356,28 @@ def restore_task(run_dir: Path, task, model, methods) -> dict:
         m.load_state_dict(methods_state.get(m.name, {}))
     restore_trainable(model, tensors, str(run_dir))
     return meta
+
+
+def resume_after_last_task(accelerator, run_dir: Path, state: "RunState", stream, model, methods, log) -> "RunState":
+    """The model and methods as after the last finished task of ``state`` (its task checkpoint restored); a
+    checkpoint that cannot be used is set aside and its task trained again, from the one before (from its own
+    seed: the same result). Every process sees the same files, so all of them take the same branch. The
+    run's state, as it is now."""
+    while state.trained:
+        last = stream[state.trained - 1]
+        try:
+            restore_task(run_dir, last, model, methods)
+        except CheckpointError as e:
+            log(f"{e}; task {last.name} will be trained again")
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                set_aside(run_dir, last)
+                state.trained -= 1
+                del state.rows[state.trained:]
+                state.save(run_dir)
+            accelerator.wait_for_everyone()
+            state = RunState.load(run_dir)
+            continue
+        log(f"resuming after task {state.trained}/{len(stream)} ({last.name})")
+        break
+    return state

@@ -96,7 +96,8 @@ class BenchmarkConfig:
 
 @dataclass
 class MethodSpec:
-    """A continual-learning method and its hyper-parameters (validated by the method registry)."""
+    """A continual-learning method and its settings (checked by the method registry against the method's settings
+    dataclass, ``lvlm_cl.settings.build``)."""
 
     name: str
     args: dict = field(default_factory=dict)
@@ -399,6 +400,10 @@ def validate(cfg: RunConfig, where: str) -> None:
             check_metric(t.metric)
         except ValueError as e:
             raise ConfigError(f"{where}: key 'tasks[{i}].metric': {e}") from None
+        if t.metric == "judge":
+            raise ConfigError(f"{where}: key 'tasks[{i}].metric': 'judge' is not available in recipes yet (it needs "
+                              "a judge endpoint or model); score the run's predictions with "
+                              "lvlm_cl.evaluation.scorers.corpus_score")
     tr = cfg.trainer
     if (tr.steps_per_task is None) == (tr.epochs_per_task is None):
         raise ConfigError(f"{where}: set exactly one of 'trainer.steps_per_task' or 'trainer.epochs_per_task'")

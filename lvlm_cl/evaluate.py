@@ -25,8 +25,8 @@ import json
 import sys
 from pathlib import Path
 
-from lvlm_cl.data.records import final_answer, user_text
-from lvlm_cl.evaluation import SCORERS, score_many, write_predictions
+from lvlm_cl.data.records import user_text
+from lvlm_cl.evaluation import SCORERS, write_predictions
 from lvlm_cl.io import atomic_write_json, atomic_write_text, under
 
 
@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.metric not in SCORERS:
         p.error(f"--metric {args.metric!r} does not exist; choose one of {sorted(SCORERS)}")
+    if args.metric == "judge":
+        p.error("--metric judge is not available here yet (it needs a judge endpoint or model); "
+                "see docs/metrics.md")
     return args
 
 
@@ -73,8 +76,7 @@ def evaluate(args) -> dict:
 
     from lvlm_cl.data.lengths import TokenCounter
     from lvlm_cl.data.records import load_table
-    from lvlm_cl.distributed import shard, unshard
-    from lvlm_cl.evaluation.generate import generate_answers
+    from lvlm_cl.evaluation.pipeline import score_records
     from lvlm_cl.models import autocast_for
     from lvlm_cl.stage import load_stage
 
@@ -92,27 +94,21 @@ def evaluate(args) -> dict:
     # here, named; the counts order the batches.
     records.lengths = TokenCounter(stage.processor, stage.cfg.model.max_length).count(records, prompt=True,
                                                                                      path=str(args.data))
-    mine = shard(records, accelerator)
     for k in stages:
         if k != stage.index:
             stage.restore(k)
         with autocast_for(model):
-            local = generate_answers(model, stage.processor, mine, max_length=stage.cfg.model.max_length,
-                                     num_workers=tr.num_workers, batch_size=args.batch_size or tr.eval_batch_size,
-                                     max_new_tokens=args.max_new_tokens or tr.max_new_tokens,
-                                     desc=f"stage {k} ({stage.task.name})", progress=accelerator.is_main_process,
-                                     device=accelerator.device)
-        predictions = unshard(local, len(records), accelerator)
+            scored = score_records(model, stage.processor, records, args.metric, accelerator=accelerator,
+                                   max_length=stage.cfg.model.max_length, num_workers=tr.num_workers,
+                                   batch_size=args.batch_size or tr.eval_batch_size,
+                                   max_new_tokens=args.max_new_tokens or tr.max_new_tokens,
+                                   desc=f"stage {k} ({stage.task.name})", progress=accelerator.is_main_process)
         if accelerator.is_main_process:
-            answers = [final_answer(r) for r in records]
-            correct = score_many(args.metric, predictions, answers)
             label = f"stage-{k}-{stage.task.name}"
-            scores[label] = 100.0 * sum(correct) / len(correct)
-            write_predictions(under(out, f"predictions-{label}.jsonl"),
-                              ({"id": r["id"], "prompt": user_text(r), "prediction": p, "answer": a, "correct": c}
-                               for r, p, a, c in zip(records, predictions, answers, correct)))
+            scores[label] = scored.percent
+            write_predictions(under(out, f"predictions-{label}.jsonl"), scored.rows(records))
             if args.export == "coin":
-                rows = coin_rows(records, predictions, f"{args.run.name}/{label}")
+                rows = coin_rows(records, scored.predictions, f"{args.run.name}/{label}")
                 atomic_write_text(under(out, f"coin-answers-{label}.jsonl"), "".join(json.dumps(x) + "\n" for x in rows))
             print(f"[evaluate] {args.data.name} after {label}: {args.metric} = {scores[label]:.2f}", flush=True)
     if accelerator.is_main_process:

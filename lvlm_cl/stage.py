@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
+from lvlm_cl.build import build
 from lvlm_cl.checkpoint import CheckpointError, RunState, restore_task
 from lvlm_cl.config import RunConfig, cache_dir, from_dict
-from lvlm_cl.methods import build_methods
-from lvlm_cl.methods.base import Method, Task
-from lvlm_cl.models import apply_training_setup, default_device, load_model_dir, resolve_model_dir, weights_dtype
+from lvlm_cl.methods.base import Method
+from lvlm_cl.models import default_device, resolve_model_dir
 from lvlm_cl.pretrained import cached_dir
-from lvlm_cl.stream import build_stream
+from lvlm_cl.stream import Task
 
 
 @dataclass
@@ -85,16 +85,11 @@ def load_stage(run_dir: str | Path, index: int | None = None, *, quantization: s
     cache = cache_dir(cfg)
     # The run keeps a copy of a built-in base model; a local model directory is read where it is.
     base = run_dir / "base_model"
-    model, processor = load_model_dir(base if base.is_dir() else resolve_model_dir(cfg.model, cfg.seed, cache, pretrained=cached_dir),
-                                      cfg.model, quantization=quantization,
-                                      dtype=weights_dtype(cfg.trainer.mixed_precision),
-                                      device=default_device() if device is None else device)
-    model = apply_training_setup(model, cfg.model)
-    stream, _ = build_stream(cfg, cache)
-    methods = build_methods(cfg.methods)
-    for m in methods:
-        m.setup(model, stream)
-    stage = Stage(model, processor, cfg, stream, methods, index, run_dir)
+    model_dir = base if base.is_dir() else resolve_model_dir(cfg.model, cfg.seed, cache, pretrained=cached_dir)
+    built = build(cfg, model_dir, cache=cache, quantization=quantization,
+                  device=default_device() if device is None else device)
+    model = built.model
+    stage = Stage(model, built.processor, cfg, built.stream, built.methods, index, run_dir)
     stage.restore(index)
     model.eval()
     return stage

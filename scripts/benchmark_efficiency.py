@@ -85,7 +85,7 @@ def model_flops(ctx, full_logits: bool = False) -> int:
 
     from benchmark_train import batches
     from lvlm_cl.models import apply_training_setup
-    from lvlm_cl.train import language_modelling_loss
+    from lvlm_cl.loop import language_modelling_loss
 
     model = apply_training_setup(copy.deepcopy(ctx.base), ctx.cfg.model)
     model.train()

@@ -1,5 +1,5 @@
 """Training throughput of LLaVA-1.5-7B with LoRA on one GPU: a plain transformers + peft loop written here
-against lvlm-cl's own loop (``lvlm_cl.train.train_task``), side by side in one run, with nothing to download.
+against lvlm-cl's own loop (``lvlm_cl.loop.train_task``), side by side in one run, with nothing to download.
 
     python scripts/benchmark_gpu.py [--size 7b] [--batch-sizes 8 16] [--gradient-checkpointing both] \
         [--steps 10] [--warmup 3] [--rounds 3] [--device cuda] [--liger] [--output docs/benchmarks_gpu.json]
@@ -23,7 +23,7 @@ pinned host memory on a GPU), each measurement a fresh model from the same seed:
   ``torch.autocast`` (logits at every position), ``backward``, clipping, ``optimizer.step``.
 - lvlm-cl: the model set up by ``lvlm_cl.models.apply_training_setup`` from the recipe's model section, then
   ``train_task`` itself with the recipe's trainer section and methods (``finetune``): accelerate's bf16,
-  the loss from the answer positions' logits only (``train.language_modelling_loss``), the scheduler,
+  the loss from the answer positions' logits only (``loop.language_modelling_loss``), the scheduler,
   whatever checks the loop makes. The real loop rather than ``language_modelling_loss`` in a copy of the
   plain one, so that what its step costs beyond the model is measured too. It is timed by one more entry
   in its method list (``StepClock``), through the ``after_step`` hook every method gets.
@@ -233,7 +233,7 @@ def plain_loss(model, batch):
 
 
 def lvlm_cl_loss(model, batch):
-    from lvlm_cl.train import language_modelling_loss
+    from lvlm_cl.loop import language_modelling_loss
 
     return language_modelling_loss(model, batch)[1]
 
@@ -281,7 +281,7 @@ def lvlm_cl_loop(ctx, cfg, setup=lvlm_cl_model) -> SimpleNamespace:
     from lvlm_cl.data.encoding import collate_train
     from lvlm_cl.methods import build_methods
     from lvlm_cl.methods.base import Task
-    from lvlm_cl.train import train_task
+    from lvlm_cl.loop import train_task
 
     model = setup(ctx, cfg)
     step_clock = StepClock(ctx.device, (ctx.warmup, ctx.warmup + ctx.steps))

@@ -1,8 +1,8 @@
-"""Training throughput: lvlm-cl's loop (``lvlm_cl.train.train_task``) against a plain accelerate loop written
+"""Training throughput: lvlm-cl's loop (``lvlm_cl.loop.train_task``) against a plain accelerate loop written
 here, on the same model, data and batch size; and each method's cost against ``finetune`` in the same run.
 The plain loop runs three times: with torch's default AdamW and the model's own loss (what a user writes);
 with the fused AdamW that lvlm-cl uses by default (``trainer.optimizer``); and with that optimizer and
-lvlm-cl's loss from the answer positions' logits only (``train.language_modelling_loss``), which does the
+lvlm-cl's loss from the answer positions' logits only (``loop.language_modelling_loss``), which does the
 same work as lvlm-cl's loop and so isolates the loop's own overhead.
 
     python scripts/benchmark_train.py [--recipe recipes/seq5.yaml] [--steps 40] [--rounds 3] \
@@ -76,7 +76,7 @@ def plain_loop(ctx: SimpleNamespace, fused: bool = False, answer_logits: bool = 
     import torch
 
     from lvlm_cl.models import apply_training_setup
-    from lvlm_cl.train import language_modelling_loss
+    from lvlm_cl.loop import language_modelling_loss
 
     tr, accelerator = ctx.cfg.trainer, ctx.accelerator
     model = apply_training_setup(copy.deepcopy(ctx.base), ctx.cfg.model)
@@ -104,7 +104,7 @@ def lvlm_cl_loop(ctx: SimpleNamespace, method_list: str) -> float:
     from lvlm_cl.data.encoding import collate_train
     from lvlm_cl.methods import build_methods
     from lvlm_cl.models import apply_training_setup
-    from lvlm_cl.train import train_task
+    from lvlm_cl.loop import train_task
 
     model = apply_training_setup(copy.deepcopy(ctx.base), ctx.cfg.model)
     methods = build_methods([MethodSpec(n) for n in method_list.split(",")])

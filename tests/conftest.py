@@ -126,20 +126,16 @@ def tiny_small():
 
 def stage_scores(stage) -> list[float]:
     """Score a loaded stage on every task of its stream, the way the training loop does (percent)."""
-    from lvlm_cl.data.records import final_answer
-    from lvlm_cl.evaluation import score_many
-    from lvlm_cl.evaluation.generate import generate_answers
-
+    from lvlm_cl.evaluation.pipeline import score_records
     from lvlm_cl.models import autocast_for
 
     row = []
     for task in stage.stream:
         with autocast_for(stage.model):    # as the loop and scripts/evaluate.py generate (bf16 runs)
-            predictions = generate_answers(stage.model, stage.processor, task.test_records,
-                                           max_length=stage.cfg.model.max_length, batch_size=16,
-                                           max_new_tokens=stage.cfg.trainer.max_new_tokens, progress=False)
-        scores = score_many(task.metric, predictions, [final_answer(r) for r in task.test_records])
-        row.append(100.0 * sum(scores) / len(scores))
+            scored = score_records(stage.model, stage.processor, task.test_records, task.metric,
+                                   max_length=stage.cfg.model.max_length, batch_size=16,
+                                   max_new_tokens=stage.cfg.trainer.max_new_tokens, progress=False)
+        row.append(scored.percent)
     return row
 
 
@@ -170,7 +166,7 @@ def task_batch(processor, records: list[dict], task_ids, max_length: int = 512) 
     import torch
 
     from lvlm_cl.data.encoding import collate_train, encode_record
-    from lvlm_cl.methods.routing import TASK_IDS
+    from lvlm_cl.data.dataset import TASK_IDS
 
     batch = collate_train([encode_record(processor, r, max_length) for r in records], processor.tokenizer.pad_token_id)
     ids = [task_ids] * len(records) if isinstance(task_ids, int) else list(task_ids)
@@ -182,7 +178,7 @@ def task_batch(processor, records: list[dict], task_ids, max_length: int = 512) 
 def forward(model, batch: dict):
     """The model's forward on a ``task_batch`` as the training loop runs it: each sample's routing choice held
     (from ``cl_task_ids``), which the model itself does not receive."""
-    from lvlm_cl.methods.routing import held_for_batch, model_inputs
+    from lvlm_cl.models.continual import held_for_batch, model_inputs
 
     with held_for_batch(model, batch):
         return model(**model_inputs(batch))
@@ -190,7 +186,7 @@ def forward(model, batch: dict):
 
 def routed_forward(model, batch: dict):
     """The model's forward on a prompt batch with the routing chosen from its instructions (as at inference)."""
-    from lvlm_cl.methods.routing import held
+    from lvlm_cl.models.continual import held
 
     with held(model, input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")):
         return model(**batch)

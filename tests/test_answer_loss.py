@@ -1,4 +1,4 @@
-"""The training loss from the logits of answer positions only (``train.language_modelling_loss``): the same
+"""The training loss from the logits of answer positions only (``loop.language_modelling_loss``): the same
 loss and the same gradients as the model's own loss over every position, for both model families and with
 a method's hooks in the forward; methods that need every position's logits get them."""
 
@@ -10,9 +10,9 @@ import torch
 from conftest import colour_stream, task_batch
 from lvlm_cl.methods import build_methods
 from lvlm_cl.config import MethodSpec
-from lvlm_cl.methods.routing import TASK_IDS
+from lvlm_cl.data.dataset import TASK_IDS
 from lvlm_cl.methods.task_prompts import TaskPrompts
-from lvlm_cl.train import answer_positions, language_modelling_loss
+from lvlm_cl.loop import answer_positions, language_modelling_loss
 
 SIZE = dict(text_hidden=64, vision_hidden=64, text_intermediate=128)
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import SMALL_MODEL, colour_stream, prompt_batch, task_batch, write_colour_tasks, write_recipe, forward, routed_forward
 from lvlm_cl.config import load_recipe
 from lvlm_cl.data.encoding import encode_record
-from lvlm_cl.methods.routing import generate as routed_generate
+from lvlm_cl.models.continual import generate as routed_generate
 from lvlm_cl.methods.cross_modal_moe import CrossModalMoE, alignment_loss, cosine_matrix, relation_loss
 from lvlm_cl.models import parts, trainable_state_dict
 from lvlm_cl.train import run

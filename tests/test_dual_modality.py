@@ -12,8 +12,10 @@ import torch
 from conftest import forward, routed_forward, SMALL_MODEL, colour_stream, prompt_batch, task_batch, write_colour_tasks, write_recipe
 from lvlm_cl.config import load_recipe
 from lvlm_cl.methods.dual_modality import DualModality, separation_loss
-from lvlm_cl.methods.routing import TASK_IDS, held, is_continual, routers
-from lvlm_cl.methods.routing import generate as routed_generate
+from lvlm_cl.data.dataset import TASK_IDS
+from lvlm_cl.models.continual import held, is_continual
+from lvlm_cl.methods.routing import routers
+from lvlm_cl.models.continual import generate as routed_generate
 from lvlm_cl.models import parts, trainable_state_dict
 from lvlm_cl.train import run
 

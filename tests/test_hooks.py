@@ -45,7 +45,7 @@ class Recorder(Method):
 
 def test_every_hook_is_reached_in_order(tmp_path, colour_tasks, monkeypatch):
     recorder = Recorder()
-    monkeypatch.setattr("lvlm_cl.train.build_methods", lambda specs: [recorder])
+    monkeypatch.setattr("lvlm_cl.build.build_methods", lambda specs: [recorder])
     recipe = write_recipe(tmp_path / "r.yaml", colour_tasks, tmp_path / "run", steps_per_task=3, grad_accum=2)
     run(load_recipe(recipe, SMALL_MODEL), progress=False)
 
@@ -73,7 +73,7 @@ def test_loss_terms_are_added_once(tmp_path, colour_tasks, monkeypatch):
     results = {}
     for label, methods in (("plain", None), ("zero", [Zero()])):
         if methods is not None:
-            monkeypatch.setattr("lvlm_cl.train.build_methods", lambda specs, m=methods: m)
+            monkeypatch.setattr("lvlm_cl.build.build_methods", lambda specs, m=methods: m)
         recipe = write_recipe(tmp_path / f"{label}.yaml", colour_tasks, tmp_path / label, steps_per_task=4)
         model, _, _ = run(load_recipe(recipe, SMALL_MODEL), progress=False)
         results[label] = torch.cat([p.detach().flatten() for p in model.parameters()])

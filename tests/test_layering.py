@@ -15,14 +15,14 @@ PACKAGE = ROOT / "lvlm_cl"
 # Lowest first. A module may import its own layer and those below; a name ending in ".*" is a package and
 # everything in it.
 LAYERS = [
-    ["lvlm_cl", "lvlm_cl.io", "lvlm_cl.errors"],
+    ["lvlm_cl", "lvlm_cl.io", "lvlm_cl.errors", "lvlm_cl.settings"],
     ["lvlm_cl.distributed", "lvlm_cl.state_io"],
     ["lvlm_cl.data.*"],
     ["lvlm_cl.models.*", "lvlm_cl.benchmarks.*", "lvlm_cl.evaluation.*"],
     ["lvlm_cl.stream", "lvlm_cl.checkpoint"],
     ["lvlm_cl.methods.*"],
     ["lvlm_cl.config", "lvlm_cl.pretrained"],
-    ["lvlm_cl.train"],
+    ["lvlm_cl.train", "lvlm_cl.loop", "lvlm_cl.build"],
     ["lvlm_cl.stage", "lvlm_cl.pretrain"],
     ["lvlm_cl.evaluate", "lvlm_cl.chat"],
 ]

@@ -8,7 +8,7 @@ import torch
 from lvlm_cl.methods.base import Task
 from lvlm_cl.methods.moelora import MoELoRA, MoELoRALinear
 from lvlm_cl.methods.olora import OLoRA
-from lvlm_cl.methods.routing import adapters_disabled, is_continual
+from lvlm_cl.models.continual import adapters_disabled, is_continual
 from lvlm_cl.models import trainable_state_dict
 
 STREAM = [Task(i, n, "exact_match", [], []) for i, n in enumerate(["a", "b", "c"])]

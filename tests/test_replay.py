@@ -37,7 +37,7 @@ def run_stream(method: Replay, tasks: list[Task]) -> list[list]:
 def test_fraction_of_each_task():
     m = Replay(memory_fraction=0.05)
     run_stream(m, [make_task(0), make_task(1)])
-    assert m.summary() == {"t0": 10, "t1": 10} and m.memory_size() == 20
+    assert m.summary() == {"t0": 10, "t1": 10} and m.report()["memory_records"] == 20
 
 
 def test_small_positive_fraction_keeps_at_least_one():
@@ -69,7 +69,7 @@ def test_task_balanced_shrinks_older_tasks_evenly():
     m.after_task(tasks[2], None, [])
     assert m.summary() == {"t0": 4, "t1": 4, "t2": 4}
     m.after_task(tasks[3], None, [])
-    assert m.summary() == {"t0": 3, "t1": 3, "t2": 3, "t3": 3} and m.memory_size() == 12
+    assert m.summary() == {"t0": 3, "t1": 3, "t2": 3, "t3": 3} and m.report()["memory_records"] == 12
 
 
 def test_task_balanced_without_total_is_the_per_task_budget_and_the_remainder_goes_first():
@@ -85,13 +85,13 @@ def test_task_balanced_without_total_is_the_per_task_budget_and_the_remainder_go
 def test_random_with_total_budget_is_capped():
     m = Replay(memory_per_task=10, total_budget=25)
     run_stream(m, [make_task(i) for i in range(4)])
-    assert m.memory_size() == 25 and sum(m.summary().values()) == 25
+    assert m.report()["memory_records"] == 25 and sum(m.summary().values()) == 25
 
 
 def test_reservoir_keeps_exactly_the_budget():
     m = Replay(selection="reservoir", total_budget=30)
     run_stream(m, [make_task(0, n=10), make_task(1, n=100), make_task(2, n=100)])
-    assert m.memory_size() == 30 and m.memory.seen == 210
+    assert m.report()["memory_records"] == 30 and m.memory.seen == 210
     assert set(m.summary()) == {"t0", "t1", "t2"}
 
 
@@ -147,7 +147,7 @@ def test_ratio_zero_means_no_replay():
     t0, t1 = make_task(0), make_task(1)
     run_stream(m, [t0])
     assert m.before_task(t1, None, t1.train_records) == t1.train_records
-    assert m.memory_size() == 5                      # the bank still fills (its size is reported)
+    assert m.report()["memory_records"] == 5                      # the bank still fills (its size is reported)
 
 
 # Determinism and resume
@@ -188,9 +188,9 @@ def test_state_is_a_copy_and_empty_state_resets():
     run_stream(m, [make_task(0)])
     state = m.state_dict()
     state["records"].clear()
-    assert m.memory_size() == 3
+    assert m.report()["memory_records"] == 3
     m.load_state_dict({})
-    assert m.memory_size() == 0 and m.summary() == {}
+    assert m.report()["memory_records"] == 0 and m.summary() == {}
 
 
 def test_a_task_is_added_once():

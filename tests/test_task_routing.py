@@ -12,12 +12,15 @@ from conftest import SMALL_MODEL, colour_stream, prompt_batch, task_batch, write
 from lvlm_cl.config import load_recipe
 from lvlm_cl.data.encoding import encode_prompt, encode_record
 from lvlm_cl.methods.base import Task
-from lvlm_cl.methods.routing import TASK_IDS, InstructionEncoder, held, is_continual, routers, selectors
-from lvlm_cl.methods.routing import generate as routed_generate
+from lvlm_cl.data.dataset import TASK_IDS
+from lvlm_cl.models.continual import held, is_continual, selectors
+from lvlm_cl.methods.routing import InstructionEncoder, routers
+from lvlm_cl.models.continual import generate as routed_generate
 from lvlm_cl.methods.task_lora import TaskLoRA
 from lvlm_cl.methods.task_prompts import TaskPrompts
 from lvlm_cl.models import trainable_state_dict
-from lvlm_cl.train import language_modelling_loss, run
+from lvlm_cl.loop import language_modelling_loss
+from lvlm_cl.train import run
 
 
 @pytest.fixture(autouse=True)

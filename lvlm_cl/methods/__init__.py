@@ -1,10 +1,12 @@
 """The method registry: names -> classes, validated at load time.
 
-Unknown names, duplicate registrations and unknown hyper-parameters are errors that list what is allowed.
+Unknown names, duplicate registrations and unknown settings are errors that list what is allowed; a setting's
+value is checked against the type and range its method's settings dataclass declares.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable
 
 from lvlm_cl.distributed import zero_stage
@@ -22,6 +24,7 @@ from lvlm_cl.methods.replay import Replay
 from lvlm_cl.methods.semantic_transfer import SemanticTransfer
 from lvlm_cl.methods.task_lora import TaskLoRA
 from lvlm_cl.methods.task_prompts import TaskPrompts
+from lvlm_cl.settings import Settings, build
 
 
 def _registry() -> dict[str, type[Method]]:
@@ -42,6 +45,9 @@ def _registry() -> dict[str, type[Method]]:
     ):
         if not cls.name:
             raise TypeError(f"{cls.__name__} has no registry name")
+        if not (dataclasses.is_dataclass(cls.settings_class) and issubclass(cls.settings_class, Settings)):
+            raise TypeError(f"{cls.__name__}.settings_class must be a dataclass deriving from "
+                            "lvlm_cl.settings.Settings")
         if cls.name in registry:
             raise TypeError(f"method name {cls.name!r} registered twice ({registry[cls.name].__name__}, {cls.__name__})")
         registry[cls.name] = cls
@@ -60,38 +66,16 @@ def _lookup(name: str) -> type[Method]:
 
 
 def check_methods(specs: Iterable) -> None:
-    """Validate names and hyper-parameters of ``MethodSpec``s without building anything."""
+    """Validate names and settings of ``MethodSpec``s without building anything: each method's ``args`` are
+    checked against its settings dataclass (``lvlm_cl.settings.build``: unknown keys, types, finite numbers,
+    ranges, choices, cross-field rules), so a bad value fails at load time, not mid-run."""
     seen = set()
     for spec in specs:
         cls = _lookup(spec.name)
         if spec.name in seen:
             raise ValueError(f"method {spec.name!r} is listed twice")
         seen.add(spec.name)
-        unknown = sorted(set(spec.args) - set(cls.defaults))
-        if unknown:
-            raise ValueError(f"method {spec.name!r} has no setting {unknown[0]!r}; its settings: {sorted(cls.defaults)}")
-        for key, value in spec.args.items():   # what holds for every method's settings
-            problem = _general_problem(key, value)
-            if problem:
-                raise ValueError(f"method {spec.name!r}: setting {key!r} {problem}, got {value!r}")
-        try:
-            cls(**spec.args)  # settings' values are checked by the constructor: fail at load time, not mid-run
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"method {spec.name!r}: {e}") from None
-
-
-def _general_problem(key: str, value) -> str | None:
-    """A number is finite (no setting means anything by NaN or infinity); a ``seed`` is an integer from 0 to
-    2**32 - 1 (what every generator takes). Each method checks its own ranges besides."""
-    import math
-
-    from lvlm_cl.methods.base import is_number
-
-    if key == "seed" and not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2 ** 32):
-        return "must be an integer from 0 to 4294967295"
-    if is_number(value) and not math.isfinite(value):
-        return "must be a finite number"
-    return None
+        build(cls.settings_class, spec.args, owner=f"method {spec.name!r}")
 
 
 def build_methods(specs: Iterable) -> list[Method]:

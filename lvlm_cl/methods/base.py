@@ -11,6 +11,7 @@ these, in this order for every task of the stream:
                                                        micro-steps)
     after_task(task, model, train_data)                after the task's last step, before evaluation
     state_dict() / load_state_dict(state)              everything the method needs to resume
+    report() -> {name: value}                          figures for metrics.json, after each task
 
 A hook gets what it needs through its arguments and returns a batch, data or a loss; it does not reach
 into the loop. Methods compose as a list in the recipe (``methods: [replay, task_prompts]``): each hook
@@ -34,27 +35,45 @@ method of the run does, the loop runs the model with the labels and the logits o
 
 from __future__ import annotations
 
-import math
-from typing import Any, ClassVar
+import dataclasses
+from types import MappingProxyType
+from typing import Any, ClassVar, Mapping
 
 import torch
 
+from lvlm_cl.settings import Settings, build
+from lvlm_cl.settings import defaults as settings_defaults
 from lvlm_cl.stream import Task  # noqa: F401  (what every hook is given; defined with the stream)
 
 
 class Method:
-    """Base class: every hook does nothing. Subclasses set ``name`` and declare hyper-parameters as
-    ``defaults`` (name -> default value); the registry rejects any other key."""
+    """Base class: every hook does nothing. Subclasses set ``name`` and declare their settings as a frozen
+    dataclass deriving from ``lvlm_cl.settings.Settings`` (typed fields with defaults, help and ranges,
+    ``settings.setting``), named by ``settings_class``. ``Method(**args)`` checks ``args`` against it
+    (``settings.build``: unknown keys, types, finite numbers, ranges, choices) and keeps the result as
+    ``self.settings``, which the hooks read; the registry runs the same check when the recipe is loaded."""
 
     name: ClassVar[str] = ""
-    defaults: ClassVar[dict[str, Any]] = {}
+    settings_class: ClassVar[type[Settings]] = Settings     # no settings
+    settings: Settings                                       # this method's, set by __init__
+    defaults: ClassVar[Mapping[str, Any]] = MappingProxyType({})   # name -> default, from settings_class (read-only)
     uses_task_ids: ClassVar[bool] = False
     full_outputs: ClassVar[bool] = False             # needs (B, L, V) logits or the labels in the forward
     zero_unsupported: ClassVar[str | None] = None    # why the method cannot run under any DeepSpeed ZeRO stage
     zero3_unsupported: ClassVar[str | None] = None   # why it cannot run under ZeRO-3 (parameters partitioned)
 
-    def __init__(self, **hparams: Any):
-        self.hparams = {**self.defaults, **hparams}
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.defaults = MappingProxyType(settings_defaults(cls.settings_class))
+
+    def __init__(self, **args: Any):
+        self.settings = build(self.settings_class, args, owner=f"method {self.name!r}")
+
+    @property
+    def hparams(self) -> Mapping[str, Any]:
+        """The settings as a read-only name -> value mapping, kept for the tests that look a setting up by its
+        name (``m.hparams["key_mode"]``); the hooks read ``self.settings``."""
+        return MappingProxyType(dataclasses.asdict(self.settings))
 
     def setup(self, model: torch.nn.Module, stream: list[Task]) -> None:
         pass
@@ -75,35 +94,13 @@ class Method:
     def after_task(self, task: Task, model: torch.nn.Module, train_data: list) -> None:
         pass
 
+    def report(self) -> dict[str, float]:
+        """Figures the method reports after each task (name -> value; e.g. ``memory_records``), kept in
+        ``metrics.json`` as ``name: {task: value}``; the loop reads a method's figures here and nowhere else."""
+        return {}
+
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
-
-
-def is_number(value) -> bool:
-    """A setting's value is a number (int or float; YAML's true/false are not)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def check_integer(method: str, settings: dict, key: str, low: int = 1) -> None:
-    """``settings[key]`` is an integer (not a bool) of at least ``low``; else a ValueError naming both."""
-    value = settings[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{method}: setting {key!r} must be an integer >= {low}, got {value!r}")
-
-
-def check_finite(method: str, settings: dict, key: str, *, low: float = 0.0, strict: bool = False,
-                 high: float | None = None, strict_high: bool = False) -> None:
-    """``settings[key]`` is a finite number (not a bool) >= ``low`` (> with ``strict``), and <= ``high`` (<
-    with ``strict_high``) when given; else a ValueError naming the method, the setting and the bounds."""
-    value = settings[key]
-    ok = is_number(value) and math.isfinite(value) and (value > low if strict else value >= low)
-    if ok and high is not None:
-        ok = value < high if strict_high else value <= high
-    if not ok:
-        bounds = f"{'>' if strict else '>='} {low:g}"
-        if high is not None:
-            bounds += f" and {'<' if strict_high else '<='} {high:g}"
-        raise ValueError(f"{method}: setting {key!r} must be a finite number {bounds}, got {value!r}")

@@ -58,14 +58,18 @@ when a task ends gathers the image pathway whole.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from lvlm_cl.data.dataset import TASK_IDS
 from lvlm_cl.distributed import gather_objects, whole
-from lvlm_cl.methods.base import Method, Task, check_finite, check_integer
-from lvlm_cl.methods.routing import TASK_IDS, InstructionEncoder, Selector, attach, query_encoder, unwrap
+from lvlm_cl.methods.base import Method, Task
+from lvlm_cl.methods.routing import InstructionEncoder, query_cache_setting, query_encoder
 from lvlm_cl.models import parts
+from lvlm_cl.models.continual import Selector, attach, unwrap
+from lvlm_cl.settings import Settings, seed_setting, setting
 
 
 class ExpertGroup(torch.nn.Module):
@@ -154,32 +158,27 @@ class CrossModalAdapter(Selector, torch.nn.Module):
         return mixed @ up.flatten(0, 1)
 
 
+@dataclass(frozen=True)
+class CrossModalMoESettings(Settings):
+    experts_per_task: int = setting(2, low=1, help="experts each task adds")
+    bottleneck: int = setting(16, low=1, help="hidden width of an expert")
+    align_weight: float = setting(0.1, low=0, help="weight of the image-instruction InfoNCE (0 turns it off)")
+    align_dim: int = setting(64, low=1, help="width of the alignment heads' joint space")
+    temperature: float = setting(0.1, above=0, help="InfoNCE temperature")
+    relation_weight: float = setting(1.0, low=0, help="weight of the relation-preservation term (0 turns it off)")
+    anchors_per_task: int = setting(16, low=2, help="samples of each finished task whose relations are kept")
+    query_cache: int = query_cache_setting()
+    seed: int = seed_setting("initialisation of experts and heads")
+
+
 class CrossModalMoE(Method):
     name = "cross_modal_moe"
-    defaults = {
-        "experts_per_task": 2,     # experts each task adds to the mixture
-        "bottleneck": 16,          # hidden width of an expert
-        "align_weight": 0.1,       # weight of the image-instruction InfoNCE (0 turns it off)
-        "align_dim": 64,           # width of the joint space of the alignment heads
-        "temperature": 0.1,        # InfoNCE temperature
-        "relation_weight": 1.0,    # weight of the relation-preservation term (0 turns it off)
-        "anchors_per_task": 16,    # samples of each finished task whose relations are preserved
-        "query_cache": 100_000,    # instruction features kept in memory (the encoder is frozen)
-        "seed": 0,
-    }
+    settings_class = CrossModalMoESettings
+    settings: CrossModalMoESettings
     uses_task_ids = True           # anchors are taken from the task's own samples, not replayed ones
 
-    def __init__(self, **hparams):
-        super().__init__(**hparams)
-        h = self.hparams
-        for key, low in (("experts_per_task", 1), ("bottleneck", 1), ("align_dim", 1),
-                         ("anchors_per_task", 2), ("query_cache", 1)):
-            check_integer(self.name, h, key, low)
-        for key in ("align_weight", "relation_weight"):
-            check_finite(self.name, h, key)
-        check_finite(self.name, h, "temperature", strict=True)
-        if not isinstance(h["seed"], int) or isinstance(h["seed"], bool):
-            raise ValueError(f"cross_modal_moe: setting 'seed' must be an integer, got {h['seed']!r}")
+    def __init__(self, **args):
+        super().__init__(**args)
         self.adapter: CrossModalAdapter | None = None
         self.anchors: list[dict] = []                 # finished tasks' anchors: pixel_values, tokens, task
         self.reference: torch.Tensor | None = None    # (A, A) cosine similarities as recorded at task ends
@@ -188,16 +187,16 @@ class CrossModalMoE(Method):
     # Setup and the adapter's hooks
 
     def setup(self, model, stream: list[Task]) -> None:
-        h = self.hparams
-        encoder = query_encoder(model, h["query_cache"])
+        s = self.settings
+        encoder = query_encoder(model, s.query_cache)
         cfg = unwrap(model).config
         layers = getattr(cfg, "vision_feature_layer", -1)     # LLaVA's projector reads one or several layers
         d_in = cfg.vision_config.hidden_size * (1 if isinstance(layers, int) else len(layers))
         d_out = cfg.get_text_config().hidden_size
         projector = parts(model)["projector"]
         self.adapter = attach(model, self.name, CrossModalAdapter(
-            len(stream), d_in, d_out, d_out, experts=h["experts_per_task"], bottleneck=h["bottleneck"],
-            align_dim=h["align_dim"], seed=h["seed"]))
+            len(stream), d_in, d_out, d_out, experts=s.experts_per_task, bottleneck=s.bottleneck,
+            align_dim=s.align_dim, seed=s.seed))
         device = next(projector.parameters()).device
         self.adapter.to(device).requires_grad_(False)
         self.adapter.encoder = encoder
@@ -215,23 +214,23 @@ class CrossModalMoE(Method):
     # The terms
 
     def loss(self, model, batch: dict, outputs, task: Task):
-        h, adapter = self.hparams, self.adapter
+        s, adapter = self.settings, self.adapter
         term = None
         if adapter.batch_repr is not None:
             pooled, queries = adapter.batch_repr
             adapter.batch_repr = None
-            if h["align_weight"] and pooled.shape[0] > 1:
+            if s.align_weight and pooled.shape[0] > 1:
                 same = (queries[:, None] == queries[None]).all(-1)
-                term = h["align_weight"] * alignment_loss(adapter.image_head(pooled.float()),
-                                                          adapter.text_head(queries.float()), same, h["temperature"])
+                term = s.align_weight * alignment_loss(adapter.image_head(pooled.float()),
+                                                       adapter.text_head(queries.float()), same, s.temperature)
         self._collect(model, batch, task)
-        if self.reference is not None and h["relation_weight"]:
-            rel = h["relation_weight"] * relation_loss(self.represent(model, self.anchors), self.reference)
+        if self.reference is not None and s.relation_weight:
+            rel = s.relation_weight * relation_loss(self.represent(model, self.anchors), self.reference)
             term = rel if term is None else term + rel
         return term
 
     def after_task(self, task: Task, model, train_data: list) -> None:
-        new = _gather_first(self.pending, self.hparams["anchors_per_task"])
+        new = _gather_first(self.pending, self.settings.anchors_per_task)
         self.pending = []
         if len(new) < 2:
             return
@@ -259,7 +258,7 @@ class CrossModalMoE(Method):
 
     def _collect(self, model, batch: dict, task: Task) -> None:
         """Keep the first ``anchors_per_task`` samples of the task's own (with images) this process sees."""
-        k, per_image = self.hparams["anchors_per_task"], self.adapter.tokens_per_image
+        k, per_image = self.settings.anchors_per_task, self.adapter.tokens_per_image
         if len(self.pending) >= k or "pixel_values" not in batch or per_image is None:
             return
         image = self.adapter.encoder.image_token_id

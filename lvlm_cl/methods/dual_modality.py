@@ -59,17 +59,21 @@ from the forward's own activations (no extra pass).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from lvlm_cl.data.dataset import TASK_IDS
 from lvlm_cl.methods.adapters import inject_lora, refuse_recipe_lora, set_trainable_adapter, targets
-from lvlm_cl.methods.base import Method, Task, check_finite, check_integer
-from lvlm_cl.methods.routing import (ROUTING_DEFAULTS, TASK_IDS, RouterState, check_routing_settings,
-                                     key_term_on_batch)
+from lvlm_cl.methods.base import Method, Task
+from lvlm_cl.methods.routing import RouterState, key_term_on_batch
 # Both halves are exactly task_lora's and task_prompts' mechanisms.
 from lvlm_cl.methods.task_lora import install_adapter_hooks
-from lvlm_cl.methods.task_prompts import TaskPromptPool, attach_prompt_pool, begin_task_prompt, install_prompt_hooks
+from lvlm_cl.methods.task_prompts import (PromptSettings, TaskPromptPool, attach_prompt_pool, begin_task_prompt,
+                                          install_prompt_hooks)
 from lvlm_cl.models import parts
+from lvlm_cl.settings import setting
 
 
 def separation_loss(features: torch.Tensor, prompts: torch.Tensor, targets: torch.Tensor,
@@ -82,35 +86,24 @@ def separation_loss(features: torch.Tensor, prompts: torch.Tensor, targets: torc
     return F.cross_entropy(logits, targets.long())
 
 
+@dataclass(frozen=True)
+class DualModalitySettings(PromptSettings):     # + length, init, seed and the routing settings
+    r: int = setting(8, low=1, help="LoRA rank of each task's adapter")
+    alpha: float = setting(16.0, low=0, help="LoRA scaling (alpha / r) of the per-task adapters")
+    dropout: float = setting(0.0, low=0, below=1, help="LoRA dropout of the per-task adapters")
+    language: bool = setting(False, help="each task's adapter also covers the language model")
+    contrast_weight: float = setting(0.1, low=0, help="weight of the separation term (0 turns it off)")
+    temperature: float = setting(0.1, above=0, help="temperature of its softmax over tasks")
+
+
 class DualModality(RouterState, Method):
     name = "dual_modality"
-    defaults = {
-        "r": 8,                    # LoRA rank of each task's adapter
-        "alpha": 16.0,
-        "dropout": 0.0,
-        "language": False,         # a per-task LoRA on the language model too (the decoder, see the docstring)
-        "length": 8,               # prompt vectors per task
-        "init": "previous",        # a new task's prompt: "previous" (copy of the last task's) or "random"
-        "contrast_weight": 0.1,    # weight of the separation term (0 turns it off)
-        "temperature": 0.1,        # of the separation term's softmax over tasks
-        "seed": 0,
-        **ROUTING_DEFAULTS,        # key_mode, keys_per_task, key_weight, query_cache
-    }
+    settings_class = DualModalitySettings
+    settings: DualModalitySettings
     uses_task_ids = True
 
-    def __init__(self, **hparams):
-        super().__init__(**hparams)
-        h = self.hparams
-        for key in ("r", "length"):
-            check_integer(self.name, h, key)
-        for key in ("alpha", "dropout", "contrast_weight"):
-            check_finite(self.name, h, key)
-        check_finite(self.name, h, "temperature", strict=True)
-        if not isinstance(h["language"], bool):
-            raise ValueError(f"dual_modality: setting 'language' must be true or false, got {h['language']!r}")
-        if h["init"] not in ("previous", "random"):
-            raise ValueError(f"dual_modality: setting 'init' must be 'previous' or 'random', got {h['init']!r}")
-        check_routing_settings(self.name, h)
+    def __init__(self, **args):
+        super().__init__(**args)
         self.pool: TaskPromptPool | None = None
         self.names: list[str] = []
         # The training forward's activations the separation term is computed from (set by hooks).
@@ -123,13 +116,13 @@ class DualModality(RouterState, Method):
 
     def setup(self, model, stream: list[Task]) -> None:
         refuse_recipe_lora(model, self.name)
-        h = self.hparams
-        self.pool = attach_prompt_pool(model, self.name, len(stream), h)   # before any adapter: the base's queries
+        s = self.settings
+        self.pool = attach_prompt_pool(model, self.name, len(stream), s)   # before any adapter: the base's queries
         self.names = [f"cl_{self.name}_{i:02d}" for i in range(len(stream))]
         layers: list[str] = []
         for name in self.names:
-            layers = inject_lora(model, name, r=h["r"], alpha=h["alpha"], dropout=h["dropout"],
-                                 target_modules=targets(language=h["language"], vision=True))
+            layers = inject_lora(model, name, r=s.r, alpha=s.alpha, dropout=s.dropout,
+                                 target_modules=targets(language=s.language, vision=True))
         install_adapter_hooks(model, layers, self.pool, self.names)
         install_prompt_hooks(parts(model)["language_model"], self.pool)
         self._install_capture(parts(model)["projector"])
@@ -153,13 +146,13 @@ class DualModality(RouterState, Method):
             slot.register_forward_hook(keep_prompt(i))
 
     def before_task(self, task: Task, model, train_data: list) -> list:
-        begin_task_prompt(self.pool, task.index, self.hparams["init"])
+        begin_task_prompt(self.pool, task.index, self.settings.init)
         set_trainable_adapter(model, self.names, self.names[task.index])
         return train_data
 
     def loss(self, model, batch: dict, outputs, task: Task):
         term = self.separation_term(batch, task)
-        keys = key_term_on_batch(self.pool, batch, task.index, self.hparams["key_weight"])
+        keys = key_term_on_batch(self.pool, batch, task.index, self.settings.key_weight)
         if term is None:
             return keys
         return term if keys is None else term + keys
@@ -170,7 +163,7 @@ class DualModality(RouterState, Method):
         images, prompts = self._images, self._prompts
         self._images, self._prompts = None, {}
         known = self.pool.num_known
-        if self.hparams["contrast_weight"] == 0 or known < 2 or images is None:
+        if self.settings.contrast_weight == 0 or known < 2 or images is None:
             return None
         if any(i not in prompts for i in range(known)):
             raise RuntimeError("dual_modality: the forward did not read every known task's prompt")
@@ -187,8 +180,8 @@ class DualModality(RouterState, Method):
         ids = batch.get(TASK_IDS)
         own = ids.to(feats.device) if ids is not None else torch.full_like(counts, task.index)
         stack = torch.stack([prompts[i].to(feats.device) for i in range(known)])
-        loss = separation_loss(pooled[has], stack, own[has], self.hparams["temperature"])
-        return self.hparams["contrast_weight"] * loss
+        loss = separation_loss(pooled[has], stack, own[has], self.settings.temperature)
+        return self.settings.contrast_weight * loss
 
     def after_task(self, task: Task, model, train_data: list) -> None:
         self.pool.finish_task(task.index)

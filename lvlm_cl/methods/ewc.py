@@ -54,33 +54,38 @@ no penalty.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from lvlm_cl.methods.base import Method, Task, check_finite, is_number
+from lvlm_cl.methods.base import Method, Task
+from lvlm_cl.settings import Settings, setting
+
+
+@dataclass(frozen=True)
+class EWCSettings(Settings):
+    lambda_: float = setting(100.0, low=0, help="penalty weight (lambda is a Python keyword)")
+    online: bool = setting(True, help="one running Fisher, F ← γ·F_old + F_task, anchored at the latest task; false: "
+                                      "one (F, θ*) per task, penalties summed")
+    gamma: float = setting(1.0, above=0, high=1, help="decay of the running Fisher (online only)")
+
+    def resolve(self, given: frozenset[str]) -> EWCSettings:
+        """Cross-field rule: ``gamma`` means something only for the online variant."""
+        if not self.online and "gamma" in given:
+            raise ValueError("setting 'gamma' applies only with 'online: true' (online: false keeps one Fisher per "
+                             "task, undecayed); remove it")
+        return self
 
 
 class EWC(Method):
     name = "ewc"
     zero3_unsupported = ("its penalty reads every trainable parameter's whole value at each step, outside the "
                          "forward, and ZeRO-3 keeps only a shard of each parameter on a process")
-    defaults = {
-        "lambda_": 100.0,   # λ, the penalty's weight
-        "online": True,     # one running Fisher/anchor (True) or one per task (False)
-        "gamma": 1.0,       # online: F <- gamma * F_old + F_task
-    }
+    settings_class = EWCSettings
+    settings: EWCSettings
 
-    def __init__(self, **hparams):
-        super().__init__(**hparams)
-        h = self.hparams
-        check_finite(self.name, h, "lambda_")
-        if not isinstance(h["online"], bool):
-            raise ValueError(f"ewc: setting 'online' must be true or false, got {h['online']!r}")
-        gamma = h["gamma"]
-        if not is_number(gamma) or not 0 < gamma <= 1:
-            raise ValueError(f"ewc: setting 'gamma' must be a number in (0, 1], got {gamma!r}")
-        if not h["online"] and "gamma" in hparams:
-            raise ValueError("ewc: setting 'gamma' applies only with 'online: true' (online: false keeps one "
-                             "Fisher per task, undecayed); remove it")
+    def __init__(self, **args):
+        super().__init__(**args)
         # Each anchor: {"task": name, "fisher": {param name: F}, "params": {param name: θ*}}.
         # Online keeps at most one (the running one); otherwise one per finished task, in stream order.
         self.anchors: list[dict] = []
@@ -149,8 +154,8 @@ class EWC(Method):
         params = {n: p.detach().clone() for n, p in trainable.items()}
         self.micro_steps[task.name] = steps
         self._reset_accumulators()
-        if self.hparams["online"] and self.anchors:
-            old, gamma = self.anchors[0], float(self.hparams["gamma"])
+        if self.settings.online and self.anchors:
+            old, gamma = self.anchors[0], self.settings.gamma
             merged_f = {n: gamma * f.to(fisher[n].device if n in fisher else f.device)
                         for n, f in old["fisher"].items()}
             for n, f in fisher.items():
@@ -170,7 +175,7 @@ class EWC(Method):
 
     def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
         """λ/2 · Σ F (θ − θ*)² over the anchored parameters; None before the first task ends or with λ = 0."""
-        if not self.anchors or self.hparams["lambda_"] == 0:
+        if not self.anchors or self.settings.lambda_ == 0:
             return None
         current = dict(model.named_parameters())
         total = None
@@ -190,13 +195,13 @@ class EWC(Method):
                 total = term if total is None else total + term
         if total is None:
             return None
-        return 0.5 * float(self.hparams["lambda_"]) * total
+        return 0.5 * self.settings.lambda_ * total
 
     # Resume
 
     def state_dict(self) -> dict:
         return {
-            "online": self.hparams["online"],
+            "online": self.settings.online,
             "anchors": [{"task": a["task"],
                          "fisher": {n: t.detach().cpu().clone() for n, t in a["fisher"].items()},
                          "params": {n: t.detach().cpu().clone() for n, t in a["params"].items()}}
@@ -213,9 +218,9 @@ class EWC(Method):
         if not state:
             self.anchors, self.tasks, self.micro_steps = [], [], {}
             return
-        if state.get("online", self.hparams["online"]) != self.hparams["online"]:
+        if state.get("online", self.settings.online) != self.settings.online:
             raise ValueError(f"ewc: the saved state was made with online={state['online']}, the recipe says "
-                             f"online={self.hparams['online']}")
+                             f"online={self.settings.online}")
         anchors = []
         for a in state.get("anchors", []):
             if set(a["fisher"]) != set(a["params"]):

@@ -32,12 +32,21 @@ ZeRO-3, whose parameters are partitioned across processes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from lvlm_cl.data.encoding import IGNORE_INDEX
-from lvlm_cl.methods.base import Method, Task, check_finite
+from lvlm_cl.methods.base import Method, Task
 from lvlm_cl.models.continual import held_for_batch, model_inputs
+from lvlm_cl.settings import Settings, setting
+
+
+@dataclass(frozen=True)
+class LwFSettings(Settings):
+    alpha: float = setting(1.0, low=0, help="weight of the distillation term (0 turns it off)")
+    temperature: float = setting(2.0, above=0, help="softmax temperature T")
 
 
 class LwF(Method):
@@ -45,20 +54,11 @@ class LwF(Method):
     full_outputs = True            # distils the logits of every answer position against the teacher's (B, L, V)
     zero3_unsupported = ("its teacher swaps whole parameter values into the model, and ZeRO-3 keeps only a "
                          "shard of each parameter on each process")
-    defaults = {
-        "alpha": 1.0,         # weight of the distillation term (0 turns it off)
-        "temperature": 2.0,   # softmax temperature of both distributions
-    }
+    settings_class = LwFSettings
+    settings: LwFSettings
 
-    def __init__(self, **hparams):
-        unknown = sorted(set(hparams) - set(self.defaults))
-        if unknown:
-            raise ValueError(f"lwf: no setting {unknown[0]!r}; its settings: {sorted(self.defaults)}")
-        super().__init__(**hparams)
-        check_finite(self.name, self.hparams, "alpha")
-        check_finite(self.name, self.hparams, "temperature", strict=True)
-        for key in ("alpha", "temperature"):
-            self.hparams[key] = float(self.hparams[key])
+    def __init__(self, **args):
+        super().__init__(**args)
         self.teacher: dict[str, torch.Tensor] | None = None   # trainable values after the last finished task
         self.teacher_task: str | None = None
 
@@ -106,14 +106,14 @@ class LwF(Method):
     # The term
 
     def loss(self, model: torch.nn.Module, batch: dict, outputs, task: Task) -> torch.Tensor | None:
-        if self.teacher is None or self.hparams["alpha"] == 0:
+        if self.teacher is None or self.settings.alpha == 0:
             return None
         labels = batch["labels"]
         mask = labels[:, 1:] != IGNORE_INDEX
         if not mask.any():
             return None
         teacher = self.teacher_logits(model, batch)
-        return self.hparams["alpha"] * distillation(outputs.logits, teacher, mask, self.hparams["temperature"])
+        return self.settings.alpha * distillation(outputs.logits, teacher, mask, self.settings.temperature)
 
     # Resume
 

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 import torch
 
 from lvlm_cl.methods.adapters import refuse_recipe_lora, targets
-from lvlm_cl.methods.base import Method, Task, check_integer
+from lvlm_cl.methods.base import Method, Task
 from lvlm_cl.models.continual import unwrap
+from lvlm_cl.settings import Settings, seed_setting, setting
 
 
 class MoEExperts(torch.nn.Module):
@@ -67,42 +69,44 @@ class MoELoRALinear(torch.nn.Module):
         return y + (self.scale * (gate.unsqueeze(-1) * out).sum(-2)).to(y.dtype)
 
 
+@dataclass(frozen=True)
+class MoELoRASettings(Settings):
+    r: int = setting(16, low=1, help="total rank, split among the experts")
+    experts: int = setting(4, low=1, help="experts per layer")
+    alpha: float = setting(32.0, low=0, help="scaling (alpha / r)")
+    dropout: float = setting(0.0, low=0, below=1, help="dropout on the experts' input")
+    vision: bool = setting(False, help="adapt the vision tower too")
+    seed: int = seed_setting("initialisation")
+
+    def resolve(self, given: frozenset[str]) -> MoELoRASettings:
+        """Cross-field rule: the rank is split evenly among the experts."""
+        if self.r % self.experts:
+            raise ValueError(f"r={self.r} must be a multiple of experts={self.experts}")
+        return self
+
+
 class MoELoRA(Method):
     name = "moelora"
-    defaults = {
-        "r": 16,                 # total rank, split evenly among the experts
-        "experts": 4,
-        "alpha": 32.0,
-        "dropout": 0.0,
-        "vision": False,         # adapt the vision tower too
-        "seed": 0,
-    }
+    settings_class = MoELoRASettings
+    settings: MoELoRASettings
 
-    def __init__(self, **hparams):
-        super().__init__(**hparams)
-        h = self.hparams
-        for key in ("r", "experts"):
-            check_integer(self.name, h, key)
-        if h["r"] % h["experts"]:
-            raise ValueError(f"moelora: r={h['r']} must be a multiple of experts={h['experts']}")
-        for key in ("alpha", "dropout"):
-            if not isinstance(h[key], (int, float)) or isinstance(h[key], bool) or h[key] < 0:
-                raise ValueError(f"moelora: setting {key!r} must be a number >= 0, got {h[key]!r}")
+    def __init__(self, **args):
+        super().__init__(**args)
         self.layers: list[MoELoRALinear] = []
 
     def setup(self, model, stream: list[Task]) -> None:
         refuse_recipe_lora(model, self.name)
-        h = self.hparams
+        s = self.settings
         base = unwrap(model)
-        pattern = targets(language=True, vision=h["vision"])
+        pattern = targets(language=True, vision=s.vision)
         paths = [n for n, m in base.named_modules() if re.fullmatch(pattern, n) and isinstance(m, torch.nn.Linear)]
         if not paths:
             raise ValueError(f"moelora: no Linear layer matches {pattern!r}")
-        g = torch.Generator().manual_seed(h["seed"])
+        g = torch.Generator().manual_seed(s.seed)
         for path in paths:
             parent_path, _, child = path.rpartition(".")
             parent = base.get_submodule(parent_path)
-            layer = MoELoRALinear(getattr(parent, child), h["experts"], h["r"], h["alpha"], h["dropout"], g)
+            layer = MoELoRALinear(getattr(parent, child), s.experts, s.r, s.alpha, s.dropout, g)
             setattr(parent, child, layer)
             self.layers.append(layer)
         for layer in self.layers:      # the experts train on every task (CoIN); the base layer keeps its flags

@@ -21,33 +21,35 @@ trained yet change nothing. ``vision: true`` also adapts the vision tower.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lvlm_cl.methods.adapters import adapter_params, inject_lora, refuse_recipe_lora, set_trainable_adapter, targets
-from lvlm_cl.methods.base import Method, Task, check_integer
+from lvlm_cl.methods.base import Method, Task
 from lvlm_cl.models.continual import unwrap
+from lvlm_cl.settings import Settings, setting
+
+
+@dataclass(frozen=True)
+class OLoRASettings(Settings):
+    r: int = setting(8, low=1, help="LoRA rank of each task's adapter")
+    alpha: float = setting(16.0, low=0, help="LoRA scaling (alpha / r)")
+    dropout: float = setting(0.0, low=0, below=1, help="LoRA dropout")
+    orth_weight: float = setting(0.5, low=0, help="λ1 of O-LoRA: orthogonality of the new A to the earlier tasks' A")
+    l2_weight: float = setting(0.0, low=0, help="λ2 of O-LoRA: L2 on the new adapter's parameters")
+    vision: bool = setting(False, help="adapt the vision tower too")
 
 
 class OLoRA(Method):
     name = "olora"
     zero3_unsupported = ("its orthogonality term multiplies the adapters' A matrices in the loss, outside the "
                          "forward, where ZeRO-3 holds only a shard of each")
-    defaults = {
-        "r": 8,
-        "alpha": 16.0,
-        "dropout": 0.0,
-        "orth_weight": 0.5,      # λ1: orthogonality of the new A to the earlier tasks' A
-        "l2_weight": 0.0,        # λ2: L2 on the new adapter's parameters
-        "vision": False,         # adapt the vision tower too
-    }
+    settings_class = OLoRASettings
+    settings: OLoRASettings
 
-    def __init__(self, **hparams):
-        super().__init__(**hparams)
-        h = self.hparams
-        check_integer(self.name, h, "r")
-        for key in ("alpha", "dropout", "orth_weight", "l2_weight"):
-            if not isinstance(h[key], (int, float)) or isinstance(h[key], bool) or h[key] < 0:
-                raise ValueError(f"olora: setting {key!r} must be a number >= 0, got {h[key]!r}")
+    def __init__(self, **args):
+        super().__init__(**args)
         self.names: list[str] = []
         self.layers: list[torch.nn.Module] = []
         self.current: int | None = None
@@ -56,11 +58,11 @@ class OLoRA(Method):
         from peft.functional import set_adapter
 
         refuse_recipe_lora(model, self.name)
-        h = self.hparams
+        s = self.settings
         self.names = [f"cl_olora_{i:02d}" for i in range(len(stream))]
         for name in self.names:
-            paths = inject_lora(model, name, r=h["r"], alpha=h["alpha"], dropout=h["dropout"],
-                                target_modules=targets(language=True, vision=h["vision"]))
+            paths = inject_lora(model, name, r=s.r, alpha=s.alpha, dropout=s.dropout,
+                                target_modules=targets(language=True, vision=s.vision))
         modules = dict(unwrap(model).named_modules())
         self.layers = [modules[p] for p in paths]
         # Untrained adapters are zero (B = 0): all active is the same model as the trained ones active.
@@ -90,11 +92,11 @@ class OLoRA(Method):
         return torch.stack(terms).sum() if terms else a_new.new_zeros(())
 
     def loss(self, model, batch: dict, outputs, task: Task):
-        h = self.hparams
+        s = self.settings
         term = None
-        if h["orth_weight"] and task.index > 0:
-            term = h["orth_weight"] * self.orthogonality(task.index)
-        if h["l2_weight"]:
+        if s.orth_weight and task.index > 0:
+            term = s.orth_weight * self.orthogonality(task.index)
+        if s.l2_weight:
             l2 = sum(p.pow(2).sum() for p in adapter_params(model, self.names[task.index]).values())
-            term = l2 * h["l2_weight"] if term is None else term + h["l2_weight"] * l2
+            term = l2 * s.l2_weight if term is None else term + s.l2_weight * l2
         return term

@@ -16,11 +16,13 @@ tasks but the bank itself and the reservoir's count of records seen.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
+from dataclasses import dataclass
+from typing import Literal
 
-from lvlm_cl.methods.base import Method, Task, is_number
-
-SELECTIONS = ("random", "reservoir", "task_balanced")
+from lvlm_cl.methods.base import Method, Task
+from lvlm_cl.settings import Settings, seed_setting, setting
 
 
 class ReplayMemory:
@@ -123,68 +125,67 @@ def even_shares(total: int, parts: int) -> list[int]:
     return [base + (i < rest) for i in range(parts)]
 
 
-class Replay(Method):
-    name = "replay"
-    defaults = {
-        "memory_per_task": None,     # records kept per task (int), or
-        "memory_fraction": 0.05,     # a fraction of each task's training records (exactly one of the two)
-        "selection": "random",       # random | reservoir | task_balanced
-        "replay_ratio": 0.2,         # expected share of replayed records in a later task's batches
-        "total_budget": None,        # cap on the whole bank (required by reservoir)
-        "seed": 0,
-    }
+@dataclass(frozen=True)
+class ReplaySettings(Settings):
+    memory_per_task: int | None = setting(None, low=0, help="records kept per task, as a count; setting it replaces "
+                                                            "the default memory_fraction (giving both is an error)")
+    memory_fraction: float | None = setting(0.05, low=0, high=1, help="records kept per task, as a share of its "
+                                                                      "training records (rounded; at least 1 when "
+                                                                      "positive)")
+    selection: Literal["random", "reservoir", "task_balanced"] = setting(
+        "random", help="how records are chosen: random, reservoir or task_balanced (see below)")
+    replay_ratio: float = setting(0.2, low=0, below=1, help="expected share of replayed records in each batch of a "
+                                                            "later task, in [0, 1); 0 keeps the bank but replays "
+                                                            "nothing")
+    total_budget: int | None = setting(None, low=0, help="a cap on the whole bank, over all tasks (required by "
+                                                         "reservoir)")
+    seed: int = seed_setting("seeds every choice (by task index), independently of the run's seed")
 
-    def __init__(self, **hparams):
-        super().__init__(**hparams)
-        self._check(set(hparams))
-        self.memory = ReplayMemory()
-
-    def _check(self, given: set) -> None:
-        h = self.hparams
-        # A budget the user gives replaces the default one (memory_fraction), and reservoir uses neither.
-        if (h["memory_per_task"] is not None and "memory_fraction" not in given) \
-                or (h["selection"] == "reservoir" and not given & {"memory_per_task", "memory_fraction"}):
-            h["memory_fraction"] = None
-        per_task, fraction, total = h["memory_per_task"], h["memory_fraction"], h["total_budget"]
-        if h["selection"] not in SELECTIONS:
-            raise ValueError(f"replay: setting 'selection' must be one of {list(SELECTIONS)}, got {h['selection']!r}")
-        for key in ("memory_per_task", "total_budget"):
-            v = h[key]
-            if v is not None and (not _is_int(v) or v < 0):
-                raise ValueError(f"replay: setting {key!r} must be a non-negative integer or null, got {v!r}")
-        if fraction is not None and (not is_number(fraction) or not 0 <= fraction <= 1):
-            raise ValueError(f"replay: setting 'memory_fraction' must be a number in [0, 1] or null, got {fraction!r}")
-        ratio = h["replay_ratio"]
-        if not is_number(ratio) or not 0 <= ratio < 1:
-            raise ValueError(f"replay: setting 'replay_ratio' must be a number in [0, 1), got {ratio!r} "
-                             "(it is the share of replayed records in the training data)")
-        if not _is_int(h["seed"]):
-            raise ValueError(f"replay: setting 'seed' must be an integer, got {h['seed']!r}")
-        if h["selection"] == "reservoir":
-            if total is None:
-                raise ValueError("replay: selection 'reservoir' needs setting 'total_budget' (the reservoir's size)")
+    def resolve(self, given: frozenset[str]) -> ReplaySettings:
+        """Cross-field rules of the budget: exactly one of ``memory_per_task`` and ``memory_fraction`` (reservoir:
+        neither, and ``total_budget``). A budget the user gives replaces the default one (``memory_fraction``,
+        returned as None then), and reservoir uses neither."""
+        s = self
+        if (s.memory_per_task is not None and "memory_fraction" not in given) \
+                or (s.selection == "reservoir" and not given & {"memory_per_task", "memory_fraction"}):
+            s = dataclasses.replace(s, memory_fraction=None)
+        if s.selection == "reservoir":
+            if s.total_budget is None:
+                raise ValueError("selection 'reservoir' needs setting 'total_budget' (the reservoir's size)")
             explicit = sorted(given & {"memory_per_task", "memory_fraction"})
             if explicit:
-                raise ValueError(f"replay: setting {explicit[0]!r} does not apply to selection 'reservoir', which "
-                                 "keeps 'total_budget' records over the whole stream; remove it")
-        elif (per_task is None) == (fraction is None):
-            raise ValueError("replay: set exactly one of the settings 'memory_per_task' (a count per task) or "
-                             f"'memory_fraction' (a share of each task), got {per_task!r} and {fraction!r}")
+                raise ValueError(f"setting {explicit[0]!r} does not apply to selection 'reservoir', which keeps "
+                                 "'total_budget' records over the whole stream; remove it")
+        elif (s.memory_per_task is None) == (s.memory_fraction is None):
+            raise ValueError("set exactly one of the settings 'memory_per_task' (a count per task) or "
+                             f"'memory_fraction' (a share of each task), got {s.memory_per_task!r} and "
+                             f"{s.memory_fraction!r}")
+        return s
+
+
+class Replay(Method):
+    name = "replay"
+    settings_class = ReplaySettings
+    settings: ReplaySettings
+
+    def __init__(self, **args):
+        super().__init__(**args)
+        self.memory = ReplayMemory()
 
     def budget(self, task: Task) -> int:
         """How many records of ``task`` the bank takes (before the total budget)."""
-        if self.hparams["memory_per_task"] is not None:
-            return self.hparams["memory_per_task"]
-        fraction, n = self.hparams["memory_fraction"], len(task.train_records)
+        if self.settings.memory_per_task is not None:
+            return self.settings.memory_per_task
+        fraction, n = self.settings.memory_fraction, len(task.train_records)
         # At least one record for a positive fraction, so a small task is not left out entirely.
         return max(int(fraction * n + 0.5), 1 if fraction > 0 and n > 0 else 0)
 
     def _rng(self, task: Task, purpose: str) -> random.Random:
         # A string seed is hashed (sha512) by random.Random: stable across processes and Python runs.
-        return random.Random(f"replay/{self.hparams['seed']}/{task.index}/{purpose}")
+        return random.Random(f"replay/{self.settings.seed}/{task.index}/{purpose}")
 
     def before_task(self, task: Task, model, train_data: list) -> list:
-        ratio, bank = self.hparams["replay_ratio"], self.memory.records
+        ratio, bank = self.settings.replay_ratio, self.memory.records
         if not bank or ratio == 0:
             return train_data
         n_replay = round(ratio / (1 - ratio) * len(train_data))
@@ -195,16 +196,16 @@ class Replay(Method):
 
     def after_task(self, task: Task, model, train_data: list) -> None:
         # The task's own records: records replayed into train_data are already in the bank.
-        h, rng, records = self.hparams, self._rng(task, "select"), task.train_records
-        if h["selection"] == "reservoir":
-            self.memory.add_reservoir(task.name, records, h["total_budget"], rng)
-        elif h["selection"] == "task_balanced":
-            self.memory.add_task_balanced(task.name, records, self.budget(task), h["total_budget"], rng)
+        s, rng, records = self.settings, self._rng(task, "select"), task.train_records
+        if s.selection == "reservoir":
+            self.memory.add_reservoir(task.name, records, s.total_budget, rng)
+        elif s.selection == "task_balanced":
+            self.memory.add_task_balanced(task.name, records, self.budget(task), s.total_budget, rng)
         else:
-            self.memory.add_random(task.name, records, self.budget(task), h["total_budget"], rng)
+            self.memory.add_random(task.name, records, self.budget(task), s.total_budget, rng)
 
-    def memory_size(self) -> int:
-        return len(self.memory)
+    def report(self) -> dict[str, float]:
+        return {"memory_records": len(self.memory)}
 
     def summary(self) -> dict[str, int]:
         """Records in the bank per task."""
@@ -215,7 +216,3 @@ class Replay(Method):
 
     def load_state_dict(self, state: dict) -> None:
         self.memory.load_state_dict(state)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)

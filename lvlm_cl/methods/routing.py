@@ -27,20 +27,21 @@ nothing of a call is left on the model after it (``Selector``).
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import typing
 import warnings
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
-from lvlm_cl.data.dataset import TASK_IDS  # noqa: F401  the batch key of each sample's task index
+from lvlm_cl.data.dataset import TASK_IDS
 from lvlm_cl.data.encoding import IGNORE_INDEX
 from lvlm_cl.distributed import gather_objects, whole
 from lvlm_cl.errors import ConfigError
-from lvlm_cl.methods.base import check_integer
-from lvlm_cl.models.continual import (CONTINUAL, Selector, adapters_disabled, attach, generate, held,  # noqa: F401
-                                      held_for_batch, is_continual, model_inputs, selectors, unwrap)
+from lvlm_cl.models.continual import CONTINUAL, Selector, adapters_disabled, unwrap
+from lvlm_cl.settings import Settings, setting
 
 # The instruction features cached in host memory (besides a method's query_cache count): at 7B's width (4096
 # float32 values, 16 KiB a feature) 16k instructions; the cache stops growing there, and the rest are computed.
@@ -181,24 +182,27 @@ def query_encoder(model: torch.nn.Module, cache_size: int = 100_000) -> Instruct
     return encoder
 
 
-KEY_MODES = ("prototypes", "learned")
-# The settings every method that routes by task keys has (task_prompts, task_lora), checked by
-# ``check_routing_settings``.
-ROUTING_DEFAULTS = {
-    "key_mode": "prototypes",  # task keys: "prototypes" (k-means of the task's queries) or "learned" (L2P)
-    "keys_per_task": 8,        # prototypes per task
-    "key_weight": 1.0,         # learned keys: weight of the surrogate loss (1 - cos(query, key))
-    "query_cache": 100_000,    # instruction features kept in memory (the encoder is frozen)
-}
+KeyMode = Literal["prototypes", "learned"]
+KEY_MODES = typing.get_args(KeyMode)
 
 
-def check_routing_settings(method: str, h: dict) -> None:
-    for key in ("keys_per_task", "query_cache"):
-        check_integer(method, h, key)
-    if not isinstance(h["key_weight"], (int, float)) or isinstance(h["key_weight"], bool) or h["key_weight"] < 0:
-        raise ValueError(f"{method}: setting 'key_weight' must be a number >= 0, got {h['key_weight']!r}")
-    if h["key_mode"] not in KEY_MODES:
-        raise ValueError(f"{method}: setting 'key_mode' must be one of {list(KEY_MODES)}, got {h['key_mode']!r}")
+def query_cache_setting() -> Any:
+    """The ``query_cache`` field of a method that encodes instructions (``query_encoder``)."""
+    return setting(100_000, low=1, help="instruction features kept in host memory (and at most 256 MiB of them, "
+                                        "routing.QUERY_CACHE_BYTES: 16k features at a 7B model's width); the cache "
+                                        "stops growing there")
+
+
+@dataclass(frozen=True)
+class RoutingSettings(Settings):
+    """The settings every method that routes by task keys has (task_prompts, task_lora, dual_modality): their
+    settings classes derive from this one."""
+
+    key_mode: KeyMode = setting("prototypes", help="prototypes (k-means of the task's queries) or learned (L2P "
+                                                   "surrogate loss)")
+    keys_per_task: int = setting(8, low=1, help="prototypes per task")
+    key_weight: float = setting(1.0, low=0, help="weight of the surrogate loss (learned keys)")
+    query_cache: int = query_cache_setting()
 
 
 class TaskSlot(torch.nn.Module):

@@ -60,15 +60,20 @@ its own task's.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from lvlm_cl.data.dataset import TASK_IDS
 from lvlm_cl.data.encoding import IGNORE_INDEX
 from lvlm_cl.data.records import final_answer
 from lvlm_cl.distributed import gather_objects
-from lvlm_cl.methods.base import Method, Task, check_finite, check_integer
+from lvlm_cl.methods.base import Method, Task
 from lvlm_cl.methods.lwf import LwF, distillation
-from lvlm_cl.methods.routing import TASK_IDS, InstructionEncoder, TaskKeyRouter, query_encoder, unwrap
+from lvlm_cl.methods.routing import InstructionEncoder, TaskKeyRouter, query_cache_setting, query_encoder
+from lvlm_cl.models.continual import unwrap
+from lvlm_cl.settings import Settings, setting
 
 # The terms, on tensors (unit-tested by hand)
 
@@ -195,43 +200,36 @@ class AnswerPrototypes:
         return merged
 
 
+@dataclass(frozen=True)
+class SemanticTransferSettings(Settings):
+    alpha: float = setting(1.0, low=0, help="weight of the distillation term (0 turns SG-AKT off)")
+    temperature: float = setting(2.0, above=0, help="softmax temperature T of teacher and student")
+    relevance_temperature: float = setting(0.02, above=0, help="temperature of the softmax over the tasks' "
+                                                               "similarities (instruction features share the chat "
+                                                               "template, so cosines sit close together)")
+    keys_per_task: int = setting(8, low=1, help="k-means keys per finished task")
+    query_cache: int = query_cache_setting()
+    proto_weight: float = setting(0.1, low=0, help="weight of the prototype term (0 turns SE-VPR off)")
+    proto_temperature: float = setting(0.1, above=0, help="temperature of the cosine classifier")
+    proto_momentum: float = setting(0.9, low=0, below=1, help="running-mean momentum of the prototypes")
+    relation_temperature: float = setting(0.1, above=0, help="temperature of the answers' text relations")
+    refine_weight: float = setting(0.5, low=0, high=1, help="share of the relation-mixed prototype in the refined "
+                                                            "one")
+    max_answers: int = setting(32, low=2, help="closed-set rule: at most this many distinct answers")
+
+
 class SemanticTransfer(Method):
     name = "semantic_transfer"
     uses_task_ids = True
     full_outputs = True            # LwF's distillation on (B, L, V) logits
     zero3_unsupported = LwF.zero3_unsupported
-    defaults = {
-        "alpha": 1.0,                   # weight of the distillation term (0 turns SG-AKT off)
-        "temperature": 2.0,             # softmax temperature of teacher and student
-        "relevance_temperature": 0.02,  # softmax temperature over the tasks' similarities
-        "keys_per_task": 8,             # k-means keys per finished task
-        "query_cache": 100_000,         # instruction features kept in memory
-        "proto_weight": 0.1,            # weight of the prototype term (0 turns SE-VPR off)
-        "proto_temperature": 0.1,       # temperature of the cosine classifier
-        "proto_momentum": 0.9,          # running-mean momentum of the prototypes
-        "relation_temperature": 0.1,    # softmax temperature of the answers' text relations
-        "refine_weight": 0.5,           # share of the relation-mixed prototype in the refined one
-        "max_answers": 32,              # closed-set rule: at most this many distinct answers
-    }
+    settings_class = SemanticTransferSettings
+    settings: SemanticTransferSettings
 
-    def __init__(self, **hparams):
-        unknown = sorted(set(hparams) - set(self.defaults))
-        if unknown:
-            raise ValueError(f"semantic_transfer: no setting {unknown[0]!r}; its settings: {sorted(self.defaults)}")
-        super().__init__(**hparams)
-        h = self.hparams
-        for key in ("alpha", "proto_weight"):
-            check_finite(self.name, h, key)
-        for key in ("temperature", "relevance_temperature", "proto_temperature", "relation_temperature"):
-            check_finite(self.name, h, key, strict=True)
-        check_finite(self.name, h, "proto_momentum", high=1.0, strict_high=True)
-        check_finite(self.name, h, "refine_weight", high=1.0)
-        for key, low in (("keys_per_task", 1), ("query_cache", 1), ("max_answers", 2)):
-            check_integer(self.name, h, key, low)
-        for key in self.defaults:
-            if key not in ("keys_per_task", "query_cache", "max_answers"):
-                h[key] = float(h[key])
-        self.teacher = LwF(alpha=h["alpha"], temperature=h["temperature"])   # snapshot and teacher pass
+    def __init__(self, **args):
+        super().__init__(**args)
+        s = self.settings
+        self.teacher = LwF(alpha=s.alpha, temperature=s.temperature)   # snapshot and teacher pass
         self.router: TaskKeyRouter | None = None
         self.encoder: InstructionEncoder | None = None
         self.eos: set[int] = set()
@@ -247,15 +245,15 @@ class SemanticTransfer(Method):
 
     def setup(self, model, stream: list[Task]) -> None:
         base = unwrap(model)
-        self.encoder = query_encoder(model, self.hparams["query_cache"])   # before training: base weights
+        self.encoder = query_encoder(model, self.settings.query_cache)   # before training: base weights
         dim = base.config.get_text_config().hidden_size
-        self.router = TaskKeyRouter(len(stream), dim, key_mode="prototypes", keys_per_task=self.hparams["keys_per_task"])
+        self.router = TaskKeyRouter(len(stream), dim, key_mode="prototypes", keys_per_task=self.settings.keys_per_task)
         self.router.requires_grad_(False)
         self.router.encoder = self.encoder
         eos = [getattr(base.config.get_text_config(), "eos_token_id", None),
                getattr(getattr(base, "generation_config", None), "eos_token_id", None)]
         self.eos = {int(e) for x in eos if x is not None for e in (x if isinstance(x, (list, tuple)) else [x])}
-        if self.hparams["proto_weight"] > 0:
+        if self.settings.proto_weight > 0:
             def capture(module, args):
                 if torch.is_grad_enabled() and not self.encoder.running:
                     self._hidden = args[0]
@@ -265,8 +263,8 @@ class SemanticTransfer(Method):
         self.router.train_only(task.index)
         self.router.requires_grad_(False)
         # The rule looks at the task's own records (not the replayed ones other methods may have added).
-        self.closed[task.index] = (self.hparams["proto_weight"] > 0
-                                   and is_closed_set(task.train_records, self.hparams["max_answers"]))
+        self.closed[task.index] = (self.settings.proto_weight > 0
+                                   and is_closed_set(task.train_records, self.settings.max_answers))
         self.current = AnswerPrototypes() if self.closed[task.index] else None
         self._bank, self._hidden = None, None
         return train_data
@@ -283,22 +281,22 @@ class SemanticTransfer(Method):
         self.router.observe(query[own], [t for t, o in zip(tokens, own.tolist()) if o])
         terms = []
         mask = labels[:, 1:] != IGNORE_INDEX
-        if self.teacher.teacher is not None and self.hparams["alpha"] > 0 and mask.any():
+        if self.teacher.teacher is not None and self.settings.alpha > 0 and mask.any():
             weights = self.weights(query, task.index)
             self.last_weights = weights.detach()
             stats = self.relevance.setdefault(task.name, [0.0, 0])
             stats[0] += float(weights[own].sum())
             stats[1] += int(own.sum())
             teacher = self.teacher.teacher_logits(model, batch)
-            terms.append(self.hparams["alpha"] * distillation(outputs.logits, teacher, mask, self.hparams["temperature"],
-                                                              weights))
+            terms.append(self.settings.alpha * distillation(outputs.logits, teacher, mask, self.settings.temperature,
+                                                            weights))
         if hidden is not None:
             if hidden.shape[:2] != labels.shape:
                 raise ValueError(f"semantic_transfer: the language-model head saw hidden states {tuple(hidden.shape)}"
                                  f" for labels {tuple(labels.shape)}; was another forward run in between?")
             term = self.prototype_term(hidden, labels, ids, task.index)
             if term is not None:
-                terms.append(self.hparams["proto_weight"] * term)
+                terms.append(self.settings.proto_weight * term)
         return sum(terms) if terms else None
 
     def after_task(self, task: Task, model, train_data: list) -> None:
@@ -317,7 +315,7 @@ class SemanticTransfer(Method):
         if self._bank is None or self._bank[0] != len(seen):
             self._bank = (len(seen), torch.stack(list(seen.values())) if seen else None)
         current = nearest_similarity(query, self._bank[1])
-        return relevance_weights(old, current, self.hparams["relevance_temperature"])
+        return relevance_weights(old, current, self.settings.relevance_temperature)
 
     # SE-VPR
 
@@ -334,7 +332,7 @@ class SemanticTransfer(Method):
                        current: int) -> torch.Tensor | None:
         """Mean cosine-classification loss of the answer-position states of every sample whose task is
         closed-set, against that task's refined prototypes; then the current task's prototypes move."""
-        h = self.hparams
+        s = self.settings
         spans = first_answers(labels)
         losses, updates = [], []
         for t in sorted(set(ids.tolist())):
@@ -347,7 +345,7 @@ class SemanticTransfer(Method):
                 if start is None or start == 0:
                     continue
                 cls = answers.index(answer)
-                if cls is None and t == current and len(answers.answers) < h["max_answers"]:
+                if cls is None and t == current and len(answers.answers) < s.max_answers:
                     cls = answers.add(answer, self.text_embedding(answer, labels.device))
                 if cls is not None:
                     rows.append((i, start - 1))
@@ -361,14 +359,14 @@ class SemanticTransfer(Method):
                 if keep:
                     protos = torch.stack([answers.protos[c] for c in ready]).to(states.device)
                     text = torch.stack([answers.text[c] for c in ready]).to(states.device)
-                    refined = refine_prototypes(protos, text, h["relation_temperature"], h["refine_weight"])
+                    refined = refine_prototypes(protos, text, s.relation_temperature, s.refine_weight)
                     targets = torch.tensor([ready.index(classes[k]) for k in keep], device=states.device)
-                    losses.append(prototype_loss(states[keep], targets, refined, h["proto_temperature"]))
+                    losses.append(prototype_loss(states[keep], targets, refined, s.proto_temperature))
             if t == current:
                 updates.append((answers, states, classes))
         for answers, states, classes in updates:          # after the loss: a sample is not its own prototype
             for cls in sorted(set(classes)):
-                answers.update(cls, states[[k for k, c in enumerate(classes) if c == cls]], h["proto_momentum"])
+                answers.update(cls, states[[k for k, c in enumerate(classes) if c == cls]], s.proto_momentum)
         return torch.cat(losses).mean() if losses else None
 
     # Resume

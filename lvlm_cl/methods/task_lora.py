@@ -24,53 +24,57 @@ misrouted (reported as routing accuracy). Costs: r * (d_in + d_out) parameters p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from lvlm_cl.methods.adapters import inject_lora, refuse_recipe_lora, set_trainable_adapter, targets
-from lvlm_cl.methods.base import Method, Task, check_integer
-from lvlm_cl.methods.routing import (ROUTING_DEFAULTS, RouterState, TaskKeyRouter, attach, check_routing_settings,
-                                     key_term_on_batch, query_encoder, unwrap)
+from lvlm_cl.methods.base import Method, Task
+from lvlm_cl.methods.routing import RouterState, RoutingSettings, TaskKeyRouter, key_term_on_batch, query_encoder
+from lvlm_cl.models.continual import attach, unwrap
+from lvlm_cl.settings import setting
 
 BASE = "__base__"      # PEFT's name for "no adapter" in a mixed batch
 
 
+@dataclass(frozen=True)
+class TaskLoRASettings(RoutingSettings):
+    r: int = setting(8, low=1, help="LoRA rank of each task's adapter")
+    alpha: float = setting(16.0, low=0, help="LoRA scaling (alpha / r)")
+    dropout: float = setting(0.0, low=0, below=1, help="LoRA dropout")
+    vision: bool = setting(True, help="adapt the vision tower (seed 000's image-encoder LoRA)")
+    language: bool = setting(True, help="adapt the language model")
+
+    def resolve(self, given: frozenset[str]) -> TaskLoRASettings:
+        """Cross-field rule: the adapters go somewhere."""
+        if not (self.vision or self.language):
+            raise ValueError("at least one of the settings 'vision' and 'language' must be true")
+        return self
+
+
 class TaskLoRA(RouterState, Method):
     name = "task_lora"
-    defaults = {
-        "r": 8,
-        "alpha": 16.0,
-        "dropout": 0.0,
-        "vision": True,            # adapters on the vision tower too (seed 000's image-encoder LoRA)
-        "language": True,          # adapters on the language model
-        **ROUTING_DEFAULTS,        # key_mode, keys_per_task, key_weight, query_cache
-    }
+    settings_class = TaskLoRASettings
+    settings: TaskLoRASettings
     uses_task_ids = True
 
-    def __init__(self, **hparams):
-        super().__init__(**hparams)
-        h = self.hparams
-        check_integer(self.name, h, "r")
-        for key in ("alpha", "dropout"):
-            if not isinstance(h[key], (int, float)) or isinstance(h[key], bool) or h[key] < 0:
-                raise ValueError(f"task_lora: setting {key!r} must be a number >= 0, got {h[key]!r}")
-        check_routing_settings(self.name, h)
-        if not (h["vision"] or h["language"]):
-            raise ValueError("task_lora: at least one of 'vision' and 'language' must be true")
+    def __init__(self, **args):
+        super().__init__(**args)
         self.router: TaskKeyRouter | None = None
         self.names: list[str] = []
 
     def setup(self, model, stream: list[Task]) -> None:
         refuse_recipe_lora(model, self.name)
-        encoder = query_encoder(model, self.hparams["query_cache"])   # before any adapter: the base's queries
+        s = self.settings
+        encoder = query_encoder(model, s.query_cache)   # before any adapter: the base's queries
         dim = unwrap(model).config.get_text_config().hidden_size
-        self.router = attach(model, self.name, TaskKeyRouter(len(stream), dim, key_mode=self.hparams["key_mode"],
-                                                             keys_per_task=self.hparams["keys_per_task"]))
+        self.router = attach(model, self.name, TaskKeyRouter(len(stream), dim, key_mode=s.key_mode,
+                                                             keys_per_task=s.keys_per_task))
         self.router.to(next(model.parameters()).device).requires_grad_(False)
         self.router.encoder = encoder
-        h = self.hparams
         self.names = [f"cl_task_lora_{i:02d}" for i in range(len(stream))]
         layers: list[str] = []
         for name in self.names:
-            layers = inject_lora(model, name, r=h["r"], alpha=h["alpha"], dropout=h["dropout"],
-                                 target_modules=targets(language=h["language"], vision=h["vision"]))
+            layers = inject_lora(model, name, r=s.r, alpha=s.alpha, dropout=s.dropout,
+                                 target_modules=targets(language=s.language, vision=s.vision))
         install_adapter_hooks(model, layers, self.router, self.names)
 
     def before_task(self, task: Task, model, train_data: list) -> list:
@@ -79,7 +83,7 @@ class TaskLoRA(RouterState, Method):
         return train_data
 
     def loss(self, model, batch: dict, outputs, task: Task):
-        return key_term_on_batch(self.router, batch, task.index, self.hparams["key_weight"])
+        return key_term_on_batch(self.router, batch, task.index, self.settings.key_weight)
 
     def after_task(self, task: Task, model, train_data: list) -> None:
         self.router.finish_task(task.index)

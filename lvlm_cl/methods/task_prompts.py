@@ -36,14 +36,32 @@ top-k prompts; here ``top_k`` averages them, so the prompt length is the same in
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 
 from lvlm_cl.distributed import whole
-from lvlm_cl.methods.base import Method, Task, check_integer
-from lvlm_cl.methods.routing import (ROUTING_DEFAULTS, RouterState, TaskKeyRouter, attach, check_routing_settings,
-                                     key_term_on_batch, query_encoder)
+from lvlm_cl.methods.base import Method, Task
+from lvlm_cl.methods.routing import RouterState, RoutingSettings, TaskKeyRouter, key_term_on_batch, query_encoder
 from lvlm_cl.models import parts
+from lvlm_cl.models.continual import attach
+from lvlm_cl.settings import seed_setting, setting
 
+
+@dataclass(frozen=True)
+class PromptSettings(RoutingSettings):
+    """The prompt pool's settings (``task_prompts``, ``dual_modality``), besides the routing ones."""
+
+    length: int = setting(8, low=1, help="prompt vectors per task")
+    init: Literal["previous", "random"] = setting("previous", help="a new task's prompt: previous (copy of the "
+                                                                    "last one) or random")
+    seed: int = seed_setting("initialisation of the prompts")
+
+
+@dataclass(frozen=True)
+class TaskPromptsSettings(PromptSettings):
+    top_k: int = setting(1, low=1, help="at inference, the similarity-weighted mean of the k best tasks' prompts")
 
 
 class TaskPromptPool(TaskKeyRouter):
@@ -80,23 +98,12 @@ class TaskPromptPool(TaskKeyRouter):
 
 class TaskPrompts(RouterState, Method):
     name = "task_prompts"
-    defaults = {
-        "length": 8,              # prompt vectors per task
-        "top_k": 1,               # tasks whose prompts are used at inference (similarity-weighted mean)
-        "init": "previous",       # a new task's prompt: "previous" (copy of the last task's) or "random"
-        "seed": 0,
-        **ROUTING_DEFAULTS,       # key_mode, keys_per_task, key_weight, query_cache
-    }
+    settings_class = TaskPromptsSettings
+    settings: TaskPromptsSettings
     uses_task_ids = True
 
-    def __init__(self, **hparams):
-        super().__init__(**hparams)
-        h = self.hparams
-        for key in ("length", "top_k"):
-            check_integer(self.name, h, key)
-        check_routing_settings(self.name, h)
-        if h["init"] not in ("previous", "random"):
-            raise ValueError(f"task_prompts: setting 'init' must be 'previous' or 'random', got {h['init']!r}")
+    def __init__(self, **args):
+        super().__init__(**args)
         self.pool: TaskPromptPool | None = None
 
     @property
@@ -104,30 +111,31 @@ class TaskPrompts(RouterState, Method):
         return self.pool
 
     def setup(self, model, stream: list[Task]) -> None:
-        self.pool = attach_prompt_pool(model, self.name, len(stream), self.hparams, self.hparams["top_k"])
+        self.pool = attach_prompt_pool(model, self.name, len(stream), self.settings, self.settings.top_k)
         install_prompt_hooks(parts(model)["language_model"], self.pool)
 
     def before_task(self, task: Task, model, train_data: list) -> list:
-        begin_task_prompt(self.pool, task.index, self.hparams["init"])
+        begin_task_prompt(self.pool, task.index, self.settings.init)
         return train_data
 
     def loss(self, model, batch: dict, outputs, task: Task):
-        return key_term_on_batch(self.pool, batch, task.index, self.hparams["key_weight"])
+        return key_term_on_batch(self.pool, batch, task.index, self.settings.key_weight)
 
     def after_task(self, task: Task, model, train_data: list) -> None:
         self.pool.finish_task(task.index)
 
 
-def attach_prompt_pool(model, name: str, num_tasks: int, h: dict, top_k: int = 1) -> TaskPromptPool:
+def attach_prompt_pool(model, name: str, num_tasks: int, settings: PromptSettings, top_k: int = 1) -> TaskPromptPool:
     """A frozen ``TaskPromptPool`` under ``<model>.continual.<name>`` with the query encoder of the base model
-    (taken now, before any adapter is added): prompts initialised at the input embeddings' scale. ``h``: the
-    method's settings (``length``, ``seed`` and the routing settings)."""
-    encoder = query_encoder(model, h["query_cache"])
+    (taken now, before any adapter is added): prompts initialised at the input embeddings' scale. ``settings``:
+    the method's (``length``, ``seed`` and the routing settings)."""
+    s = settings
+    encoder = query_encoder(model, s.query_cache)
     embed = parts(model)["language_model"].get_input_embeddings().weight
     with whole([embed]):    # ZeRO-3 may have partitioned the model at loading
         dim, std, device = embed.shape[1], float(embed.detach().float().std()), embed.device
-    pool = attach(model, name, TaskPromptPool(num_tasks, h["length"], dim, std, h["seed"], top_k,
-                                              key_mode=h["key_mode"], keys_per_task=h["keys_per_task"]))
+    pool = attach(model, name, TaskPromptPool(num_tasks, s.length, dim, std, s.seed, top_k,
+                                              key_mode=s.key_mode, keys_per_task=s.keys_per_task))
     pool.to(device).requires_grad_(False)
     pool.encoder = encoder
     return pool

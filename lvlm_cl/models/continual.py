@@ -178,7 +178,7 @@ def _install_selection(base: torch.nn.Module) -> None:
     def before(module, args, kwargs):
         if TASK_IDS in kwargs:
             raise TypeError(f"the model got '{TASK_IDS}': pass each sample's task with routing.held(model, "
-                            "task_ids=...) around the forward (as train.language_modelling_loss does)")
+                            "task_ids=...) around the forward (as loop.language_modelling_loss does)")
         found = selectors(module)
         if any(s.needs_route and not s.held for s in found):
             raise ValueError("routing: this model picks a task per sample, and it ran with no routing choice "

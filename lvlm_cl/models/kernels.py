@@ -4,7 +4,7 @@ liger-kernel's Triton kernels replace the language model's RMSNorm, SwiGLU / GeG
 with fused ones (fewer passes over the activations, less memory kept for the backward). They are applied
 through the library's public per-family entry points (``apply_liger_kernel_to_llava`` and its peers) on the
 loaded model instance, before LoRA wraps it. Its fused linear cross-entropy is not used: the loop already
-projects onto the vocabulary only at the answer positions (``train.language_modelling_loss``), which is
+projects onto the vocabulary only at the answer positions (``loop.language_modelling_loss``), which is
 where most of that kernel's saving comes from.
 
 liger-kernel patches the transformers modules of the whole process (a model of the same family built later

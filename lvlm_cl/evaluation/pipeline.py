@@ -1,0 +1,72 @@
+"""The one evaluation pipeline: generate answers to a task's prompts, gather them, score them, and the rows of
+the predictions file. The training loop (every task after every stage), ``scripts/evaluate.py`` and the tests
+all score through ``score_records``, so a number means the same wherever it was computed.
+
+With an ``accelerator`` of several processes each process generates every n-th record and the predictions are
+gathered on every process (``distributed.shard``/``unshard``); under DeepSpeed ZeRO-3 every process keeps
+stepping until all are done (``synced_gpus``). Without one (``None``) it runs in this process alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lvlm_cl.data.records import final_answer, user_text
+from lvlm_cl.distributed import shard, unshard, zero_stage
+from lvlm_cl.evaluation.generate import generate_answers
+from lvlm_cl.evaluation.scorers import corpus_score, is_corpus_metric, is_judge_metric, score_many
+
+
+@dataclass
+class Scored:
+    """A task's records scored: the model's predictions, the references, each sample's score (None where the
+    metric has no per-sample value: ``cider``) and the task's value in percent (CIDEr: its own scale x 100)."""
+
+    predictions: list[str]
+    answers: list[str]
+    scores: list[float | None]
+    percent: float
+
+    def rows(self, records: Sequence[dict]) -> Iterator[dict]:
+        """The predictions file's rows (``write_predictions``): ``id, prompt, prediction, answer, correct``."""
+        for r, p, a, s in zip(records, self.predictions, self.answers, self.scores):
+            yield {"id": r["id"], "prompt": user_text(r), "prediction": p, "answer": a, "correct": s}
+
+
+def score_records(model, processor, records: Sequence[dict], metric: str, *, max_length: int, batch_size: int,
+                  max_new_tokens: int, accelerator=None, desc: str = "evaluate", progress: bool = True,
+                  num_workers: int = 0, device: torch.device | str | None = None,
+                  observe: Callable[[dict, list[int]], None] | None = None, keep: dict | None = None) -> Scored:
+    """Generate the model's answer to every record's prompt (greedy, batched: ``generate_answers``) and score
+    it with ``metric`` against the record's final answer. The caller sets the precision (autocast) and the
+    model's state; ``observe`` and ``keep`` are ``generate_answers``'. Every process gets the whole result."""
+    several = accelerator is not None and accelerator.num_processes > 1
+    mine = shard(records, accelerator) if several else records
+    local = generate_answers(model, processor, mine, max_length=max_length, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, desc=desc, progress=progress,
+                             synced_gpus=several and zero_stage(accelerator) == 3,
+                             device=device if device is not None or accelerator is None else accelerator.device,
+                             num_workers=num_workers, observe=observe, keep=keep)
+    predictions = unshard(local, len(records), accelerator) if several else local
+    answers = [final_answer(r) for r in records]
+    return score_predictions(metric, predictions, answers)
+
+
+def score_predictions(metric: str, predictions: list[str], answers: list[str]) -> Scored:
+    """Each sample's score and the task's value: the mean of the samples' scores, or, for a corpus metric
+    (``bleu``, ``cider``: statistics pooled over the test set), ``scorers.corpus_score``."""
+    if is_judge_metric(metric):
+        raise ValueError("metric 'judge' is not wired into the evaluation pipeline yet: score a run's predictions "
+                         "with lvlm_cl.evaluation.scorers.corpus_score(..., judge=JudgeSettings(...))")
+    if not is_corpus_metric(metric):
+        scores = score_many(metric, predictions, answers)
+        return Scored(predictions, answers, scores, 100.0 * sum(scores) / len(scores) if scores else 0.0)
+    per_sample = metric != "cider"          # CIDEr's document frequencies are the test set's: no value alone
+    scores = score_many(metric, predictions, answers) if per_sample else [None] * len(predictions)
+    return Scored(predictions, answers, scores, corpus_score(metric, predictions, [[a] for a in answers]))
+
+
+__all__ = ["Scored", "score_predictions", "score_records"]
