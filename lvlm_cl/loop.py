@@ -198,7 +198,7 @@ def language_modelling_loss(model, batch: dict, full: bool = False):
     model's own (the mean over the batch's answer tokens, upcast to float32), and is also set as
     ``outputs.loss``, as the model's own forward would. ``full``: the model's own forward with ``labels``
     (every position's logits), for methods that need them (``Method.full_outputs``). The forward runs with
-    the batch's routing choice held (``routing.held``: each sample's task from ``cl_task_ids``, which the
+    the batch's routing choice held (``continual.held``: each sample's task from ``cl_task_ids``, which the
     model itself never receives).
     """
     labels = batch["labels"]

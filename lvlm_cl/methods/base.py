@@ -21,7 +21,7 @@ runs for every method in list order; ``before_task`` is chained through its retu
 A method that needs each training sample's task inside the model's forward (to pick a prompt or an
 adapter) sets ``uses_task_ids = True``: training batches then carry ``cl_task_ids`` (the index in the
 stream of each sample's task, replayed samples included). The loop does not pass them to the model: it runs
-each training forward inside ``routing.held(model, task_ids=..., ...)``, where every ``routing.Selector``
+each training forward inside ``continual.held(model, task_ids=..., ...)``, where every ``continual.Selector``
 attached to the model takes its choice for that forward; ``loss`` hooks read them from the batch.
 
 The loop computes the language model's logits only at the positions that predict an answer token

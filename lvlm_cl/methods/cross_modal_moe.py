@@ -94,9 +94,17 @@ class ExpertGroup(torch.nn.Module):
         return logits, hidden, self.up * 1
 
 
+@dataclass(frozen=True)
+class QueryChoice:
+    """``CrossModalAdapter``'s choice for one call: the instructions' queries and the image tokens per sample."""
+
+    queries: torch.Tensor
+    image_counts: torch.Tensor
+
+
 class CrossModalAdapter(Selector, torch.nn.Module):
     """The experts of every task of the stream, the alignment heads, and the count of known tasks (the
-    groups in the mixture). It is also a ``routing.Selector``: while the model runs, it holds the queries of
+    groups in the mixture). It is also a ``continual.Selector``: while the model runs, it holds the queries of
     the batch's instructions (``choose``), which route its images."""
 
     def __init__(self, num_tasks: int, d_in: int, d_out: int, d_query: int, *, experts: int, bottleneck: int,
@@ -111,10 +119,11 @@ class CrossModalAdapter(Selector, torch.nn.Module):
             torch.nn.init.normal_(head.weight, std=1 / math.sqrt(head.in_features), generator=g)
         self.register_buffer("known", torch.zeros((), dtype=torch.long))
         self.encoder: InstructionEncoder | None = None
-        # The choice held while the model runs (``Selector``; None otherwise):
-        self.queries: torch.Tensor | None = None         # (B, D) per sample of the batch
-        self.image_counts: torch.Tensor | None = None    # image tokens per sample
-        self.image_queries: torch.Tensor | None = None   # set directly when images are encoded without a batch
+        # The call's choice (the batch's queries and image tokens per sample) lives in its routing context
+        # (``Selector.choice``), not here. Kept here: queries given directly while ``represent`` encodes anchor
+        # images without a batch (set and cleared around that one call), and what a training forward leaves
+        # for the same step's loss (``loss`` takes it and clears it).
+        self.image_queries: torch.Tensor | None = None
         self.batch_repr: tuple[torch.Tensor, torch.Tensor] | None = None   # (pooled images, their queries)
         self.tokens_per_image: int | None = None          # seen at the projector's last call
 
@@ -122,18 +131,24 @@ class CrossModalAdapter(Selector, torch.nn.Module):
     def needs_route(self) -> bool:
         return int(self.known) > 0
 
-    def choose(self, task_ids, input_ids: torch.Tensor | None, attention_mask, labels=None) -> None:
-        """The instructions' queries (they end where the ``labels``' answers start); the gates route by them,
-        not by the task ids."""
-        self.image_queries = None
+    def choose(self, task_ids, input_ids: torch.Tensor | None, attention_mask, labels=None) -> QueryChoice | None:
+        """The instructions' queries (they end where the ``labels``' answers start) and the image tokens per
+        sample; the gates route by them, not by the task ids. None before the first task."""
         if input_ids is None or int(self.known) == 0:     # nothing to route before the first task
-            self.queries = self.image_counts = None
-            return
-        self.queries = self.encoder(input_ids, attention_mask, labels)
-        self.image_counts = (input_ids == self.encoder.image_token_id).sum(-1)
+            return None
+        return QueryChoice(self.encoder(input_ids, attention_mask, labels),
+                           (input_ids == self.encoder.image_token_id).sum(-1))
 
-    def forget_choice(self) -> None:
-        self.queries = self.image_counts = None
+    @property
+    def queries(self) -> torch.Tensor | None:
+        """(B, D) per sample of the call's batch (None outside ``held``)."""
+        choice = self.choice
+        return None if choice is None else choice.queries
+
+    @property
+    def image_counts(self) -> torch.Tensor | None:
+        choice = self.choice
+        return None if choice is None else choice.image_counts
 
     def queries_per_image(self, n_images: int, tokens: int) -> torch.Tensor:
         if self.image_queries is not None:

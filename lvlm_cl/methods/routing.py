@@ -205,6 +205,16 @@ class RoutingSettings(Settings):
     query_cache: int = query_cache_setting()
 
 
+@dataclass(frozen=True)
+class TaskChoice:
+    """A ``TaskKeyRouter``'s choice for one call: each sample's task (None before any task is known), the
+    routing similarities (None when the tasks were given) and the image tokens per sample."""
+
+    selected: torch.Tensor | None
+    sims: torch.Tensor | None
+    image_counts: torch.Tensor | None
+
+
 class TaskSlot(torch.nn.Module):
     """One task's routed parameters: its keys, and optionally a prompt. They are read by calling the
     module, which returns copies: DeepSpeed ZeRO-3 gathers a module's parameters while it runs, and only
@@ -245,9 +255,6 @@ class TaskKeyRouter(Selector, torch.nn.Module):
         self.register_buffer("key_ready", torch.zeros(num_tasks, dtype=torch.bool))
         self.encoder: InstructionEncoder | None = None
         # The choice held while the model runs (``Selector``; None otherwise):
-        self.selected: torch.Tensor | None = None      # each sample's task
-        self.sims: torch.Tensor | None = None          # routing similarities (None when the tasks were given)
-        self.image_counts: torch.Tensor | None = None   # image tokens per sample (to map images to samples)
         self._seen: dict[bytes, torch.Tensor] = {}     # this task's training queries, by instruction
 
     @property
@@ -279,25 +286,41 @@ class TaskKeyRouter(Selector, torch.nn.Module):
         return self.num_known > 0
 
     def choose(self, task_ids: torch.Tensor | None, input_ids: torch.Tensor | None, attention_mask,
-               labels: torch.Tensor | None = None) -> None:
-        """Set ``selected`` (each sample's task, or None before any task is known) and ``sims`` (the
-        routing similarities, None when the tasks were given) for the batch about to run."""
-        self.selected, self.sims = None, None
-        self.image_counts = None if input_ids is None else (input_ids == self.encoder.image_token_id).sum(-1)
+               labels: torch.Tensor | None = None) -> TaskChoice:
+        """The choice for the batch about to run (``Selector``): each sample's task (None before any task is
+        known) from ``task_ids`` or by routing the instructions, with the similarities when routed."""
+        counts = None if input_ids is None else (input_ids == self.encoder.image_token_id).sum(-1)
         known = self.num_known
         if known == 0:
-            return
+            return TaskChoice(None, None, counts)
         if task_ids is not None:
             if int(task_ids.max()) >= known:
                 raise ValueError(f"a training sample of task {int(task_ids.max())}, but only {known} tasks are known")
-            self.selected = task_ids.long()
-            return
+            return TaskChoice(task_ids.long(), None, counts)
         if input_ids is None:
             raise ValueError("task routing needs input_ids; inputs_embeds alone cannot be routed")
-        self.selected, self.sims = self.route(input_ids, attention_mask, labels)
+        selected, sims = self.route(input_ids, attention_mask, labels)
+        return TaskChoice(selected, sims, counts)
 
-    def forget_choice(self) -> None:
-        self.selected = self.sims = self.image_counts = None
+    # The call's choice, read back from its context (None outside ``held``)
+
+    @property
+    def selected(self) -> torch.Tensor | None:
+        """Each sample's task."""
+        choice = self.choice
+        return None if choice is None else choice.selected
+
+    @property
+    def sims(self) -> torch.Tensor | None:
+        """The routing similarities (None when the tasks were given)."""
+        choice = self.choice
+        return None if choice is None else choice.sims
+
+    @property
+    def image_counts(self) -> torch.Tensor | None:
+        """Image tokens per sample (to map images to samples)."""
+        choice = self.choice
+        return None if choice is None else choice.image_counts
 
     def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
               labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

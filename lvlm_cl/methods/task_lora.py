@@ -97,8 +97,8 @@ def install_adapter_hooks(model, layer_paths: list[str], router: TaskKeyRouter, 
             return [BASE] * n
         if router.selected is None:
             raise ValueError(f"task_lora: a LoRA layer of the {kind} side ran with no routing choice (was the model "
-                             "run outside its forward?); generate with lvlm_cl.methods.routing.generate(model, ...) "
-                             "or inside routing.held(...)")
+                             "run outside its forward?); generate with lvlm_cl.models.continual.generate(model, ...) (routing.generate) "
+                             "or inside lvlm_cl.models.continual.held(...)")
         per_sample = [names[int(t)] for t in router.selected]
         if kind == "image":
             counts = router.image_counts.tolist()

@@ -13,7 +13,7 @@ instruction (``routing.InstructionEncoder``: the base language model's mean-pool
   queries by ``term = key_weight * mean(1 - cos(q, k_t))`` (``key_mode: learned``).
 - Inference: each sample uses the prompt of the known task whose keys are most similar to its query
   (``top_k > 1``: the similarity-weighted mean of the k best tasks' prompts). No task label is needed:
-  ``routing.generate`` (used by evaluation and chat) routes each prompt once and holds the choice.
+  ``continual.generate`` (used by evaluation and chat) routes each prompt once and holds the choice.
 - The prompts, keys and the count of known tasks live in the model (``<model>.continual.task_prompts``) and
   are saved with every task checkpoint.
 
@@ -21,8 +21,8 @@ instruction (``routing.InstructionEncoder``: the base language model's mean-pool
       - {name: task_prompts, length: 8, key_weight: 1.0}
       - {name: replay, memory_fraction: 0.05, selection: task_balanced}
 
-How the prompts enter the model: each sample's task is chosen once per call (``routing.held``: from the
-training batch's ``cl_task_ids``, or by routing the prompt of a ``routing.generate`` call), a pre-hook on
+How the prompts enter the model: each sample's task is chosen once per call (``continual.held``: from the
+training batch's ``cl_task_ids``, or by routing the prompt of a ``continual.generate`` call), a pre-hook on
 the language model prepends the chosen prompts to ``inputs_embeds`` (extending the attention mask and
 shifting position ids by ``length``), and a forward hook drops the prompt positions from its output, so
 logits and labels keep their length. Later decoding steps of the call find the prompts in the key-value
@@ -72,15 +72,10 @@ class TaskPromptPool(TaskKeyRouter):
         super().__init__(num_tasks, dim, [torch.randn(length, dim, generator=g) * init_std for _ in range(num_tasks)],
                          seed=seed, **keys)
         self.length, self.top_k = length, top_k
-        self._strip = 0                             # prompt positions to drop from this LM forward's output
 
     @property
     def active(self) -> bool:
         return self.selected is not None
-
-    def forget_choice(self) -> None:
-        super().forget_choice()
-        self._strip = 0
 
     def weights(self) -> torch.Tensor:
         """(B, known) weight of each known task's prompt per sample: one-hot, or the top-k similarities."""
@@ -166,7 +161,7 @@ def install_prompt_hooks(language_model, pool: TaskPromptPool) -> None:
             if pool.selected.shape[0] != embeds.shape[0]:
                 raise ValueError(f"task_prompts: {pool.selected.shape[0]} routed samples for a batch of {embeds.shape[0]}")
             kwargs["inputs_embeds"] = torch.cat([pool.batch_prompts(embeds.dtype, embeds.device), embeds], dim=1)
-            pool._strip = P
+            pool.call.notes[(id(pool), "strip")] = P     # for this forward's post-hook, in the call's context
         mask = kwargs.get("attention_mask")
         if isinstance(mask, dict):
             # Masks already built for the unprompted sequence (Gemma 3 builds them above its language model):
@@ -190,9 +185,10 @@ def install_prompt_hooks(language_model, pool: TaskPromptPool) -> None:
         return args, kwargs
 
     def strip(module, args, output):
-        if not pool._strip:
+        call = pool.call
+        P = call.notes.pop((id(pool), "strip"), 0) if call is not None else 0
+        if not P:
             return output
-        P, pool._strip = pool._strip, 0
         output.last_hidden_state = output.last_hidden_state[:, P:]
         return output
 

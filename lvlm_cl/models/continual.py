@@ -15,6 +15,9 @@ it (``generate``) without knowing which methods a run uses.
 from __future__ import annotations
 
 import contextlib
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -38,7 +41,10 @@ def attach(model: torch.nn.Module, name: str, module: torch.nn.Module) -> torch.
     if not hasattr(base, CONTINUAL):
         base.add_module(CONTINUAL, torch.nn.ModuleDict())
         _install_selection(base)
-    getattr(base, CONTINUAL)[name] = module
+    holder = getattr(base, CONTINUAL)
+    holder[name] = module
+    if isinstance(module, Selector):     # it finds the call held for this model through its holder
+        module.__dict__["_holder"] = weakref.ref(holder)
     return module
 
 
@@ -80,28 +86,60 @@ def selectors(model: torch.nn.Module) -> list["Selector"]:
     return [m for m in holder.values() if isinstance(m, Selector)] if holder is not None else []
 
 
+@dataclass
+class Call:
+    """The routing context of one call of the model: what ``held`` holds for the duration of its block, in
+    one place (the model's ``continual`` holder), and nowhere else once the block ends.
+
+    ``choices`` holds what each ``Selector`` chose for the call's samples (its ``choose``'s return value).
+    Per forward inside the block, the model's own hooks set ``past_length`` (positions of this call already
+    in a decoding cache) and ``input_mask`` (the forward's 2-D padding mask, or None) for the hooks below the
+    model, and clear them after it. ``past_length`` is counted, not read from the cache: a forward shorter
+    than the held prompt continues the previous ones (how ``generate`` decodes with a cache); one at least as
+    long starts again from position 0. ``notes``: what a selector's hook below the model hands from its
+    pre-hook to its post-hook within one forward (``task_prompts``: the prompt positions to strip)."""
+
+    prompt_length: int = 0              # of the held call's input_ids
+    choices: dict[int, Any] = field(default_factory=dict)        # id(selector) -> its choice
+    cache_length: int = 0               # positions the call's forwards have run so far
+    past_length: int = 0
+    input_mask: torch.Tensor | None = None
+    notes: dict[tuple[int, str], Any] = field(default_factory=dict)
+
+
+def current_call(model: torch.nn.Module) -> Call | None:
+    """The call held for ``model`` now (None outside ``held``)."""
+    holder = getattr(unwrap(model), CONTINUAL, None)
+    return None if holder is None else holder.__dict__.get("_call")
+
+
 @contextlib.contextmanager
 def held(model: torch.nn.Module, *, input_ids: torch.Tensor | None = None,
          attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
          task_ids: torch.Tensor | None = None):
     """One routing choice for everything the model runs inside the block, released at its end.
 
-    Each ``Selector`` of the model chooses now: from ``task_ids`` (a training batch: each sample's task,
-    replayed samples included) or by routing the instructions of ``input_ids`` (the text before the first
-    answer token of ``labels``, when given). A ``generate`` call inside the block decodes every token with
-    that choice (``generate`` below). ``model`` may be wrapped (PEFT, DDP, DeepSpeed)."""
+    Each ``Selector`` of the model chooses now, in the order the methods attached them (the recipe's):
+    from ``task_ids`` (a training batch: each sample's task, replayed samples included) or by routing the
+    instructions of ``input_ids`` (the text before the first answer token of ``labels``, when given). A
+    ``generate`` call inside the block decodes every token with that choice (``generate`` below). ``model``
+    may be wrapped (PEFT, DDP, DeepSpeed). Without selectors there is nothing to hold."""
+    holder = getattr(unwrap(model), CONTINUAL, None)
     found = selectors(model)
-    if any(s.held for s in found):
+    if not found:
+        yield
+        return
+    if holder.__dict__.get("_call") is not None:
         raise RuntimeError("routing.held: a routing choice is already held for this model (blocks do not nest)")
+    call = Call(prompt_length=0 if input_ids is None else input_ids.shape[1])
+    holder.__dict__["_call"] = call          # a plain attribute, not a submodule: never saved, never moved
     try:
         for s in found:
-            s.choose(task_ids, input_ids, attention_mask, labels)
-            s.held = True
-            s.prompt_length = 0 if input_ids is None else input_ids.shape[1]
+            s.__dict__["_holder"] = weakref.ref(holder)     # (again: a deep copy of the model has its own holder)
+            call.choices[id(s)] = s.choose(task_ids, input_ids, attention_mask, labels)
         yield
     finally:
-        for s in found:
-            s.release()
+        holder.__dict__["_call"] = None
 
 
 @contextlib.contextmanager
@@ -127,40 +165,45 @@ def generate(model: torch.nn.Module, **inputs):
 
 class Selector:
     """What a module that selects by task inside the forward implements (a ``TaskKeyRouter``, the
-    ``cross_modal_moe`` adapter). It holds one choice at a time, only inside ``held(...)``: chosen when the
-    block starts, released when it ends. Once a task is known (``needs_route``), a forward of the model
-    outside such a block is refused: it would have to guess, and a decoding step's one-token input cannot
-    be routed.
-
-    Per forward inside the block, the model's hooks set ``past_length`` (positions of this call already in
-    a decoding cache) and ``input_mask`` (the forward's 2-D padding mask, or None) for the hooks below the
-    model, and clear them after it. ``past_length`` is counted, not read from the cache: a forward shorter
-    than the held prompt continues the previous ones (how ``generate`` decodes with a cache); one at least as
-    long starts again from position 0 (without a cache). Where a 2-D mask is given, which covers the
-    cache and the input, the two must agree."""
-
-    held = False
-    prompt_length = 0              # of the held call's input_ids
-    cache_length = 0               # positions the held call's forwards have run so far
-    input_mask: torch.Tensor | None = None
-    past_length = 0
+    ``cross_modal_moe`` adapter): ``needs_route`` and ``choose``, which returns the choice for a call's samples
+    (it keeps nothing itself). The choice lives in the call's context (``Call``) for the duration of ``held``
+    and is read back with ``choice``. Once a task is known (``needs_route``), a forward of the model outside
+    such a block is refused: it would have to guess, and a decoding step's one-token input cannot be routed."""
 
     @property
     def needs_route(self) -> bool:
         """Whether a forward must have a choice (some task is known)."""
         raise NotImplementedError
 
-    def choose(self, task_ids, input_ids, attention_mask, labels) -> None:
+    def choose(self, task_ids, input_ids, attention_mask, labels) -> Any:
+        """This selector's choice for the call's samples (None: nothing to choose yet)."""
         raise NotImplementedError
 
-    def forget_choice(self) -> None:
-        raise NotImplementedError
+    @property
+    def call(self) -> Call | None:
+        """The call held for the model this selector is attached to (None outside ``held``)."""
+        holder = self.__dict__.get("_holder")
+        holder = holder() if holder is not None else None
+        return None if holder is None else holder.__dict__.get("_call")
 
-    def release(self) -> None:
-        self.forget_choice()
-        self.held = False
-        self.prompt_length = self.cache_length = self.past_length = 0
-        self.input_mask = None
+    @property
+    def held(self) -> bool:
+        return self.call is not None
+
+    @property
+    def choice(self) -> Any:
+        call = self.call
+        return None if call is None else call.choices.get(id(self))
+
+    @property
+    def past_length(self) -> int:
+        call = self.call
+        return 0 if call is None else call.past_length
+
+    @property
+    def input_mask(self) -> torch.Tensor | None:
+        call = self.call
+        return None if call is None else call.input_mask
 
 
 def _positions(args, kwargs) -> int:
@@ -179,33 +222,36 @@ def _install_selection(base: torch.nn.Module) -> None:
         if TASK_IDS in kwargs:
             raise TypeError(f"the model got '{TASK_IDS}': pass each sample's task with routing.held(model, "
                             "task_ids=...) around the forward (as loop.language_modelling_loss does)")
-        found = selectors(module)
-        if any(s.needs_route and not s.held for s in found):
-            raise ValueError("routing: this model picks a task per sample, and it ran with no routing choice "
-                             "held: generate with lvlm_cl.methods.routing.generate(model, ...), run a forward "
-                             "inside routing.held(model, input_ids=...) (or task_ids=...)")
+        call = current_call(module)
+        if call is None:
+            if any(s.needs_route for s in selectors(module)):
+                raise ValueError("routing: this model picks a task per sample, and it ran with no routing choice "
+                                 "held: generate with lvlm_cl.models.continual.generate(model, ...) (routing.generate), "
+                                 "or run a forward inside lvlm_cl.models.continual.held(model, input_ids=...) "
+                                 "(routing.held; or task_ids=...)")
+            return args, kwargs
         mask = kwargs.get("attention_mask")
         length = _positions(args, kwargs)
         two_d = isinstance(mask, torch.Tensor) and mask.dim() == 2
-        for s in found:
-            s.past_length = s.cache_length if length < s.prompt_length else 0
-            if two_d and mask.shape[1] - length != s.past_length:
-                raise RuntimeError(f"routing: a forward of {length} positions with an attention mask of "
-                                   f"{mask.shape[1]}, after {s.cache_length} positions of this call: the model "
-                                   "was not called as greedy or sampled decoding calls it")
-            s.input_mask = mask if two_d else None
+        call.past_length = call.cache_length if length < call.prompt_length else 0
+        if two_d and mask.shape[1] - length != call.past_length:
+            raise RuntimeError(f"routing: a forward of {length} positions with an attention mask of "
+                               f"{mask.shape[1]}, after {call.cache_length} positions of this call: the model "
+                               "was not called as greedy or sampled decoding calls it")
+        call.input_mask = mask if two_d else None
         return args, kwargs
 
     def after(module, args, kwargs, output):
-        for s in selectors(module):
-            if s.held:
-                s.cache_length = s.past_length + _positions(args, kwargs)
-            s.input_mask, s.past_length = None, 0
+        call = current_call(module)
+        if call is not None:
+            call.cache_length = call.past_length + _positions(args, kwargs)
+            call.input_mask, call.past_length = None, 0
+            call.notes.clear()
         return output
 
     base.register_forward_pre_hook(before, with_kwargs=True)
     base.register_forward_hook(after, with_kwargs=True, always_call=True)
 
 
-__all__ = ["CONTINUAL", "Selector", "adapters_disabled", "attach", "generate", "held", "held_for_batch", "is_continual",
+__all__ = ["CONTINUAL", "Call", "Selector", "current_call", "adapters_disabled", "attach", "generate", "held", "held_for_batch", "is_continual",
            "model_inputs", "selectors", "unwrap"]
