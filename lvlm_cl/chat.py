@@ -24,7 +24,7 @@ from lvlm_cl.data.encoding import encode_prompt
 from lvlm_cl.data.records import RecordError, check_image
 from lvlm_cl.errors import UserError
 from lvlm_cl.models import autocast_for
-from lvlm_cl.models.continual import generate as routed_generate
+from lvlm_cl.models.continual import generate as routed_generate, task_router
 
 
 class ChatError(RuntimeError, UserError):
@@ -85,14 +85,12 @@ class Chat:
 
     def routing(self, text: str) -> str | None:
         """Which task the model's keys pick for this turn, with the similarities (None without a router)."""
-        from lvlm_cl.methods.routing import routers
-
-        found = routers(self.model)
-        if not found:
+        router = task_router(self.model)
+        if router is None:
             return None
         enc = encode_prompt(self.processor, self._record(text), self.max_length)
         device = next(self.model.parameters()).device
-        best, sims = found[0].route(enc.input_ids[None].to(device))
+        best, sims = router.route(enc.input_ids[None].to(device))
         names = self.task_names or [str(i) for i in range(sims.shape[1])]
         ranked = sorted(range(sims.shape[1]), key=lambda i: -float(sims[0, i]))
         return (f"routing: {names[int(best)]} (cos {float(sims[0, int(best)]):.3f}); "

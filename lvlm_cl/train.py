@@ -38,8 +38,8 @@ from lvlm_cl.evaluation import cl_metrics_partial, write_predictions, write_repo
 from lvlm_cl.evaluation.pipeline import score_records
 from lvlm_cl.io import atomic_replace_dir, atomic_write_json, under
 from lvlm_cl.loop import decide_checkpointing, train_task, worker_count
-from lvlm_cl.methods.routing import routers
 from lvlm_cl.models import BUILTIN_GEMMA3, BUILTIN_PRETRAINED, BUILTIN_RANDOM, count_parameters, resolve_model_dir
+from lvlm_cl.models.continual import task_router
 from lvlm_cl.models.tiny import save_model_dir
 from lvlm_cl.pretrained import pretrain_config, pretrained_is_cached
 
@@ -275,8 +275,7 @@ def evaluate_stream(accelerator, model, processor, stream, cfg, run_dir: Path, s
     device for inference)."""
     tr = cfg.trainer
     row, routing = [], {}
-    found = routers(model)
-    router = found[0] if found else None
+    router = task_router(model)
     with gathered(model):
         for task in stream:
             records = eval_records(task, tr)

@@ -25,7 +25,7 @@ def main(argv=None) -> int:
 
     from lvlm_cl.config import cache_dir, load_recipe
     from lvlm_cl.data.encoding import collate_prompts, encode_prompt
-    from lvlm_cl.methods.routing import InstructionEncoder
+    from lvlm_cl.methods.queries import InstructionEncoder
     from lvlm_cl.models import load_model_dir, parts, resolve_model_dir
     from lvlm_cl.stream import build_stream
     from lvlm_cl.train import pretrained_base

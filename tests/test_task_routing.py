@@ -14,7 +14,8 @@ from lvlm_cl.data.encoding import encode_prompt, encode_record
 from lvlm_cl.methods.base import Task
 from lvlm_cl.data.dataset import TASK_IDS
 from lvlm_cl.models.continual import held, is_continual, selectors
-from lvlm_cl.methods.routing import InstructionEncoder, routers
+from lvlm_cl.methods.queries import InstructionEncoder
+from lvlm_cl.methods.routing import routers
 from lvlm_cl.models.continual import generate as routed_generate
 from lvlm_cl.methods.task_lora import TaskLoRA
 from lvlm_cl.methods.task_prompts import TaskPrompts

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from lvlm_cl.data.dataset import TASK_IDS
 from lvlm_cl.distributed import gather_objects, whole
 from lvlm_cl.methods.base import Method, Task
-from lvlm_cl.methods.routing import InstructionEncoder, query_cache_setting, query_encoder
+from lvlm_cl.methods.queries import InstructionEncoder, query_cache_setting, query_encoder
 from lvlm_cl.models import parts
 from lvlm_cl.models.continual import Selector, attach, unwrap
 from lvlm_cl.settings import Settings, seed_setting, setting

@@ -10,7 +10,7 @@ in ``lwf``, but each sample's positions are weighted by how related its instruct
     w_i  = sum_{s<t} softmax_s( [sim(q_i, task 0) .. sim(q_i, task t)] / relevance_temperature )
     term = alpha * T^2 * sum over answer positions p of w_{sample(p)} KL(teacher_T || student_T) / #positions
 
-q_i is the frozen text feature of the sample's instruction (``routing.InstructionEncoder``, the base language
+q_i is the frozen text feature of the sample's instruction (``queries.InstructionEncoder``, the base language
 model's mean-pooled hidden states); each finished task has k-means keys of its training queries
 (``routing.TaskKeyRouter``, fitted at the task's end); sim to a task is the highest cosine to its keys.
 The current task has no keys until it ends: its similarity is the highest cosine to the queries of its
@@ -71,7 +71,8 @@ from lvlm_cl.data.records import final_answer
 from lvlm_cl.distributed import gather_objects
 from lvlm_cl.methods.base import Method, Task
 from lvlm_cl.methods.lwf import LwF, distillation
-from lvlm_cl.methods.routing import InstructionEncoder, TaskKeyRouter, query_cache_setting, query_encoder
+from lvlm_cl.methods.queries import InstructionEncoder, query_cache_setting, query_encoder
+from lvlm_cl.methods.routing import TaskKeyRouter
 from lvlm_cl.models.continual import unwrap
 from lvlm_cl.settings import Settings, setting
 

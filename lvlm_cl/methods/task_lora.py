@@ -11,7 +11,7 @@ MR-LoRA).
   (the ``adapter_names`` argument of its LoRA layers). Keys as in ``task_prompts`` (prototypes of the
   task's queries by default, or a learned key).
 - Inference: each sample is routed to the task whose key is most similar to its instruction's query
-  (``routing.InstructionEncoder``) and runs through that task's adapter only; the vision tower's adapter
+  (``queries.InstructionEncoder``) and runs through that task's adapter only; the vision tower's adapter
   follows the sample's route for each of its images.
 
 Each task's adapter starts at PEFT's initialisation (B = 0: the base model), so no task's training moves
@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 from lvlm_cl.methods.adapters import inject_lora, refuse_recipe_lora, set_trainable_adapter, targets
 from lvlm_cl.methods.base import Method, Task
-from lvlm_cl.methods.routing import RouterState, RoutingSettings, TaskKeyRouter, key_term_on_batch, query_encoder
+from lvlm_cl.methods.queries import query_encoder
+from lvlm_cl.methods.routing import RouterState, RoutingSettings, TaskKeyRouter, key_term_on_batch
 from lvlm_cl.models.continual import attach, unwrap
 from lvlm_cl.settings import setting
 

@@ -3,7 +3,7 @@
 
 Each task owns ``length`` learnable prompt vectors, prepended to the language model's input embeddings
 (after the image features are merged in), and a key. The query of a sample is a frozen text feature of its
-instruction (``routing.InstructionEncoder``: the base language model's mean-pooled hidden states).
+instruction (``queries.InstructionEncoder``: the base language model's mean-pooled hidden states).
 
 - Training on task t: every sample uses the prompt of the task it comes from (the current task's, or an
   earlier task's for records a memory bank replays). Earlier tasks' prompts are frozen; the new task's
@@ -43,7 +43,8 @@ import torch
 
 from lvlm_cl.distributed import whole
 from lvlm_cl.methods.base import Method, Task
-from lvlm_cl.methods.routing import RouterState, RoutingSettings, TaskKeyRouter, key_term_on_batch, query_encoder
+from lvlm_cl.methods.queries import query_encoder
+from lvlm_cl.methods.routing import RouterState, RoutingSettings, TaskKeyRouter, key_term_on_batch
 from lvlm_cl.models import parts
 from lvlm_cl.models.continual import attach
 from lvlm_cl.settings import seed_setting, setting

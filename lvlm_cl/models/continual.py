@@ -86,6 +86,12 @@ def selectors(model: torch.nn.Module) -> list["Selector"]:
     return [m for m in holder.values() if isinstance(m, Selector)] if holder is not None else []
 
 
+def task_router(model: torch.nn.Module) -> "Selector | None":
+    """The selector that picks one task per sample by routing its instruction (``routes_tasks``), if the
+    model has one: what routing accuracy is measured on, and what chat shows."""
+    return next((s for s in selectors(model) if s.routes_tasks), None)
+
+
 @dataclass
 class Call:
     """The routing context of one call of the model: what ``held`` holds for the duration of its block, in
@@ -170,9 +176,20 @@ class Selector:
     and is read back with ``choice``. Once a task is known (``needs_route``), a forward of the model outside
     such a block is refused: it would have to guess, and a decoding step's one-token input cannot be routed."""
 
+    routes_tasks = False        # picks one task per sample by routing its instruction (``route``)
+
     @property
     def needs_route(self) -> bool:
         """Whether a forward must have a choice (some task is known)."""
+        raise NotImplementedError
+
+    @property
+    def num_known(self) -> int:
+        """Tasks that take part in routing (``routes_tasks`` selectors)."""
+        raise NotImplementedError
+
+    def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """``routes_tasks`` selectors: (best task per sample (B,), similarities (B, known)) for prompts."""
         raise NotImplementedError
 
     def choose(self, task_ids, input_ids, attention_mask, labels) -> Any:
@@ -253,5 +270,5 @@ def _install_selection(base: torch.nn.Module) -> None:
     base.register_forward_hook(after, with_kwargs=True, always_call=True)
 
 
-__all__ = ["CONTINUAL", "Call", "Selector", "current_call", "adapters_disabled", "attach", "generate", "held", "held_for_batch", "is_continual",
+__all__ = ["CONTINUAL", "Call", "Selector", "current_call", "task_router", "adapters_disabled", "attach", "generate", "held", "held_for_batch", "is_continual",
            "model_inputs", "selectors", "unwrap"]
