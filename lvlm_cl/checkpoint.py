@@ -18,7 +18,7 @@
           meta.json             written last: task, step, loss curve so far, and every file's size and
                                 sha256 (a damaged step checkpoint is refused and the task starts over)
       predictions/<stage>/<task>.jsonl
-      metrics.json, report.md, accuracy_matrix.png
+      metrics.json, report.md, accuracy_matrix.png, format_matrix.png
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class RunState:
 
 # What a run writes at the top of its folder (and what --overwrite may remove): nothing else is touched.
 RUN_ENTRIES = {"config.json", "run_state.json", "versions.json", "metrics.json", "report.md", "accuracy_matrix.png",
-               "base_model", "checkpoints", "predictions", "logs", "evaluations"}
+               "format_matrix.png", "base_model", "checkpoints", "predictions", "logs", "evaluations"}
 LOCK_FILE = ".lock"
 
 

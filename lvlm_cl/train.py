@@ -171,8 +171,9 @@ def _run(cfg: RunConfig, accelerator, run_dir: Path, overwrite: bool, progress: 
         accelerator.init_trackers("lvlm_cl", config={"seed": cfg.seed, "lr": cfg.trainer.lr})
 
     if cfg.eval_before_training and state.initial is None:
-        state.initial, _ = evaluate_stream(accelerator, model, processor, stream, cfg, run_dir,
-                                           "before", progress, kept)
+        state.initial, _, formats = evaluate_stream(accelerator, model, processor, stream, cfg, run_dir,
+                                                    "before", progress, kept)
+        keep_formats(state, "before training", formats)
         _save_progress(accelerator, run_dir, state, stream)
 
     checkpointing = cfg.model.gradient_checkpointing is True
@@ -211,10 +212,11 @@ def _run(cfg: RunConfig, accelerator, run_dir: Path, overwrite: bool, progress: 
             if accelerator.is_main_process:
                 remove_step_checkpoint(run_dir)     # the task's own checkpoint supersedes it
         started = time.time()
-        row, routing = evaluate_stream(accelerator, model, processor, stream, cfg, run_dir,
-                                       f"after-{task.index:02d}-{task.name}", progress, kept)
+        row, routing, formats = evaluate_stream(accelerator, model, processor, stream, cfg, run_dir,
+                                                f"after-{task.index:02d}-{task.name}", progress, kept)
         if routing:
             state.extra.setdefault("routing_accuracy", {})[task.name] = routing
+        keep_formats(state, task.name, formats)
         state.extra.setdefault("eval_seconds", {})[task.name] = round(time.time() - started, 2)
         state.rows.append(row)
         _save_progress(accelerator, run_dir, state, stream)
@@ -258,6 +260,12 @@ def _build_pretrained(cfg, model_cfg, final: Path) -> Path:
     return final
 
 
+def keep_formats(state: RunState, stage: str, formats: dict) -> None:
+    """A stage's format errors into the run's figures (``metrics.json``: ``{stage: {task: percent}}``)."""
+    for key, per_task in formats.items():
+        state.extra.setdefault(key, {})[stage] = per_task
+
+
 def method_figures(methods) -> dict[str, float]:
     """What the methods report after a task (``Method.report``), summed by name; zeros left out."""
     figures: dict[str, float] = {}
@@ -268,13 +276,15 @@ def method_figures(methods) -> dict[str, float]:
 
 
 def evaluate_stream(accelerator, model, processor, stream, cfg, run_dir: Path, stage: str,
-                    progress: bool, kept: dict | None = None) -> tuple[list[float], dict[str, float]]:
+                    progress: bool, kept: dict | None = None) -> tuple[list[float], dict[str, float], dict]:
     """Score on every task's test split (percent; predictions are written per task) through the evaluation
-    pipeline, and the routing accuracy of a method that routes by task keys (counted on the same prompt
-    batches). Under ZeRO-3 the model is gathered whole on every process for the duration (it must fit one
-    device for inference)."""
+    pipeline; the routing accuracy of a method that routes by task keys (counted on the same prompt
+    batches); and the format errors (``evaluation.formats``: ``format_errors`` and ``wrong_format_share``,
+    each ``{task: percent}``). Under ZeRO-3 the model is gathered whole on every process for the duration (it
+    must fit one device for inference)."""
     tr = cfg.trainer
     row, routing = [], {}
+    formats: dict[str, dict[str, float | None]] = {"format_errors": {}, "wrong_format_share": {}}
     router = task_router(model)
     with gathered(model):
         for task in stream:
@@ -300,9 +310,12 @@ def evaluate_stream(accelerator, model, processor, stream, cfg, run_dir: Path, s
                 total = accelerator.reduce(hits, "sum") if accelerator.num_processes > 1 else hits
                 routing[task.name] = round(100.0 * int(total[0]) / max(1, int(total[1])), 2)
             row.append(scored.percent)
+            formats["format_errors"][task.name] = round(scored.format_errors, 2)
+            share = scored.wrong_format_share
+            formats["wrong_format_share"][task.name] = None if share is None else round(share, 2)
             if accelerator.is_main_process:
                 write_predictions(under(run_dir, "predictions", stage, f"{task.name}.jsonl"), scored.rows(records))
-        return row, routing
+        return row, routing, formats
 
 
 def _save_progress(accelerator, run_dir: Path, state: RunState, stream) -> None:

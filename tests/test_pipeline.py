@@ -47,3 +47,45 @@ def test_a_recipe_task_scored_by_the_judge_is_refused_at_load(tmp_path, colour_t
         load_recipe(recipe)
     recipe.write_text(recipe.read_text().replace("metric: judge", "metric: cider", 1))
     assert load_recipe(recipe).tasks[0].metric == "cider"      # a corpus metric is scored by the pipeline
+
+
+@pytest.mark.parametrize("metric, references, kind", [
+    ("multiple_choice", ["B"], "letter"),
+    ("iou", ["[0.1, 0.1, 0.5, 0.5]"], "box"),
+    ("numeric", ["4"], "number"),
+    ("exact_match", ["A", "C", "(D)"], "letter"),
+    ("vqa", ["3", "12", "1,000"], "number"),
+    ("exact_match", ["[0.1, 0.2, 0.3, 0.4]"], "box"),
+    ("vqa", ["red", "2", "blue|navy"], "text"),
+])
+def test_a_tasks_answer_kind_comes_from_its_metric_or_its_references(metric, references, kind):
+    from lvlm_cl.evaluation.formats import answer_kind
+
+    assert answer_kind(metric, references) == kind
+
+
+@pytest.mark.parametrize("kind, prediction, ok", [
+    ("letter", "B. because the sky is blue", True), ("letter", "the sky", False), ("letter", "", False),
+    ("number", "There are 4 of them.", True), ("number", "several", False), ("number", "four", True),
+    ("box", "[0.1, 0.2, 0.3, 0.4]", True), ("box", "top left", False),
+    ("text", "a red square", True), ("text", "   ", False),
+    ("text", "[0.1, 0.2, 0.3, 0.4]", False), ("text", "B.", False),   # another task's format
+])
+def test_a_prediction_is_well_formed_when_it_is_an_answer_of_the_tasks_kind(kind, prediction, ok):
+    from lvlm_cl.evaluation.formats import well_formed
+
+    assert well_formed(kind, prediction) is ok
+
+
+def test_wrong_answers_split_into_format_and_content():
+    # A grounding task: two right boxes, one wrong box (content), one caption where a box belongs (format).
+    references = ["[0.1, 0.1, 0.5, 0.5]"] * 4
+    predictions = ["[0.1, 0.1, 0.5, 0.5]", "[0.12, 0.1, 0.5, 0.5]", "[0.6, 0.6, 0.9, 0.9]", "a red square"]
+    scored = score_predictions("iou", predictions, references)
+    assert scored.kind == "box" and scored.formats == [True, True, True, False]
+    assert scored.scores == [1.0, 1.0, 0.0, 0.0]
+    assert scored.format_errors == 25.0 and scored.wrong_format_share == 50.0
+    assert [r["format_ok"] for r in scored.rows([{"id": str(i), "messages": []} for i in range(4)])] == scored.formats
+    # A graded metric has no wrong answers to split; nothing wrong gives no share either.
+    assert score_predictions("token_f1", ["a red bus"], ["a red bus"]).wrong_format_share is None
+    assert score_predictions("iou", predictions[:1], references[:1]).wrong_format_share is None

@@ -40,6 +40,21 @@ def test_two_task_run_writes_consistent_results(tmp_path, colour_tasks):
     assert "colour" in report and "BWT" in report
     with Image.open(out / "accuracy_matrix.png") as im:
         assert im.size[0] > 100
+    # Format against content: per stage and task, the share of predictions with a wrong format is the mean of
+    # the predictions file's format_ok column, and the share of the wrong ones follows from the same file.
+    formats, shares = metrics["format_errors"], metrics["wrong_format_share"]
+    assert list(formats) == ["before training", "colour", "warmth"] == list(shares)
+    for stage, folder in [("colour", "after-00-colour"), ("warmth", "after-01-warmth")]:
+        for task in ["colour", "warmth"]:
+            rows = [json.loads(l) for l in (out / "predictions" / folder / f"{task}.jsonl").read_text().splitlines()]
+            assert formats[stage][task] == pytest.approx(100 * sum(not r["format_ok"] for r in rows) / len(rows), abs=0.01)
+            wrong = [r for r in rows if r["correct"] < 1]
+            assert shares[stage][task] == (None if not wrong else
+                                           pytest.approx(100 * sum(not r["format_ok"] for r in wrong) / len(wrong),
+                                                         abs=0.01))
+    assert "## Format errors" in report and "## Wrong answers: format or content" in report
+    with Image.open(out / "format_matrix.png") as im:
+        assert im.size[0] > 100
     for k, name in enumerate(["colour", "warmth"]):
         ck = out / "checkpoints" / f"task-{k:02d}-{name}"
         assert (ck / "meta.json").is_file() and (ck / "trainable.safetensors").stat().st_size > 0

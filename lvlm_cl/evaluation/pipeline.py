@@ -16,6 +16,7 @@ import torch
 
 from lvlm_cl.data.records import final_answer, user_text
 from lvlm_cl.distributed import shard, unshard, zero_stage
+from lvlm_cl.evaluation.formats import BINARY_METRICS, format_flags
 from lvlm_cl.evaluation.generate import generate_answers
 from lvlm_cl.evaluation.scorers import corpus_score, is_corpus_metric, is_judge_metric, score_many
 
@@ -23,17 +24,36 @@ from lvlm_cl.evaluation.scorers import corpus_score, is_corpus_metric, is_judge_
 @dataclass
 class Scored:
     """A task's records scored: the model's predictions, the references, each sample's score (None where the
-    metric has no per-sample value: ``cider``) and the task's value in percent (CIDEr: its own scale x 100)."""
+    metric has no per-sample value: ``cider``), the task's value in percent (CIDEr: its own scale x 100), and
+    whether each prediction's format is right (``evaluation.formats``: the task's answer ``kind``)."""
 
     predictions: list[str]
     answers: list[str]
     scores: list[float | None]
     percent: float
+    kind: str
+    formats: list[bool]
+    binary: bool                  # per-sample scores are right (1) or wrong (0)
+
+    @property
+    def format_errors(self) -> float:
+        """Percent of the predictions whose format is wrong."""
+        return 100.0 * self.formats.count(False) / len(self.formats) if self.formats else 0.0
+
+    @property
+    def wrong_format_share(self) -> float | None:
+        """Of the wrong predictions, the percent whose format is wrong (the rest have the right format and the
+        wrong content); None for a graded metric or when nothing is wrong."""
+        if not self.binary:
+            return None
+        wrong = [ok for ok, s in zip(self.formats, self.scores) if s is not None and s < 1.0]
+        return 100.0 * wrong.count(False) / len(wrong) if wrong else None
 
     def rows(self, records: Sequence[dict]) -> Iterator[dict]:
-        """The predictions file's rows (``write_predictions``): ``id, prompt, prediction, answer, correct``."""
-        for r, p, a, s in zip(records, self.predictions, self.answers, self.scores):
-            yield {"id": r["id"], "prompt": user_text(r), "prediction": p, "answer": a, "correct": s}
+        """The predictions file's rows (``write_predictions``): ``id, prompt, prediction, answer, correct``,
+        then ``format_ok``."""
+        for r, p, a, s, ok in zip(records, self.predictions, self.answers, self.scores, self.formats):
+            yield {"id": r["id"], "prompt": user_text(r), "prediction": p, "answer": a, "correct": s, "format_ok": ok}
 
 
 def score_records(model, processor, records: Sequence[dict], metric: str, *, max_length: int, batch_size: int,
@@ -61,12 +81,16 @@ def score_predictions(metric: str, predictions: list[str], answers: list[str]) -
     if is_judge_metric(metric):
         raise ValueError("metric 'judge' is not wired into the evaluation pipeline yet: score a run's predictions "
                          "with lvlm_cl.evaluation.scorers.corpus_score(..., judge=JudgeSettings(...))")
+    kind, formats = format_flags(metric, predictions, answers)
+    binary = metric in BINARY_METRICS
     if not is_corpus_metric(metric):
         scores = score_many(metric, predictions, answers)
-        return Scored(predictions, answers, scores, 100.0 * sum(scores) / len(scores) if scores else 0.0)
+        return Scored(predictions, answers, scores, 100.0 * sum(scores) / len(scores) if scores else 0.0,
+                      kind, formats, binary)
     per_sample = metric != "cider"          # CIDEr's document frequencies are the test set's: no value alone
     scores = score_many(metric, predictions, answers) if per_sample else [None] * len(predictions)
-    return Scored(predictions, answers, scores, corpus_score(metric, predictions, [[a] for a in answers]))
+    return Scored(predictions, answers, scores, corpus_score(metric, predictions, [[a] for a in answers]),
+                  kind, formats, binary)
 
 
 __all__ = ["Scored", "score_predictions", "score_records"]

@@ -1,4 +1,5 @@
-"""The files a run writes after each task: metrics.json, report.md, accuracy_matrix.png, predictions.
+"""The files a run writes after each task: metrics.json, report.md, accuracy_matrix.png, format_matrix.png,
+predictions.
 
 Every file is written atomically (``lvlm_cl.io``), so a crash mid-write leaves the previous version.
 """
@@ -18,6 +19,7 @@ from lvlm_cl.io import atomic_save, atomic_write_json, atomic_write_lines, atomi
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 MATRIX_PLOT_FILE = "accuracy_matrix.png"
+FORMAT_PLOT_FILE = "format_matrix.png"
 PREDICTION_FIELDS = ("id", "prompt", "prediction", "answer", "correct")
 
 METRIC_DEFINITIONS = MappingProxyType({
@@ -120,6 +122,22 @@ def _render_markdown(record: Mapping[str, Any], extra: Mapping[str, Any]) -> str
                                            for name in tasks]
             for stage, per_task in routing.items()])
 
+    for key, title, text in (
+            ("format_errors", "Format errors",
+             "Percent of each task's predictions whose format is wrong: not an answer of the task's kind (empty, no "
+             "option letter, no number, no box) or another task's format (docs/metrics.md). A later task's "
+             "answer style taking over shows here, apart from forgotten knowledge."),
+            ("wrong_format_share", "Wrong answers: format or content",
+             "Of each task's wrong predictions, the percent whose format is wrong; the rest have the right format "
+             "and the wrong content (—: nothing wrong, or a graded metric).")):
+        table = extra.get(key)
+        if isinstance(table, Mapping) and table:
+            lines += ["", f"## {title}", "", text, ""]
+            lines += _markdown_table([""] + [_escape(name) for name in tasks], [
+                [_escape(stage if stage == "before training" else f"after {stage}")]
+                + [_format_cell(per_task.get(name), 1) for name in tasks]
+                for stage, per_task in table.items()])
+
     scalars = [(key, value) for key, value in extra.items()
                if isinstance(value, (bool, int, float, str)) or value is None]
     if scalars:
@@ -131,13 +149,15 @@ def _render_markdown(record: Mapping[str, Any], extra: Mapping[str, Any]) -> str
 
 
 def _save_heatmap(path: Path, tasks: Sequence[str], initial: Sequence[float | None] | None,
-                  rows: Sequence[Sequence[float | None]]) -> None:
+                  rows: Sequence[Sequence[float | None]], *, title: str = "Accuracy matrix",
+                  label: str = "score (%)", stages: Sequence[str] | None = None, colormap: str = "viridis") -> None:
     # Imported here so that importing lvlm_cl.evaluation stays cheap; Figure without pyplot never
     # touches the global backend.
     import numpy as np
     from matplotlib.figure import Figure
 
-    labels = (["before training"] if initial is not None else []) + [f"after {t}" for t in tasks[:len(rows)]]
+    labels = list(stages) if stages is not None else \
+        (["before training"] if initial is not None else []) + [f"after {t}" for t in tasks[:len(rows)]]
     data = [list(initial)] if initial is not None else []
     data += [list(row) for row in rows]
     values = np.array([[np.nan if v is None else v for v in row] for row in data], dtype=float)
@@ -146,18 +166,18 @@ def _save_heatmap(path: Path, tasks: Sequence[str], initial: Sequence[float | No
     height = 1.5 + 0.5 * len(labels)
     fig = Figure(figsize=(width, height))
     ax = fig.add_subplot()
-    image = ax.imshow(np.ma.masked_invalid(values), vmin=0, vmax=100, cmap="viridis", aspect="auto")
+    image = ax.imshow(np.ma.masked_invalid(values), vmin=0, vmax=100, cmap=colormap, aspect="auto")
     ax.set_xticks(range(len(tasks)), labels=list(tasks), rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels=labels)
     ax.set_xlabel("evaluated on")
     for r, row in enumerate(values):
         for c, value in enumerate(row):
             if math.isfinite(value):
-                # viridis is dark below the middle: light text there.
+                # viridis and magma are dark below the middle: light text there.
                 ax.text(c, r, f"{value:.1f}", ha="center", va="center", fontsize=8,
                         color="white" if value < 50 else "black")
-    fig.colorbar(image, ax=ax, label="score (%)")
-    ax.set_title("Accuracy matrix")
+    fig.colorbar(image, ax=ax, label=label)
+    ax.set_title(title)
     fig.tight_layout()
     atomic_save(path, lambda p: fig.savefig(p, format="png", dpi=120))
 
@@ -165,7 +185,8 @@ def _save_heatmap(path: Path, tasks: Sequence[str], initial: Sequence[float | No
 def write_report(out_dir: str | os.PathLike, task_names: list[str],
                  matrix_rows: list[list[float | None]], initial: list[float | None] | None,
                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write metrics.json, report.md and accuracy_matrix.png into ``out_dir``; return the JSON dict.
+    """Write metrics.json, report.md and accuracy_matrix.png (and format_matrix.png when ``extra`` holds
+    ``format_errors``) into ``out_dir``; return the JSON dict.
 
     ``matrix_rows`` are the rows completed so far (``k <= T``), each with one score per task in
     ``task_names`` (upper triangle included; ``None`` where not evaluated). ``initial`` is the row
@@ -198,6 +219,12 @@ def write_report(out_dir: str | os.PathLike, task_names: list[str],
     atomic_write_json(out_dir / METRICS_FILE, record)
     atomic_write_text(out_dir / REPORT_FILE, markdown)
     _save_heatmap(out_dir / MATRIX_PLOT_FILE, task_names, initial, rows)
+    formats = extra.get("format_errors")
+    if isinstance(formats, Mapping) and formats:
+        _save_heatmap(out_dir / FORMAT_PLOT_FILE, task_names, None,
+                      [[per_task.get(name) for name in task_names] for per_task in formats.values()],
+                      title="Format errors", label="predictions with a wrong format (%)",
+                      stages=[s if s == "before training" else f"after {s}" for s in formats], colormap="magma")
     return record
 
 
