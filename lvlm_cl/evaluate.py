@@ -3,6 +3,7 @@
     python scripts/evaluate.py --run runs/seq5 --data test.jsonl --metric vqa                 # last stage
     python scripts/evaluate.py --run runs/seq5 --stage 1 --data test.jsonl --metric vqa --output out/
     python scripts/evaluate.py --run runs/seq5 --all-stages --data test.jsonl --metric vqa --export coin
+    python scripts/evaluate.py --run runs/seq5 --rescore --metric token_f1        # no generation
     accelerate launch scripts/evaluate.py --run runs/seq5 --data test.jsonl --metric vqa   # sharded
 
 Writes, in ``--output`` (default ``<run>/evaluations/<data file stem>``):
@@ -10,6 +11,10 @@ Writes, in ``--output`` (default ``<run>/evaluations/<data file stem>``):
 - ``coin-answers-stage-<k>-<task>.jsonl`` with ``--export coin``: CoIN's answer format
   (``question_id, prompt, text, answer_id, model_id``), for CoIN's own scorers;
 - ``scores.json``: the score (percent) per stage evaluated; ``scores.md`` the same as a table.
+
+``--rescore --metric M`` scores the run's own predictions (written after every stage) again with another
+metric, without generating: ``<run>/evaluations/rescore-<M>/`` holds the matrix, the CL metrics and the
+format errors under that metric.
 
 Generation is the training run's: batched greedy decoding with the run's ``max_new_tokens`` (overridable),
 so on a run's own test split the score equals the number the run wrote in ``metrics.json``. Under
@@ -36,7 +41,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--stage", type=int, default=None, help="0-based task after which the stage was saved")
     which.add_argument("--all-stages", action="store_true", help="every trained stage (a row per stage)")
-    p.add_argument("--data", type=Path, required=True, help="canonical JSONL file to score on")
+    p.add_argument("--data", type=Path, default=None, help="canonical JSONL file to score on")
+    p.add_argument("--rescore", action="store_true",
+                   help="score the run's own predictions (every stage, every task) again with --metric, without "
+                        "generating: writes <run>/evaluations/rescore-<metric>/ (or --output)")
     p.add_argument("--image-root", type=Path, default=None, help="folder image paths are relative to")
     p.add_argument("--metric", required=True, help=f"one of {sorted(SCORERS)}")
     p.add_argument("--output", type=Path, default=None)
@@ -45,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's trainer.max_new_tokens")
     p.add_argument("--max-samples", type=int, default=None, help="score only the first N records")
     args = p.parse_args(argv)
+    if (args.data is None) != args.rescore:
+        p.error("give --data (generate and score) or --rescore (score the run's predictions again), one of them")
     if args.metric not in SCORERS:
         p.error(f"--metric {args.metric!r} does not exist; choose one of {sorted(SCORERS)}")
     if args.metric == "judge":
@@ -123,11 +133,56 @@ def evaluate(args) -> dict:
     return {}
 
 
+def rescore(run: Path, metric: str, output: Path | None = None) -> dict:
+    """The run's accuracy matrix again, from the predictions it wrote after every stage (``predictions/``),
+    scored with ``metric`` through the evaluation pipeline's scoring: ``metrics.json``, ``report.md`` and
+    the heatmaps in ``output`` (default ``<run>/evaluations/rescore-<metric>``). Nothing is generated."""
+    from lvlm_cl.checkpoint import CheckpointError
+    from lvlm_cl.evaluation import write_report
+    from lvlm_cl.evaluation.pipeline import score_predictions
+    from lvlm_cl.stage import read_run
+
+    _, state = read_run(run)
+    tasks = state.tasks
+
+    def row(stage: str) -> tuple[list[float], dict, dict]:
+        scores, errors, shares = [], {}, {}
+        for task in tasks:
+            path = under(run, "predictions", stage, f"{task}.jsonl")
+            if not path.is_file():
+                raise CheckpointError(f"{path}: missing: the run did not write this stage's predictions")
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            scored = score_predictions(metric, [str(r["prediction"]) for r in rows], [str(r["answer"]) for r in rows])
+            scores.append(scored.percent)
+            errors[task] = round(scored.format_errors, 2)
+            shares[task] = None if scored.wrong_format_share is None else round(scored.wrong_format_share, 2)
+        return scores, errors, shares
+
+    formats: dict[str, dict] = {"format_errors": {}, "wrong_format_share": {}}
+    initial = None
+    if (run / "predictions" / "before").is_dir():
+        initial, formats["format_errors"]["before training"], formats["wrong_format_share"]["before training"] = \
+            row("before")
+    rows = []
+    for i in range(state.trained):
+        scores, formats["format_errors"][tasks[i]], formats["wrong_format_share"][tasks[i]] = \
+            row(f"after-{i:02d}-{tasks[i]}")
+        rows.append(scores)
+    out = output or under(run, "evaluations", f"rescore-{metric}")
+    record = write_report(out, tasks, rows, initial, extra={"metric": metric, **formats})
+    print(f"[evaluate] {run} rescored with {metric}: " + " ".join(
+        f"{k}={v:.2f}" for k, v in record["metrics"].items() if v is not None) + f"; wrote {out}", flush=True)
+    return record
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from lvlm_cl.errors import report, user_errors
 
     try:
+        if args.rescore:
+            rescore(args.run, args.metric, args.output)
+            return 0
         evaluate(args)
     except user_errors() as e:
         return report(e)

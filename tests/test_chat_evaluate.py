@@ -9,6 +9,7 @@ import pytest
 from conftest import SMALL_MODEL, png, read_jsonl, write_colour_tasks, write_recipe
 from lvlm_cl import chat, evaluate
 from lvlm_cl.config import load_recipe
+from lvlm_cl.evaluation.scorers import token_f1
 from lvlm_cl.train import run
 
 pytestmark = pytest.mark.slow
@@ -40,6 +41,37 @@ def test_evaluate_reproduces_the_runs_numbers_on_every_stage(trained, tmp_path):
         coin = read_jsonl(dest / "coin-answers-stage-1-warmth.jsonl")
         assert [set(r) for r in coin] == [{"question_id", "prompt", "text", "answer_id", "model_id"}] * 8
         assert [r["text"] for r in coin] == [p["prediction"] for p in preds]
+
+
+def test_rescore_scores_the_runs_predictions_again_without_generating(trained, tmp_path, capsys, monkeypatch):
+    out, _, _ = trained
+    import lvlm_cl.evaluation.generate as generate
+
+    monkeypatch.setattr(generate, "generate_answers", lambda *a, **k: pytest.fail("rescore generated"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    # With the run's own metric: the run's matrix, initial row and format figures, to the digit.
+    assert evaluate.main(["--run", str(out), "--rescore", "--metric", "exact_match", "--output", str(tmp_path / "em")]) == 0
+    again = json.loads((tmp_path / "em" / "metrics.json").read_text())
+    assert again["matrix"] == metrics["matrix"] and again["initial"] == metrics["initial"]
+    assert again["metrics"] == metrics["metrics"] and again["format_errors"] == metrics["format_errors"]
+    # With another metric: each cell is that metric's mean over the stage's predictions file.
+    assert evaluate.main(["--run", str(out), "--rescore", "--metric", "token_f1"]) == 0
+    f1 = json.loads((out / "evaluations" / "rescore-token_f1" / "metrics.json").read_text())
+    rows = read_jsonl(out / "predictions" / "after-01-warmth" / "colour.jsonl")
+    expected = 100 * sum(token_f1(r["prediction"], r["answer"]) for r in rows) / len(rows)
+    assert f1["matrix"][1][0] == pytest.approx(expected) and f1["metric"] == "token_f1"
+    assert (out / "evaluations" / "rescore-token_f1" / "report.md").is_file()
+    # Predictions missing: one line naming the file; --data and --rescore are one or the other.
+    moved = tmp_path / "moved.jsonl"
+    (out / "predictions" / "after-00-colour" / "warmth.jsonl").rename(moved)
+    try:
+        capsys.readouterr()
+        assert evaluate.main(["--run", str(out), "--rescore", "--metric", "vqa", "--output", str(tmp_path / "x")]) == 2
+        assert "after-00-colour/warmth.jsonl: missing" in capsys.readouterr().err
+    finally:
+        moved.rename(out / "predictions" / "after-00-colour" / "warmth.jsonl")
+    with pytest.raises(SystemExit):
+        evaluate.main(["--run", str(out), "--rescore", "--data", "x.jsonl", "--metric", "vqa"])
 
 
 def test_evaluate_refuses_bad_input(trained, tmp_path, capsys):
