@@ -89,3 +89,11 @@ def test_wrong_answers_split_into_format_and_content():
     # A graded metric has no wrong answers to split; nothing wrong gives no share either.
     assert score_predictions("token_f1", ["a red bus"], ["a red bus"]).wrong_format_share is None
     assert score_predictions("iou", predictions[:1], references[:1]).wrong_format_share is None
+
+
+def test_a_test_files_several_reference_captions_are_the_corpus_metrics_references():
+    predictions = ["a man riding a horse on a beach", "two dogs play in the snow"]
+    answers = ["a man rides a horse along the beach | a person on a horse by the sea", "two dogs playing in snow"]
+    scored = score_predictions("cider", predictions, answers)
+    assert scored.percent == pytest.approx(corpus_score("cider", predictions, [
+        ["a man rides a horse along the beach", "a person on a horse by the sea"], ["two dogs playing in snow"]]))

@@ -77,7 +77,8 @@ def score_records(model, processor, records: Sequence[dict], metric: str, *, max
 
 def score_predictions(metric: str, predictions: list[str], answers: list[str]) -> Scored:
     """Each sample's score and the task's value: the mean of the samples' scores, or, for a corpus metric
-    (``bleu``, ``cider``: statistics pooled over the test set), ``scorers.corpus_score``."""
+    (``bleu``, ``cider``: statistics pooled over the test set), ``scorers.corpus_score``, a sample's
+    references being its answer's ``|``-separated alternatives (a test file's several reference captions)."""
     if is_judge_metric(metric):
         raise ValueError("metric 'judge' is not wired into the evaluation pipeline yet: score a run's predictions "
                          "with lvlm_cl.evaluation.scorers.corpus_score(..., judge=JudgeSettings(...))")
@@ -89,8 +90,8 @@ def score_predictions(metric: str, predictions: list[str], answers: list[str]) -
                       kind, formats, binary)
     per_sample = metric != "cider"          # CIDEr's document frequencies are the test set's: no value alone
     scores = score_many(metric, predictions, answers) if per_sample else [None] * len(predictions)
-    return Scored(predictions, answers, scores, corpus_score(metric, predictions, [[a] for a in answers]),
-                  kind, formats, binary)
+    references = [[alt.strip() for alt in a.split("|")] for a in answers]
+    return Scored(predictions, answers, scores, corpus_score(metric, predictions, references), kind, formats, binary)
 
 
 __all__ = ["Scored", "score_predictions", "score_records"]
