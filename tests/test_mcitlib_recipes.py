@@ -1,0 +1,94 @@
+"""recipes/ucit_llava15_7b.yaml and recipes/mllm_dcl_llava15_7b.yaml cannot rot: each recipe's structure (its
+tasks in order with their metrics, captioning scored with CIDEr over the test set, numbers with a tolerance,
+LoRA with the projector, bf16) runs end to end on the tiny model, with only sizes overridden and tiny stand-in
+data, in each task's answer style, written where the recipe expects the converted files."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import SMALL_MODEL
+from lvlm_cl.config import load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+RECIPES = {
+    "ucit_llava15_7b.yaml": [("imagenet_r", "contains"), ("arxivqa", "multiple_choice"),
+                             ("vizwiz_caption", "cider"), ("iconqa", "vqa"), ("clevr_math", "numeric"),
+                             ("flickr30k", "cider")],
+    "mllm_dcl_llava15_7b.yaml": [("remote_sensing", "vqa"), ("medical", "vqa"), ("driving", "vqa"),
+                                 ("science", "vqa"), ("finance", "vqa")],
+}
+
+
+def question_answer(metric: str, colour: str, i: int, split: str) -> tuple[str, str]:
+    """A question in the task's style and its answer in the form the task's metric scores (a test caption
+    carries two references, ``|``-separated)."""
+    names = list(COLOURS)
+    if metric == "multiple_choice":
+        options = " ".join(f"{letter}. {c}" for letter, c in zip("ABC", names))
+        return f"Which color is shown?\n{options}\nAnswer with the option's letter.", "ABC"[names.index(colour)]
+    if metric == "cider":
+        one = f"a plain {colour} square"
+        return "Describe the image in one sentence.", one if split == "train" else f"{one}|a square that is {colour}"
+    if metric == "numeric":
+        return "How many colored squares are there? Answer with a number.", str(1 + names.index(colour))
+    return f"What color is this image? Answer the question using a single word or phrase. ({i})", colour
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe_name", list(RECIPES))
+def test_the_recipe_runs_its_tasks_on_the_tiny_model(tmp_path, recipe_name):
+    recipe = ROOT / "recipes" / recipe_name
+    cfg = load_recipe(recipe)
+    assert [(t.name, t.metric) for t in cfg.tasks] == RECIPES[recipe_name]
+    assert cfg.model.lora.modules_to_save == ["multi_modal_projector"] and cfg.trainer.mixed_precision == "bf16"
+
+    (tmp_path / "img").mkdir()
+    for c, rgb in COLOURS.items():
+        Image.new("RGB", (32, 32), rgb).save(tmp_path / "img" / f"{c}.png")
+    for t in cfg.tasks:
+        for split, n in (("train", 3), ("test", 3)):
+            lines = []
+            for i in range(n):
+                colour = list(COLOURS)[i % 3]
+                q, a = question_answer(t.metric, colour, i, split)
+                lines.append(json.dumps({"id": f"{t.name}-{split}-{i}", "task": t.name,
+                                         "images": [str(tmp_path / "img" / f"{colour}.png")],
+                                         "messages": [{"role": "user", "content": [{"type": "image"},
+                                                                                  {"type": "text", "text": q}]},
+                                                      {"role": "assistant", "content": [{"type": "text", "text": a}]}]}))
+            path = tmp_path / (t.train if split == "train" else t.eval)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("\n".join(lines) + "\n")
+
+    out = tmp_path / "run"
+    sizes = [*SMALL_MODEL, "model.path=builtin:tiny-llava-random", "model.lora.r=4", "model.lora.alpha=8",
+             "trainer.epochs_per_task=null", "trainer.steps_per_task=2", "trainer.batch_size=3",
+             "trainer.eval_batch_size=3", "trainer.max_new_tokens=4", "trainer.num_workers=0", "report_to=[]"]
+    proc = subprocess.run([sys.executable, str(ROOT / "lvlm_cl" / "train.py"), str(recipe), f"output_dir={out}",
+                           *sizes], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    names = [name for name, _ in RECIPES[recipe_name]]
+    assert metrics["tasks"] == names and metrics["num_completed"] == len(names)
+    assert all(len(row) == len(names) for row in metrics["matrix"]) and metrics["initial"] is not None
+    assert set(metrics["format_errors"]) == {"before training", *names}
+    # A caption task's cell is CIDEr over its test set, against both references of every test sample.
+    from lvlm_cl.evaluation.scorers import corpus_score
+
+    last = f"after-{len(names) - 1:02d}-{names[-1]}"
+    for column, (name, metric) in enumerate(RECIPES[recipe_name]):
+        rows = [json.loads(line) for line in (out / "predictions" / last / f"{name}.jsonl").read_text().splitlines()]
+        if metric == "cider":
+            assert all(r["correct"] is None and "|" in r["answer"] for r in rows)
+            expected = corpus_score("cider", [r["prediction"] for r in rows],
+                                    [r["answer"].split("|") for r in rows])
+            assert metrics["matrix"][-1][column] == pytest.approx(expected)
+        else:
+            assert metrics["matrix"][-1][column] == pytest.approx(100 * sum(r["correct"] for r in rows) / len(rows))
