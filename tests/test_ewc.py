@@ -213,12 +213,13 @@ def test_defaults():
 
 @pytest.mark.slow
 def test_real_run_saves_the_fisher_with_each_checkpoint(tmp_path, colour_tasks, monkeypatch):
+    import lvlm_cl.build
     import lvlm_cl.train
     from safetensors.torch import load_file
 
     from lvlm_cl.config import load_recipe
 
-    monkeypatch.setattr(lvlm_cl.train, "build_methods", lambda specs: [EWC(lambda_=50.0)])
+    monkeypatch.setattr(lvlm_cl.build, "build_methods", lambda specs: [EWC(lambda_=50.0)])
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", colour_tasks, out, steps_per_task=4, eval_batch_size=24)
     cfg = load_recipe(recipe, [*SMALL_MODEL, "trainer.eval_max_samples=4"])

@@ -34,10 +34,10 @@ def tensors(value):
 def device_checked(monkeypatch):
     """Every model the loop loads gets a forward pre-hook that records any input tensor not on the model's
     device (a CPU tensor reaching a CUDA model is the bug this file is about)."""
-    import lvlm_cl.train as train
+    import lvlm_cl.build as build
 
     strays: list[str] = []
-    load = train.load_model_dir
+    load = build.load_model_dir
 
     def loading(*args, **kwargs):
         model, processor = load(*args, **kwargs)
@@ -49,7 +49,7 @@ def device_checked(monkeypatch):
         model.register_forward_pre_hook(check, with_kwargs=True)
         return model, processor
 
-    monkeypatch.setattr(train, "load_model_dir", loading)
+    monkeypatch.setattr(build, "load_model_dir", loading)
     return strays
 
 

@@ -263,6 +263,7 @@ def test_invalid_settings_name_the_setting(settings, key):
 
 @pytest.mark.slow
 def test_real_run_saves_the_teacher_with_each_checkpoint(tmp_path, colour_tasks, monkeypatch):
+    import lvlm_cl.build
     import lvlm_cl.train
     from lvlm_cl.config import load_recipe
     from safetensors.torch import load_file
@@ -273,7 +274,7 @@ def test_real_run_saves_the_teacher_with_each_checkpoint(tmp_path, colour_tasks,
         made.append(LwF(alpha=1.0, temperature=2.0))
         return made
 
-    monkeypatch.setattr(lvlm_cl.train, "build_methods", build)
+    monkeypatch.setattr(lvlm_cl.build, "build_methods", build)
     calls = []
     original = LwF.loss
 

@@ -122,7 +122,7 @@ def test_the_optimizer_state_is_adam_moments_split_over_zero_shards_plus_ddp_buc
 
 def run_auto(tmp_path, colour_tasks, name, monkeypatch, peak, total):
     """A two-task run with gradient_checkpointing: auto and the device's memory reading replaced."""
-    import lvlm_cl.train as train
+    import lvlm_cl.loop as loop
 
     seen = []
 
@@ -133,19 +133,21 @@ def run_auto(tmp_path, colour_tasks, name, monkeypatch, peak, total):
             return peak, total
         return measure
 
-    monkeypatch.setattr(train, "peak_reader", reader)
+    monkeypatch.setattr(loop, "peak_reader", reader)
     probes = []
-    real = train.probe_needs_checkpointing
+    real = loop.probe_needs_checkpointing
 
     def spy(model, batch, loss_of, **kw):
         probes.append({k: v.shape for k, v in batch.items() if torch.is_tensor(v)})
         return real(model, batch, loss_of, **kw)
-    monkeypatch.setattr(train, "probe_needs_checkpointing", spy)
+    monkeypatch.setattr(loop, "probe_needs_checkpointing", spy)
     out = tmp_path / name
     recipe = write_recipe(tmp_path / f"{name}.yaml", colour_tasks, out, steps_per_task=3, log_every=1, batch_size=4)
     cfg = load_recipe(recipe, [*SMALL_MODEL, "trainer.eval_max_samples=4", "model.gradient_checkpointing=auto",
                                "methods=[{name: task_prompts, length: 2}]"])
-    model, _, _ = train.run(cfg, progress=False)
+    from lvlm_cl.train import run
+
+    model, _, _ = run(cfg, progress=False)
     return model, probes, json.loads((out / "metrics.json").read_text())
 
 
