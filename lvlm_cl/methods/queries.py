@@ -23,7 +23,7 @@ import torch
 
 from lvlm_cl.data.encoding import IGNORE_INDEX
 from lvlm_cl.errors import ConfigError
-from lvlm_cl.models.continual import adapters_disabled, unwrap
+from lvlm_cl.models.continual import adapters_disabled, shared, unwrap
 from lvlm_cl.settings import setting
 
 # The instruction features cached in host memory (besides a method's query_cache count): at 7B's width (4096
@@ -146,17 +146,15 @@ def query_encoder(model: torch.nn.Module, cache_size: int = 100_000) -> Instruct
     must be before any training: a frozen copy, when one is needed, is of the base weights)."""
     from lvlm_cl.models import parts
 
-    base = unwrap(model)
-    encoder = getattr(base, "_cl_query_encoder", None)
-    if encoder is None:
-        cfg = base.config
+    def build() -> InstructionEncoder:
+        cfg = unwrap(model).config
         pad = getattr(cfg, "pad_token_id", None)
         if pad is None:
             pad = getattr(cfg.get_text_config(), "pad_token_id", None)
-        encoder = InstructionEncoder(parts(model)["language_model"], cfg.image_token_id, 0 if pad is None else int(pad),
-                                     cache_size)
-        object.__setattr__(base, "_cl_query_encoder", encoder)   # not a submodule: never saved, never moved
-    return encoder
+        return InstructionEncoder(parts(model)["language_model"], cfg.image_token_id, 0 if pad is None else int(pad),
+                                  cache_size)
+
+    return shared(model, "query_encoder", build)
 
 
 def query_cache_setting() -> Any:

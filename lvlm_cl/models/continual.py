@@ -35,16 +35,33 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def attach(model: torch.nn.Module, name: str, module: torch.nn.Module) -> torch.nn.Module:
-    """Register ``module`` as ``<model>.continual.<name>`` (part of the model's state from now on)."""
+def holder(model: torch.nn.Module) -> torch.nn.ModuleDict:
+    """The model's ``continual`` holder (created on first use, with the routing context's hooks): where
+    methods' modules live (``attach``), the call held now (``held``), and what methods share of the model
+    without it being part of its state (``shared``)."""
     base = unwrap(model)
     if not hasattr(base, CONTINUAL):
         base.add_module(CONTINUAL, torch.nn.ModuleDict())
         _install_selection(base)
-    holder = getattr(base, CONTINUAL)
-    holder[name] = module
+    return getattr(base, CONTINUAL)
+
+
+def shared(model: torch.nn.Module, key: str, build):
+    """One object per model that every method of the run shares and that is not part of the model's state
+    (never saved, never moved with it): ``build()`` on first use, kept on the model's holder after that
+    (the frozen instruction encoder of task-key routing, ``methods.queries.query_encoder``)."""
+    store = holder(model).__dict__.setdefault("_shared", {})
+    if key not in store:
+        store[key] = build()
+    return store[key]
+
+
+def attach(model: torch.nn.Module, name: str, module: torch.nn.Module) -> torch.nn.Module:
+    """Register ``module`` as ``<model>.continual.<name>`` (part of the model's state from now on)."""
+    holder_ = holder(model)
+    holder_[name] = module
     if isinstance(module, Selector):     # it finds the call held for this model through its holder
-        module.__dict__["_holder"] = weakref.ref(holder)
+        module.__dict__["_holder"] = weakref.ref(holder_)
     return module
 
 
@@ -270,5 +287,5 @@ def _install_selection(base: torch.nn.Module) -> None:
     base.register_forward_hook(after, with_kwargs=True, always_call=True)
 
 
-__all__ = ["CONTINUAL", "Call", "Selector", "current_call", "task_router", "adapters_disabled", "attach", "generate", "held", "held_for_batch", "is_continual",
+__all__ = ["CONTINUAL", "Call", "Selector", "current_call", "holder", "shared", "task_router", "adapters_disabled", "attach", "generate", "held", "held_for_batch", "is_continual",
            "model_inputs", "selectors", "unwrap"]
