@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lvlm_cl.data.encoding import encode_prompt
+from lvlm_cl.data.encoding import collate_prompts, encode_prompt
 from lvlm_cl.data.records import RecordError, check_image
 from lvlm_cl.errors import UserError
 from lvlm_cl.models import autocast_for
@@ -101,11 +101,9 @@ class Chat:
         record = self._record(text)
         enc = encode_prompt(self.processor, record, self.max_length)
         device = next(self.model.parameters()).device
-        inputs = {"input_ids": enc.input_ids[None].to(device),
-                  "attention_mask": torch.ones_like(enc.input_ids)[None].to(device)}
-        if enc.pixel_values is not None:
-            inputs["pixel_values"] = enc.pixel_values.to(device)
         tok = self.processor.tokenizer
+        # A batch of one, as evaluation builds it: the image inputs of every family (Qwen's grid included).
+        inputs = {k: v.to(device) for k, v in collate_prompts([enc], tok.pad_token_id).items()}
         streamer = _Streamer(tok, stream) if stream is not None else None
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         with autocast_for(self.model):

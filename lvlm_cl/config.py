@@ -42,15 +42,21 @@ class ModelConfig:
 
     # "builtin:tiny-llava" (the pretrained tiny base, built by recipes/pretrain_tiny.yaml on first use),
     # "builtin:tiny-llava-random" (randomly initialised), "builtin:tiny-gemma3-random" (a tiny Gemma 3,
-    # randomly initialised: the second family), or a local Hugging Face directory (docs/models.md).
+    # randomly initialised: the second family), "builtin:tiny-qwen2.5-vl-random" (a tiny Qwen2.5-VL, the
+    # third), or a local Hugging Face directory (docs/models.md).
     path: str = "builtin:tiny-llava"
     tiny: TinyLlavaSize = field(default_factory=TinyLlavaSize)
     # Recipe that builds the builtin:tiny-llava base (relative to the repository or absolute).
     pretrain_recipe: str = "recipes/pretrain_tiny.yaml"
     # Chat template: None = the processor's own (must have {% generation %} markers), or a built-in
-    # name ("llava15") or a .jinja file path.
+    # name ("llava15", "gemma3", "qwen2_5_vl") or a .jinja file path.
     chat_template: Union[str, None] = None
     max_length: int = 256
+    # Qwen2-VL / Qwen2.5-VL (dynamic resolution): each image is resized, keeping its aspect ratio, so that
+    # its pixel count lies between these (one language-model token per 28 x 28 pixels at Qwen's patch 14);
+    # None = the processor's own (Qwen2.5-VL-7B-Instruct's: 3136 and 12845056). Refused for fixed-size models.
+    min_pixels: Union[int, None] = None
+    max_pixels: Union[int, None] = None
     freeze_vision_tower: bool = True
     freeze_projector: bool = False
     freeze_language_model: bool = False
@@ -139,6 +145,22 @@ class TrainerConfig:
 
 
 @dataclass
+class JudgeConfig:
+    """The model that scores a task with ``metric: judge`` (``lvlm_cl.evaluation.judge``): an OpenAI-compatible
+    chat endpoint (``vllm serve MODEL`` gives ``http://localhost:8000/v1``) or a local Hugging Face directory."""
+
+    model: str = ""                      # the judge model's name (sent to the endpoint; part of the cache key)
+    endpoint: Union[str, None] = None    # the endpoint's base URL ...
+    local_model_dir: Union[str, None] = None   # ... or a local model directory: one of the two
+    api_key_env: Union[str, None] = None  # the environment variable holding the endpoint's API key
+    cache: str = ""                      # verdict cache (JSONL); "" = <output_dir>/judge_cache.jsonl
+    timeout_s: float = 60.0
+    retries: int = 3
+    max_workers: int = 8                 # requests in flight to the endpoint
+    batch_size: int = 8                  # prompts per forward of a local judge
+
+
+@dataclass
 class RunConfig:
     """A whole experiment."""
 
@@ -155,6 +177,8 @@ class RunConfig:
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     # Evaluate every task before any training (the matrix's first row, needed for FWT).
     eval_before_training: bool = True
+    # The judge of tasks scored with metric: judge (None: no task is).
+    judge: Union[JudgeConfig, None] = None
 
 
 # ----------------------------------------------------------------------------- loading
@@ -334,6 +358,10 @@ def _ranges(cfg) -> list[tuple[str, object, bool, str]]:
         ("trainer.save_every", tr.save_every, tr.save_every >= 0, "0 (no step checkpoints) or more"),
         ("trainer.num_workers", tr.num_workers, tr.num_workers >= 0, "0 (encode in the training process) or more"),
         ("model.max_length", m.max_length, m.max_length >= 8, "at least 8"),
+        ("model.min_pixels", m.min_pixels, m.min_pixels is None or m.min_pixels >= 1,
+         "at least 1, or null (the processor's own)"),
+        ("model.max_pixels", m.max_pixels, m.max_pixels is None or m.max_pixels >= 1,
+         "at least 1, or null (the processor's own)"),
     ]
     rows += [(f"trainer.{k}", getattr(tr, k), getattr(tr, k) >= 1, "at least 1")
              for k in ("batch_size", "grad_accum", "eval_batch_size", "max_new_tokens", "log_every")]
@@ -388,6 +416,10 @@ def validate(cfg: RunConfig, where: str) -> None:
     for key, value, ok, allowed in _ranges(cfg):
         if not ok:
             raise ConfigError(f"{where}: key {key!r} must be {allowed}, got {value!r}")
+    if cfg.model.min_pixels is not None and cfg.model.max_pixels is not None \
+            and cfg.model.min_pixels > cfg.model.max_pixels:
+        raise ConfigError(f"{where}: key 'model.min_pixels' ({cfg.model.min_pixels}) must not be above "
+                          f"'model.max_pixels' ({cfg.model.max_pixels})")
     if cfg.model.tiny.image_size % cfg.model.tiny.patch_size:
         raise ConfigError(f"{where}: key 'model.tiny.image_size' ({cfg.model.tiny.image_size}) must be a multiple "
                           f"of 'model.tiny.patch_size' ({cfg.model.tiny.patch_size})")
@@ -400,10 +432,22 @@ def validate(cfg: RunConfig, where: str) -> None:
             check_metric(t.metric)
         except ValueError as e:
             raise ConfigError(f"{where}: key 'tasks[{i}].metric': {e}") from None
-        if t.metric == "judge":
-            raise ConfigError(f"{where}: key 'tasks[{i}].metric': 'judge' is not available in recipes yet (it needs "
-                              "a judge endpoint or model); score the run's predictions with "
-                              "lvlm_cl.evaluation.scorers.corpus_score")
+        if t.metric == "judge" and cfg.judge is None:
+            raise ConfigError(f"{where}: key 'tasks[{i}].metric': 'judge' needs a 'judge' section (its model and "
+                              "an endpoint or a local_model_dir; docs/metrics.md)")
+    if cfg.judge is not None:
+        j = cfg.judge
+        if not j.model:
+            raise ConfigError(f"{where}: key 'judge.model': name the judge model (it is part of the cache key)")
+        if (j.endpoint is None) == (j.local_model_dir is None):
+            raise ConfigError(f"{where}: key 'judge': give exactly one of 'endpoint' (an OpenAI-compatible base URL) "
+                              "or 'local_model_dir'")
+        for key, ok, allowed in (("timeout_s", _finite(j.timeout_s) and j.timeout_s > 0, "a finite number > 0"),
+                                 ("retries", 0 <= j.retries <= 100, "from 0 to 100"),
+                                 ("max_workers", 1 <= j.max_workers <= 256, "from 1 to 256"),
+                                 ("batch_size", 1 <= j.batch_size <= 4096, "from 1 to 4096")):
+            if not ok:
+                raise ConfigError(f"{where}: key 'judge.{key}' must be {allowed}, got {getattr(j, key)!r}")
     tr = cfg.trainer
     if (tr.steps_per_task is None) == (tr.epochs_per_task is None):
         raise ConfigError(f"{where}: set exactly one of 'trainer.steps_per_task' or 'trainer.epochs_per_task'")

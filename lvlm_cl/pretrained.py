@@ -32,7 +32,7 @@ def _recipe_path(name: str) -> Path:
 
 LATER_SETTINGS = [("model", "quantization", None), ("model", "gradient_checkpointing", False),
                   ("model", "liger_kernel", "auto"),
-                  ("model", "attn_implementation", None),
+                  ("model", "attn_implementation", None), ("model", "min_pixels", None), ("model", "max_pixels", None),
                   ("trainer", "mixed_precision", "no"), ("trainer", "optimizer", "adamw"),
                   # how batches are built, not what they hold: the same base whatever these are
                   ("trainer", "num_workers", 2), ("trainer", "group_by_length", False),
@@ -60,6 +60,8 @@ def pretrain_config(model_cfg, cache: Path):
     for section, key, default in LATER_SETTINGS:
         if resolved[section].get(key) == default:
             resolved[section].pop(key)
+    if resolved.get("judge") is None:       # a later top-level section; the pretraining has no judged task
+        resolved.pop("judge", None)
     key = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:12]
     cfg.output_dir = str(cache / "pretrain-runs" / key)
     # The tiny corpus is small and trains on the CPU's cores: its encodings are kept (the same result, no

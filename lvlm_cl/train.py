@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script (accelerate launch lvlm_cl/trai
 import torch
 
 from lvlm_cl.build import build, check_samples, eval_records, task_paths, with_lengths
-from lvlm_cl.checkpoint import (CheckpointError, RunState, checkpoint_state, lock_run_dir, prepare_run_dir,
+from lvlm_cl.checkpoint import (JUDGE_CACHE, CheckpointError, RunState, checkpoint_state, lock_run_dir, prepare_run_dir,
                                 remove_step_checkpoint, resume_after_last_task, save_task_checkpoint, write_run_config)
 from lvlm_cl.config import ConfigError, RunConfig, cache_dir, load_recipe, to_dict
 from lvlm_cl.data.dataset import Collator
@@ -35,10 +35,11 @@ from lvlm_cl.data.lengths import TokenCounter
 from lvlm_cl.distributed import gathered, make_accelerator, zero3_init_disabled, zero_stage
 from lvlm_cl.errors import report, user_errors
 from lvlm_cl.evaluation import cl_metrics_partial, write_predictions, write_report
+from lvlm_cl.evaluation.judge import settings_from
 from lvlm_cl.evaluation.pipeline import score_records
 from lvlm_cl.io import atomic_replace_dir, atomic_write_json, under
 from lvlm_cl.loop import decide_checkpointing, train_task, worker_count
-from lvlm_cl.models import BUILTIN_GEMMA3, BUILTIN_PRETRAINED, BUILTIN_RANDOM, count_parameters, resolve_model_dir
+from lvlm_cl.models import BUILTIN_PRETRAINED, RANDOM_FAMILIES, count_parameters, resolve_model_dir
 from lvlm_cl.models.continual import task_router
 from lvlm_cl.models.tiny import save_model_dir
 from lvlm_cl.pretrained import pretrain_config, pretrained_is_cached
@@ -133,7 +134,7 @@ def _run(cfg: RunConfig, accelerator, run_dir: Path, overwrite: bool, progress: 
     else:
         with zero3_init_disabled(accelerator), accelerator.main_process_first():
             model_dir = resolve_model_dir(cfg.model, cfg.seed, cache)
-    if cfg.model.path in (BUILTIN_PRETRAINED, BUILTIN_RANDOM, BUILTIN_GEMMA3) and accelerator.is_main_process \
+    if (cfg.model.path == BUILTIN_PRETRAINED or cfg.model.path in RANDOM_FAMILIES) and accelerator.is_main_process \
             and not (run_dir / "base_model").exists():
         tmp = run_dir / ".base_model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -283,6 +284,7 @@ def evaluate_stream(accelerator, model, processor, stream, cfg, run_dir: Path, s
     each ``{task: percent}``). Under ZeRO-3 the model is gathered whole on every process for the duration (it
     must fit one device for inference)."""
     tr = cfg.trainer
+    judge = settings_from(cfg.judge, run_dir / JUDGE_CACHE) if cfg.judge is not None else None
     row, routing = [], {}
     formats: dict[str, dict[str, float | None]] = {"format_errors": {}, "wrong_format_share": {}}
     router = task_router(model)
@@ -305,7 +307,7 @@ def evaluate_stream(accelerator, model, processor, stream, cfg, run_dir: Path, s
                                        max_new_tokens=tr.max_new_tokens, desc=f"eval {stage} {task.name}",
                                        progress=progress and accelerator.is_main_process,
                                        num_workers=worker_count(accelerator, tr),
-                                       observe=observe if counted else None, keep=kept)
+                                       observe=observe if counted else None, keep=kept, judge=judge)
             if counted:
                 total = accelerator.reduce(hits, "sum") if accelerator.num_processes > 1 else hits
                 routing[task.name] = round(100.0 * int(total[0]) / max(1, int(total[1])), 2)

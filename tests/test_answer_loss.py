@@ -17,12 +17,13 @@ from lvlm_cl.loop import answer_positions, language_modelling_loss
 SIZE = dict(text_hidden=64, vision_hidden=64, text_intermediate=128)
 
 
-@pytest.fixture(scope="module", params=["llava", "gemma3"])
+@pytest.fixture(scope="module", params=["llava", "gemma3", "qwen2.5-vl"])
 def family(request):
     from lvlm_cl.models.tiny import TinyLlavaSize, build_tiny_llava
     from lvlm_cl.models.tiny_gemma3 import build_tiny_gemma3
+    from lvlm_cl.models.tiny_qwen25vl import build_tiny_qwen25vl
 
-    build = build_tiny_llava if request.param == "llava" else build_tiny_gemma3
+    build = {"llava": build_tiny_llava, "gemma3": build_tiny_gemma3, "qwen2.5-vl": build_tiny_qwen25vl}[request.param]
     return build(TinyLlavaSize(**SIZE), seed=0)
 
 

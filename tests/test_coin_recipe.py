@@ -1,7 +1,8 @@
-"""recipes/coin_llava15_7b.yaml cannot rot: its structure (CoIN's eight tasks in order with their metrics,
-LoRA with the projector in modules_to_save, the llava15 chat template, bf16, gradient checkpointing, step
-checkpoints) runs end to end on the tiny model, with only sizes overridden and tiny stand-in data written
-where the recipe expects CoIN's converted files."""
+"""recipes/coin_llava15_7b.yaml and recipes/coin_qwen25vl_7b.yaml cannot rot: their structure (CoIN's eight
+tasks in order with their metrics, LoRA with the projector in modules_to_save, the family's chat template,
+bf16, gradient checkpointing, step checkpoints; Qwen's image-size range) runs end to end on the tiny model
+of the recipe's family, with only sizes overridden and tiny stand-in data written where the recipe expects
+CoIN's converted files."""
 
 import json
 import subprocess
@@ -17,6 +18,7 @@ from lvlm_cl.stage import load_stage
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "coin_llava15_7b.yaml"
+QWEN_RECIPE = ROOT / "recipes" / "coin_qwen25vl_7b.yaml"
 COIN = ["scienceqa", "textvqa", "imagenet", "gqa", "vizwiz", "grounding", "vqav2", "ocrvqa"]
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 
@@ -45,7 +47,49 @@ def test_the_coin_recipe_runs_its_eight_tasks_on_the_tiny_model(tmp_path):
     assert cfg.model.gradient_checkpointing == "auto" and cfg.model.liger_kernel == "auto" and cfg.trainer.mixed_precision == "bf16"
     assert cfg.trainer.group_by_length and cfg.trainer.num_workers == 4
 
-    # Stand-in data at the paths the recipe names (relative to where it runs), in each task's answer style.
+    write_stand_in_data(cfg, tmp_path)
+    out = tmp_path / "run"
+    sizes = [*SMALL_MODEL, "model.path=builtin:tiny-llava-random", "model.lora.r=4", "model.lora.alpha=8",
+             "trainer.epochs_per_task=null", "trainer.steps_per_task=2", "trainer.batch_size=2",
+             "trainer.eval_batch_size=4", "trainer.max_new_tokens=4", "trainer.save_every=1", "report_to=[]"]
+    metrics = run_recipe(RECIPE, tmp_path, out, sizes)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "checkpoints" / "task-07-ocrvqa" / "trainable.safetensors"))
+    assert any("multi_modal_projector" in n for n in saved) and any("lora_A" in n for n in saved)
+    grounding = [json.loads(line) for line in (out / "predictions" / "after-07-ocrvqa" / "grounding.jsonl")
+                 .read_text().splitlines()]
+    assert [r["answer"] for r in grounding] == ["[0.00, 0.00, 1.00, 1.00]"] * 2
+    assert_reload_scores_the_same(tmp_path, out, metrics)
+
+
+@pytest.mark.slow
+def test_the_qwen25vl_coin_recipe_runs_its_eight_tasks_on_the_tiny_qwen(tmp_path):
+    cfg = load_recipe(QWEN_RECIPE)
+    assert [t.name for t in cfg.tasks] == COIN
+    assert [t.metric for t in cfg.tasks] == ["multiple_choice", "vqa", "contains", "vqa", "vqa", "iou", "vqa", "vqa"]
+    assert cfg.model.chat_template == "qwen2_5_vl" and (cfg.model.min_pixels, cfg.model.max_pixels) == (3136, 451584)
+    assert cfg.model.lora.r == 128 and cfg.model.lora.modules_to_save == ["merger"]
+    assert cfg.model.gradient_checkpointing == "auto" and cfg.trainer.mixed_precision == "bf16"
+    assert cfg.trainer.group_by_length
+
+    write_stand_in_data(cfg, tmp_path)
+    out = tmp_path / "run"
+    # The recipe's image-size range stays: the 32 x 32 stand-in images are grown to 64 x 64 (min_pixels).
+    sizes = [*SMALL_MODEL, "model.path=builtin:tiny-qwen2.5-vl-random", "model.lora.r=4", "model.lora.alpha=8",
+             "trainer.epochs_per_task=null", "trainer.steps_per_task=2", "trainer.batch_size=2",
+             "trainer.eval_batch_size=4", "trainer.max_new_tokens=4", "trainer.save_every=1", "report_to=[]"]
+    metrics = run_recipe(QWEN_RECIPE, tmp_path, out, sizes)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "checkpoints" / "task-07-ocrvqa" / "trainable.safetensors"))
+    assert any(".visual.merger." in n for n in saved) and any("lora_A" in n for n in saved)
+    assert not any(".visual.blocks." in n for n in saved)                  # the vision tower stays frozen
+    assert_reload_scores_the_same(tmp_path, out, metrics)
+
+
+def write_stand_in_data(cfg, tmp_path: Path) -> None:
+    """Stand-in data at the paths the recipe names (relative to where it runs), in each task's answer style."""
     (tmp_path / "img").mkdir()
     for c, rgb in COLOURS.items():
         Image.new("RGB", (32, 32), rgb).save(tmp_path / "img" / f"{c}.png")
@@ -64,11 +108,10 @@ def test_the_coin_recipe_runs_its_eight_tasks_on_the_tiny_model(tmp_path):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("\n".join(lines) + "\n")
 
-    out = tmp_path / "run"
-    sizes = [*SMALL_MODEL, "model.path=builtin:tiny-llava-random", "model.lora.r=4", "model.lora.alpha=8",
-             "trainer.epochs_per_task=null", "trainer.steps_per_task=2", "trainer.batch_size=2",
-             "trainer.eval_batch_size=4", "trainer.max_new_tokens=4", "trainer.save_every=1", "report_to=[]"]
-    proc = subprocess.run([sys.executable, str(ROOT / "lvlm_cl" / "train.py"), str(RECIPE), f"output_dir={out}",
+
+def run_recipe(recipe: Path, tmp_path: Path, out: Path, sizes: list[str]) -> dict:
+    """The recipe run by its command line from ``tmp_path`` with ``sizes`` overridden; its metrics.json."""
+    proc = subprocess.run([sys.executable, str(ROOT / "lvlm_cl" / "train.py"), str(recipe), f"output_dir={out}",
                            *sizes], cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -76,13 +119,10 @@ def test_the_coin_recipe_runs_its_eight_tasks_on_the_tiny_model(tmp_path):
     assert metrics["tasks"] == COIN and metrics["num_completed"] == 8
     assert len(metrics["matrix"]) == 8 and all(len(row) == 8 for row in metrics["matrix"])
     assert metrics["initial"] is not None and metrics["metrics"]["FWT"] is not None
-    from safetensors.torch import load_file
+    return metrics
 
-    saved = load_file(str(out / "checkpoints" / "task-07-ocrvqa" / "trainable.safetensors"))
-    assert any("multi_modal_projector" in n for n in saved) and any("lora_A" in n for n in saved)
-    grounding = [json.loads(line) for line in (out / "predictions" / "after-07-ocrvqa" / "grounding.jsonl")
-                 .read_text().splitlines()]
-    assert [r["answer"] for r in grounding] == ["[0.00, 0.00, 1.00, 1.00]"] * 2
+
+def assert_reload_scores_the_same(tmp_path: Path, out: Path, metrics: dict) -> None:
     # The saved run reloads in one process and scores what the run scored.
     import os
 

@@ -20,9 +20,12 @@ from lvlm_cl.data.records import RecordError, RecordTable, load_table
 def processor_of(family):
     from lvlm_cl.models.tiny import TinyLlavaSize, build_tiny_processor
     from lvlm_cl.models.tiny_gemma3 import build_tiny_gemma3_processor
+    from lvlm_cl.models.tiny_qwen25vl import build_tiny_qwen25vl_processor
 
     size = TinyLlavaSize(text_hidden=64, vision_hidden=64, text_intermediate=128)
-    return build_tiny_processor(size) if family == "llava" else build_tiny_gemma3_processor(size)
+    build = {"llava": build_tiny_processor, "gemma3": build_tiny_gemma3_processor,
+             "qwen2.5-vl": build_tiny_qwen25vl_processor}[family]
+    return build(size)
 
 
 def varied_records(tmp_path) -> list[dict]:
@@ -44,7 +47,7 @@ def varied_records(tmp_path) -> list[dict]:
             record("wide", paths[2], "Which?", "none")]
 
 
-@pytest.mark.parametrize("family", ["llava", "gemma3"])
+@pytest.mark.parametrize("family", ["llava", "gemma3", "qwen2.5-vl"])
 @pytest.mark.parametrize("prompt", [False, True])
 def test_counts_from_the_text_and_headers_equal_the_processors_without_decoding_an_image(tmp_path, family, prompt,
                                                                                         monkeypatch):

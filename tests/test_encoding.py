@@ -110,16 +110,19 @@ def _mixed_records(image, other):
             record("b", other, "Which color is the square in this picture, please?", "red")]
 
 
-@pytest.mark.parametrize("family", ["llava", "gemma3"])
+@pytest.mark.parametrize("family", ["llava", "gemma3", "qwen2.5-vl"])
 @pytest.mark.parametrize("prompt", [False, True])
 def test_encoding_many_records_in_one_call_equals_one_call_each(tmp_path, image, family, prompt, monkeypatch):
     import lvlm_cl.data.encoding as encoding
     from lvlm_cl.data.encoding import encode_many
     from lvlm_cl.models.tiny import TinyLlavaSize, build_tiny_processor
     from lvlm_cl.models.tiny_gemma3 import build_tiny_gemma3_processor
+    from lvlm_cl.models.tiny_qwen25vl import build_tiny_qwen25vl_processor
 
     size = TinyLlavaSize(text_hidden=64, vision_hidden=64, text_intermediate=128)
-    processor = build_tiny_processor(size) if family == "llava" else build_tiny_gemma3_processor(size)
+    build = {"llava": build_tiny_processor, "gemma3": build_tiny_gemma3_processor,
+             "qwen2.5-vl": build_tiny_qwen25vl_processor}[family]
+    processor = build(size)
     other = tmp_path / "b.png"
     Image.new("RGB", (48, 20), (200, 0, 0)).save(other)
     records = _mixed_records(image, str(other))
@@ -135,6 +138,9 @@ def test_encoding_many_records_in_one_call_equals_one_call_each(tmp_path, image,
         assert (e.pixel_values is None) == (g.pixel_values is None)
         if e.pixel_values is not None:
             assert torch.equal(e.pixel_values, g.pixel_values)
+        for key in ("image_grid_thw", "mm_token_type_ids"):     # Qwen's (None for the other families)
+            a, b = getattr(e, key), getattr(g, key)
+            assert (a is None and b is None) or torch.equal(a, b), key
 
 
 def test_encoding_many_names_the_bad_record(tiny_processor, image):

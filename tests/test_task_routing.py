@@ -38,15 +38,18 @@ def tiny():
     return model, processor
 
 
-@pytest.fixture(scope="module", params=["llava", "gemma3"])
+@pytest.fixture(scope="module", params=["llava", "gemma3", "qwen2.5-vl"])
 def tiny_any(request, tiny):
-    """The tiny model of each supported family (Gemma 3 builds its attention masks above its language model)."""
+    """The tiny model of each supported family (Gemma 3 builds its attention masks above its language model;
+    Qwen2.5-VL computes 3-D rotary positions there)."""
     if request.param == "llava":
         return tiny
     from lvlm_cl.models.tiny import TinyLlavaSize
     from lvlm_cl.models.tiny_gemma3 import build_tiny_gemma3
+    from lvlm_cl.models.tiny_qwen25vl import build_tiny_qwen25vl
 
-    model, processor = build_tiny_gemma3(TinyLlavaSize(text_hidden=64, vision_hidden=64, text_intermediate=128), seed=0)
+    build = build_tiny_gemma3 if request.param == "gemma3" else build_tiny_qwen25vl
+    model, processor = build(TinyLlavaSize(text_hidden=64, vision_hidden=64, text_intermediate=128), seed=0)
     processor.tokenizer.padding_side = "left"
     return model, processor
 

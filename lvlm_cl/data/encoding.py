@@ -5,6 +5,11 @@ A canonical record becomes model inputs through the processor's chat template:
 expands every ``<image>`` into the vision tower's patch tokens, and marks the assistant tokens. Labels are
 the input ids at assistant positions and -100 everywhere else (system and user turns, image tokens,
 padding). Anything that does not add up raises ``EncodingError`` naming the record; nothing is truncated.
+
+What the model needs of the images comes with the ids: ``pixel_values`` (one (C, H, W) row per image for a
+fixed-resolution model; for Qwen2-VL / Qwen2.5-VL the flattened patches, one row per patch), and for Qwen
+``image_grid_thw`` (each image's patch grid) and ``mm_token_type_ids`` (1 at image tokens), from which the
+model computes its 3-D rotary positions.
 """
 
 from __future__ import annotations
@@ -70,7 +75,18 @@ def image_token_id(processor) -> int:
 class Encoded:
     input_ids: torch.Tensor          # (L,)
     labels: torch.Tensor             # (L,) -100 outside assistant tokens; empty for prompts
-    pixel_values: torch.Tensor | None  # (n_images, C, H, W)
+    pixel_values: torch.Tensor | None  # (n_images, C, H, W); Qwen: (patches of all images, C * T * P * P)
+    image_grid_thw: torch.Tensor | None = None      # Qwen: (n_images, 3), each image's (t, h, w) patch grid
+    mm_token_type_ids: torch.Tensor | None = None   # Qwen: (L,) 1 at image tokens, 0 elsewhere
+
+
+def _image_inputs(out, row: int | None = None) -> dict:
+    """The image inputs of a processor output beside ``pixel_values``: ``image_grid_thw``, and row ``row`` of
+    ``mm_token_type_ids`` (all of it for None)."""
+    types = out.get("mm_token_type_ids")
+    if types is not None:
+        types = torch.as_tensor(types)[0 if row is None else row]
+    return {"image_grid_thw": out.get("image_grid_thw"), "mm_token_type_ids": types}
 
 
 def encode_record(processor, record: dict, max_length: int) -> Encoded:
@@ -87,14 +103,15 @@ def encode_record(processor, record: dict, max_length: int) -> Encoded:
     mask = torch.as_tensor(out["assistant_masks"][0]).bool()
     if mask.shape != ids.shape:
         raise EncodingError(f"assistant mask length {mask.numel()} != token count {ids.numel()}", record_id=record["id"])
-    return _encoded(processor, record, ids, max_length, mask, out.get("pixel_values"))
+    return _encoded(processor, record, ids, max_length, mask, out.get("pixel_values"), **_image_inputs(out))
 
 
 def encode_prompt(processor, record: dict, max_length: int) -> Encoded:
     """Generation encoding: every turn but the last assistant answer, then the generation prompt."""
     out = processor.apply_chat_template(_conversation(record, upto=-1), tokenize=True, return_dict=True,
                                         add_generation_prompt=True, return_tensors="pt")
-    return _encoded(processor, record, out["input_ids"][0], max_length, None, out.get("pixel_values"))
+    return _encoded(processor, record, out["input_ids"][0], max_length, None, out.get("pixel_values"),
+                    **_image_inputs(out))
 
 
 def encode_many(processor, records: Sequence[dict], max_length: int, *, prompt: bool) -> list[Encoded]:
@@ -103,8 +120,8 @@ def encode_many(processor, records: Sequence[dict], max_length: int, *, prompt: 
     once on the lot (about twice as fast as one call per record on small images; see docs/benchmarks.md).
     The result is the same as one call per record (tested): each row is cut out of the padded batch by its
     attention mask, and the same checks run on it. When the batched call fails, or its images do not come
-    out one ``pixel_values`` row per image, the records are encoded one by one, so a bad record raises the
-    same ``EncodingError`` naming it."""
+    out one ``pixel_values`` row per image (per patch of its grid, for Qwen), the records are encoded one by
+    one, so a bad record raises the same ``EncodingError`` naming it."""
     one = encode_prompt if prompt else encode_record
     if len(records) < 2 or (not prompt and not has_generation_markers(processor.chat_template)):
         return [one(processor, r, max_length) for r in records]
@@ -117,29 +134,44 @@ def encode_many(processor, records: Sequence[dict], max_length: int, *, prompt: 
     except Exception:       # noqa: BLE001 - one record at a time says which one and why
         return [one(processor, r, max_length) for r in records]
     counts = [len(r.get("images", [])) for r in records]
-    pixels = out.get("pixel_values")
-    if (pixels is None) != (sum(counts) == 0) or (pixels is not None and pixels.shape[0] != sum(counts)) \
+    pixels, grids = out.get("pixel_values"), out.get("image_grid_thw")
+    # pixel_values rows per image: one, or (Qwen) the patches of its grid
+    rows = [1] * sum(counts) if grids is None else grids.prod(-1).tolist()
+    if (pixels is None) != (sum(counts) == 0) or (pixels is not None and (pixels.shape[0] != sum(rows)
+                                                                          or len(rows) != sum(counts))) \
             or (not prompt and "assistant_masks" not in out):
         return [one(processor, r, max_length) for r in records]
-    starts = [sum(counts[:i]) for i in range(len(counts))]
+    first = [sum(counts[:i]) for i in range(len(counts))]          # each record's first image
+    start = [sum(rows[:k]) for k in range(len(rows) + 1)]           # each image's first row
     result = []
     for i, record in enumerate(records):
         keep = out["attention_mask"][i].bool()
         ids = out["input_ids"][i][keep]
-        pix = pixels[starts[i]:starts[i] + counts[i]] if counts[i] else None
+        images = slice(first[i], first[i] + counts[i])
+        pix = pixels[start[images.start]:start[images.stop]] if counts[i] else None
+        image = _image_inputs(out, i)
+        if image["mm_token_type_ids"] is not None:
+            image["mm_token_type_ids"] = image["mm_token_type_ids"][keep]
+        if grids is not None:
+            image["image_grid_thw"] = grids[images] if counts[i] else None
         mask = None if prompt else torch.as_tensor(out["assistant_masks"][i]).bool()[keep]
-        result.append(_encoded(processor, record, ids, max_length, mask, pix))
+        result.append(_encoded(processor, record, ids, max_length, mask, pix, **image))
     return result
 
 
 def _encoded(processor, record: dict, ids: torch.Tensor, max_length: int, mask: torch.Tensor | None,
-             pixel_values: torch.Tensor | None) -> Encoded:
+             pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None = None,
+             mm_token_type_ids: torch.Tensor | None = None) -> Encoded:
     """The checked encoding of one record: labels are the ids where ``mask`` (assistant tokens) holds and -100
     elsewhere, or empty for a prompt (``mask`` None)."""
     _check(processor, record, ids, max_length, mask)
+    if mm_token_type_ids is not None and mm_token_type_ids.shape != ids.shape:
+        raise EncodingError(f"mm_token_type_ids length {mm_token_type_ids.numel()} != token count {ids.numel()}",
+                            record_id=record["id"])
     labels = (torch.empty(0, dtype=torch.long) if mask is None
               else torch.where(mask, ids, torch.full_like(ids, IGNORE_INDEX)))
-    return Encoded(ids, labels, pixel_values)
+    return Encoded(ids, labels, pixel_values, image_grid_thw,
+                   None if mm_token_type_ids is None else mm_token_type_ids.long())
 
 
 def _check(processor, record: dict, ids: torch.Tensor, max_length: int, mask: torch.Tensor | None) -> None:
@@ -177,7 +209,7 @@ def collate_train(items: Sequence[Encoded], pad_id: int) -> dict:
     for i, it in enumerate(items):
         L = it.input_ids.numel()
         ids[i, :L], labels[i, :L], attn[i, :L] = it.input_ids, it.labels, 1
-    return {"input_ids": ids, "attention_mask": attn, "labels": labels, **_pixels(items)}
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels, **_images(items, n, left=False)}
 
 
 def collate_prompts(items: Sequence[Encoded], pad_id: int) -> dict:
@@ -188,9 +220,24 @@ def collate_prompts(items: Sequence[Encoded], pad_id: int) -> dict:
     for i, it in enumerate(items):
         L = it.input_ids.numel()
         ids[i, n - L:], attn[i, n - L:] = it.input_ids, 1
-    return {"input_ids": ids, "attention_mask": attn, **_pixels(items)}
+    return {"input_ids": ids, "attention_mask": attn, **_images(items, n, left=True)}
 
 
-def _pixels(items: Sequence[Encoded]) -> dict:
+def _images(items: Sequence[Encoded], n: int, *, left: bool) -> dict:
+    """The batch's image inputs: every image's ``pixel_values`` rows (and Qwen's ``image_grid_thw``) in the
+    order of the samples, and ``mm_token_type_ids`` padded as the ids are (0: text)."""
+    out = {}
     pix = [it.pixel_values for it in items if it.pixel_values is not None]
-    return {"pixel_values": torch.cat(pix, dim=0)} if pix else {}
+    if pix:
+        out["pixel_values"] = torch.cat(pix, dim=0)
+    grids = [it.image_grid_thw for it in items if it.image_grid_thw is not None]
+    if grids:
+        out["image_grid_thw"] = torch.cat(grids, dim=0)
+    if any(it.mm_token_type_ids is not None for it in items):
+        types = torch.zeros((len(items), n), dtype=torch.long)
+        for i, it in enumerate(items):
+            L = it.input_ids.numel()
+            if it.mm_token_type_ids is not None:
+                types[i, slice(n - L, n) if left else slice(0, L)] = it.mm_token_type_ids
+        out["mm_token_type_ids"] = types
+    return out

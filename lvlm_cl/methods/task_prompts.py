@@ -177,6 +177,9 @@ def install_prompt_hooks(language_model, pool: TaskPromptPool) -> None:
                 raise ValueError("task_prompts needs a 2-D attention mask")
             kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], P), mask], dim=1)
         pos = kwargs.get("position_ids")
+        # (B, L), or Qwen's M-RoPE rows computed above the language model: (3, B, L), (4, B, L) in generate
+        # (text positions first). Every row is shifted and the prompts take 0..P-1 on every row: the
+        # positions Qwen gives P text tokens in front of the sequence (tests/test_qwen25vl.py).
         if pos is not None:
             shifted = pos + P
             if first:

@@ -20,6 +20,9 @@ from lvlm_cl.models.tiny import TinyLlavaSize, build_tiny_llava, build_tiny_proc
 BUILTIN_RANDOM = "builtin:tiny-llava-random"
 BUILTIN_PRETRAINED = "builtin:tiny-llava"
 BUILTIN_GEMMA3 = "builtin:tiny-gemma3-random"     # a second family, randomly initialised (docs/models.md)
+BUILTIN_QWEN25VL = "builtin:tiny-qwen2.5-vl-random"   # a third family: Qwen2.5-VL, randomly initialised
+# The randomly initialised built-in models: name -> family (``random_model_dir``).
+RANDOM_FAMILIES = {BUILTIN_RANDOM: "llava", BUILTIN_GEMMA3: "gemma3", BUILTIN_QWEN25VL: "qwen2.5-vl"}
 
 
 class ModelError(ValueError, UserError):
@@ -27,19 +30,25 @@ class ModelError(ValueError, UserError):
 
 
 def parts(model) -> dict[str, torch.nn.Module]:
-    """The vision tower, projector and language model of a LLaVA-style model (transformers 5 layout)."""
+    """The vision tower, projector and language model of a LLaVA-style model (transformers 5 layout). Qwen2-VL
+    and Qwen2.5-VL name their vision tower ``visual`` and its last module, the patch merger that maps merged
+    patches into the language model's width, is their projector: it is inside the vision tower, so whatever
+    is done to the projector (``freeze_projector``) comes after what is done to the tower."""
     inner = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
+    visual = getattr(inner, "visual", None)
+    if visual is not None and hasattr(visual, "merger") and hasattr(inner, "language_model"):
+        return {"vision_tower": visual, "projector": visual.merger, "language_model": inner.language_model}
     try:
         return {"vision_tower": inner.vision_tower, "projector": inner.multi_modal_projector,
                 "language_model": inner.language_model}
     except AttributeError as e:
         raise ModelError(f"{type(model).__name__} is not a LLaVA-style model (vision_tower, multi_modal_projector, "
-                         f"language_model): {e}") from None
+                         f"language_model) nor a Qwen-VL one (visual, visual.merger, language_model): {e}") from None
 
 
 def random_model_dir(size: TinyLlavaSize, seed: int, cache: Path, family: str = "llava") -> Path:
-    """A randomly initialised tiny model of ``family`` ("llava" or "gemma3"), written once per (size, seed)
-    into the cache."""
+    """A randomly initialised tiny model of ``family`` ("llava", "gemma3" or "qwen2.5-vl"), written once per
+    (size, seed) into the cache."""
     import dataclasses
     import hashlib
     import json
@@ -56,6 +65,10 @@ def random_model_dir(size: TinyLlavaSize, seed: int, cache: Path, family: str = 
                 from lvlm_cl.models.tiny_gemma3 import build_tiny_gemma3
 
                 model, processor = build_tiny_gemma3(size, seed)
+            elif family == "qwen2.5-vl":
+                from lvlm_cl.models.tiny_qwen25vl import build_tiny_qwen25vl
+
+                model, processor = build_tiny_qwen25vl(size, seed)
             else:
                 model, processor = build_tiny_llava(size, seed)
             save_model_dir(model, processor, path)
@@ -67,10 +80,8 @@ def resolve_model_dir(model_cfg, seed: int, cache: Path, pretrained=None) -> Pat
     built-in one). The pretrained tiny base is trained by a run of its own, so it comes from the caller:
     ``pretrained(model_cfg, cache) -> Path`` (``lvlm_cl.train.pretrained_base`` builds it when missing,
     ``lvlm_cl.pretrained.cached_dir`` only finds it)."""
-    if model_cfg.path == BUILTIN_RANDOM:
-        return random_model_dir(model_cfg.tiny, seed, cache)
-    if model_cfg.path == BUILTIN_GEMMA3:
-        return random_model_dir(model_cfg.tiny, seed, cache, family="gemma3")
+    if model_cfg.path in RANDOM_FAMILIES:
+        return random_model_dir(model_cfg.tiny, seed, cache, family=RANDOM_FAMILIES[model_cfg.path])
     if model_cfg.path == BUILTIN_PRETRAINED:
         if pretrained is None:
             raise ModelError(f"model.path {BUILTIN_PRETRAINED!r}: the pretrained tiny base is built by a training run "
@@ -78,7 +89,7 @@ def resolve_model_dir(model_cfg, seed: int, cache: Path, pretrained=None) -> Pat
         return pretrained(model_cfg, cache)
     if model_cfg.path.startswith("builtin:"):
         raise ModelError(f"model.path: unknown built-in model {model_cfg.path!r}; "
-                         f"available: {[BUILTIN_PRETRAINED, BUILTIN_RANDOM, BUILTIN_GEMMA3]}")
+                         f"available: {[BUILTIN_PRETRAINED, *RANDOM_FAMILIES]}")
     path = Path(model_cfg.path).expanduser()
     if not path.is_dir():
         raise ModelError(f"model.path: {path} is not a directory (expected a local Hugging Face model directory, "
@@ -88,16 +99,58 @@ def resolve_model_dir(model_cfg, seed: int, cache: Path, pretrained=None) -> Pat
     return path
 
 
-def load_processor(path_or_builtin: str, chat_template_name: str | None = None):
-    """The processor alone (for data_tools token counts): a directory or a built-in name."""
-    from transformers import AutoProcessor
+def load_processor(path_or_builtin: str, chat_template_name: str | None = None, model_cfg=None):
+    """The processor alone (for data_tools token counts): a directory or a built-in name (at the default
+    ``model.tiny`` sizes), with ``model_cfg``'s ``min_pixels`` / ``max_pixels`` when given."""
+    if path_or_builtin == BUILTIN_GEMMA3:
+        from lvlm_cl.models.tiny_gemma3 import build_tiny_gemma3_processor
 
-    if path_or_builtin.startswith("builtin:"):
+        processor = build_tiny_gemma3_processor(TinyLlavaSize())
+    elif path_or_builtin == BUILTIN_QWEN25VL:
+        from lvlm_cl.models.tiny_qwen25vl import build_tiny_qwen25vl_processor
+
+        processor = build_tiny_qwen25vl_processor(TinyLlavaSize())
+    elif path_or_builtin.startswith("builtin:"):
         processor = build_tiny_processor(TinyLlavaSize())
     else:
-        processor = AutoProcessor.from_pretrained(path_or_builtin)
+        processor = _processor_of_dir(path_or_builtin)
+    _set_pixel_range(processor, model_cfg, path_or_builtin)
     _set_template(processor, chat_template_name, path_or_builtin)
     return processor
+
+
+def _processor_of_dir(path) -> object:
+    """A directory's processor: ``AutoProcessor``, or for Qwen2-VL / Qwen2.5-VL (by the model's config class)
+    their image-text processor (``qwen_vl``: the same processing of images, without the video processor that
+    needs torchvision)."""
+    from transformers import AutoConfig, AutoProcessor
+
+    from lvlm_cl.models.qwen_vl import image_text_processor_class
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        config = None           # no model config (a processor-only folder): AutoProcessor says what is missing
+    cls = image_text_processor_class(config)
+    return cls.from_pretrained(path) if cls is not None else AutoProcessor.from_pretrained(path)
+
+
+def _set_pixel_range(processor, model_cfg, where: str) -> None:
+    """The recipe's ``model.min_pixels`` / ``model.max_pixels`` on a dynamic-resolution image processor;
+    refused for a model whose images have one fixed size."""
+    from lvlm_cl.models.qwen_vl import is_dynamic_resolution, set_pixel_range
+
+    low, high = getattr(model_cfg, "min_pixels", None), getattr(model_cfg, "max_pixels", None)
+    if low is None and high is None:
+        return
+    if not is_dynamic_resolution(processor):
+        raise ModelError(f"{where}: model.min_pixels / model.max_pixels apply to models that size each image by its "
+                         f"resolution (Qwen2-VL, Qwen2.5-VL); {type(processor).__name__} resizes every image to one "
+                         "size: remove them from the recipe")
+    try:
+        set_pixel_range(processor, low, high)
+    except ValueError as e:
+        raise ModelError(f"{where}: {e}") from None
 
 
 def _set_template(processor, name: str | None, where: str, require_markers: bool = True) -> None:
@@ -106,17 +159,18 @@ def _set_template(processor, name: str | None, where: str, require_markers: bool
                                    else chat_template(name))
     if not processor.chat_template:
         raise ModelError(f"{where}: the processor has no chat template; set model.chat_template: llava15 (LLaVA-1.5 "
-                         "format) or a .jinja file")
+                         "format), gemma3, qwen2_5_vl or a .jinja file")
     if require_markers and not has_generation_markers(processor.chat_template):
         raise ModelError(f"{where}: the processor's chat template has no {{% generation %}} markers, so assistant "
-                         "tokens cannot be masked for training. Set model.chat_template: llava15 (LLaVA-1.5 format) "
-                         "or a .jinja file with those markers.")
+                         "tokens cannot be masked for training. Set model.chat_template: llava15 (LLaVA-1.5 format), "
+                         "gemma3, qwen2_5_vl (Qwen2-VL and Qwen2.5-VL's ChatML) or a .jinja file with those markers.")
 
 
 QUANTIZATIONS = ("4bit", "8bit")
-# Kept in full precision when quantizing (full module paths, transformers 5 LLaVA layout): the vision
-# tower and projector are small and sensitive, and lm_head is tied to the embeddings in small models.
-UNQUANTIZED = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+# Kept in full precision when quantizing (full module paths, transformers 5 layout; Qwen's vision tower, with
+# its merger, is ``model.visual``): the vision tower and projector are small and sensitive, and lm_head is tied
+# to the embeddings in small models.
+UNQUANTIZED = ["model.vision_tower", "model.multi_modal_projector", "model.visual", "lm_head"]
 
 
 # The dtype of the weights that do not train, by the recipe's trainer.mixed_precision: a model trained in bf16
@@ -178,11 +232,13 @@ def load_model_dir(path: Path, model_cfg=None, *, dtype=torch.float32, quantizat
     straight onto that device (no float32 copy in host memory first); without it (DeepSpeed, which places
     the model itself) they stay on the CPU. ``quantization`` ("4bit" / "8bit") loads the language model
     through bitsandbytes, computing in ``dtype``. ``require_markers`` (training) refuses a chat template
-    without ``{% generation %}`` markers; generation does not need them.
+    without ``{% generation %}`` markers; generation does not need them. A Qwen2-VL / Qwen2.5-VL directory's
+    images are sized between ``model.min_pixels`` and ``model.max_pixels`` where the recipe sets them.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
-    processor = AutoProcessor.from_pretrained(path)
+    processor = _processor_of_dir(path)
+    _set_pixel_range(processor, model_cfg, str(path))
     extra = {"quantization_config": quantization_config(quantization, dtype)} if quantization else {}
     if device is not None:
         extra["device_map"] = {"": torch.device(device)}
@@ -264,6 +320,6 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-__all__ = ["BUILTIN_GEMMA3", "BUILTIN_PRETRAINED", "BUILTIN_RANDOM", "ModelError", "QUANTIZATIONS", "WEIGHT_DTYPES",
+__all__ = ["BUILTIN_GEMMA3", "BUILTIN_PRETRAINED", "BUILTIN_QWEN25VL", "BUILTIN_RANDOM", "ModelError", "RANDOM_FAMILIES", "QUANTIZATIONS", "WEIGHT_DTYPES",
            "apply_training_setup", "autocast_for", "count_parameters", "default_device", "quantization_config", "load_model_dir",
            "load_processor", "parts", "resolve_model_dir", "trainable_state_dict", "upcast_trainable", "weights_dtype"]

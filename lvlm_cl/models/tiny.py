@@ -45,14 +45,15 @@ def _corpus() -> list[str]:
 
 def build_tokenizer(vocab_size: int = 1024, special: dict | None = None):
     """A byte-level BPE trained in memory on a fixed corpus: deterministic and offline. ``special`` gives
-    another family's special tokens: {"unk", "bos", "eos", "pad", "extra": {attribute: token}}."""
+    another family's special tokens: {"unk", "bos", "eos", "pad", "extra": {attribute: token}, "more": [...]};
+    ``unk`` and ``bos`` may be None (a family without them: Qwen)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     special = special or {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>",
                           "extra": {"image_token": IMAGE_TOKEN}}
-    tokens = list(dict.fromkeys([special["unk"], special["bos"], special["eos"], special["pad"],
-                                 *special["extra"].values(), *special.get("more", [])]))
+    tokens = [t for t in dict.fromkeys([special["unk"], special["bos"], special["eos"], special["pad"],
+                                        *special["extra"].values(), *special.get("more", [])]) if t is not None]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
