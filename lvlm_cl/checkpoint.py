@@ -69,8 +69,10 @@ class RunState:
 
 
 # What a run writes at the top of its folder (and what --overwrite may remove): nothing else is touched.
+JUDGE_CACHE = "judge_cache.jsonl"    # the judge's verdicts (metric: judge), kept so a rerun asks nothing again
 RUN_ENTRIES = {"config.json", "run_state.json", "versions.json", "metrics.json", "report.md", "accuracy_matrix.png",
-               "format_matrix.png", "base_model", "checkpoints", "predictions", "logs", "evaluations"}
+               "format_matrix.png", "base_model", "checkpoints", "predictions", "logs", "evaluations", JUDGE_CACHE,
+               JUDGE_CACHE + ".lock"}
 LOCK_FILE = ".lock"
 
 

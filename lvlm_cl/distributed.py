@@ -142,3 +142,13 @@ def gather_objects(obj) -> list:
     parts = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(parts, obj)
     return parts
+
+
+def from_main(compute, accelerator):
+    """``compute()`` run by the main process only, its result given to every process (one call to an
+    external service, such as a judge, instead of one per process). Every process must call it."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return compute()
+    box = [compute() if accelerator.is_main_process else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]

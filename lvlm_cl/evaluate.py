@@ -52,14 +52,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's trainer.eval_batch_size")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's trainer.max_new_tokens")
     p.add_argument("--max-samples", type=int, default=None, help="score only the first N records")
+    judge = p.add_argument_group("--metric judge (default: the run's recipe's judge section)")
+    judge.add_argument("--judge-model", default=None, help="the judge model's name")
+    judge.add_argument("--judge-endpoint", default=None, help="an OpenAI-compatible base URL (vllm serve ...)")
+    judge.add_argument("--judge-local-model-dir", default=None, help="or a local Hugging Face model directory")
+    judge.add_argument("--judge-api-key-env", default=None, help="the environment variable holding the API key")
+    judge.add_argument("--judge-cache", type=Path, default=None, help="default: <run>/judge_cache.jsonl")
     args = p.parse_args(argv)
     if (args.data is None) != args.rescore:
         p.error("give --data (generate and score) or --rescore (score the run's predictions again), one of them")
     if args.metric not in SCORERS:
         p.error(f"--metric {args.metric!r} does not exist; choose one of {sorted(SCORERS)}")
-    if args.metric == "judge":
-        p.error("--metric judge is not available here yet (it needs a judge endpoint or model); "
-                "see docs/metrics.md")
+    if args.metric != "judge" and any(v is not None for k, v in vars(args).items() if k.startswith("judge_")):
+        p.error("the --judge-* options go with --metric judge")
     return args
 
 
@@ -81,6 +86,24 @@ def coin_rows(records: list[dict], predictions: list[str], model_id: str) -> lis
     return rows
 
 
+def judge_settings(args, run: Path, section):
+    """The judge of ``--metric judge``: the --judge-* options, else the run's recipe's ``judge`` section."""
+    from lvlm_cl.checkpoint import JUDGE_CACHE
+    from lvlm_cl.config import ConfigError, JudgeConfig
+    from lvlm_cl.evaluation.judge import settings_from
+
+    given = {k[len("judge_"):]: v for k, v in vars(args).items() if k.startswith("judge_") and v is not None}
+    if given:
+        section = JudgeConfig(**{k: str(v) for k, v in given.items()})
+    if section is None:
+        raise ConfigError("--metric judge: give --judge-model and --judge-endpoint (or --judge-local-model-dir), or "
+                          "a run whose recipe has a judge section")
+    if not section.model or (section.endpoint is None) == (section.local_model_dir is None):
+        raise ConfigError("--metric judge: give --judge-model and exactly one of --judge-endpoint and "
+                          "--judge-local-model-dir")
+    return settings_from(section, run / JUDGE_CACHE)
+
+
 def evaluate(args) -> dict:
     from accelerate import Accelerator
 
@@ -100,6 +123,7 @@ def evaluate(args) -> dict:
     stage = load_stage(args.run, stages[0], device=accelerator.device)   # built once; later stages are restored into it
     model = stage.model
     tr = stage.cfg.trainer
+    judge = judge_settings(args, args.run, stage.cfg.judge) if args.metric == "judge" else None
     # Every prompt counted (image headers read, nothing decoded) before any generation: a bad record stops
     # here, named; the counts order the batches.
     records.lengths = TokenCounter(stage.processor, stage.cfg.model.max_length).count(records, prompt=True,
@@ -112,7 +136,8 @@ def evaluate(args) -> dict:
                                    max_length=stage.cfg.model.max_length, num_workers=tr.num_workers,
                                    batch_size=args.batch_size or tr.eval_batch_size,
                                    max_new_tokens=args.max_new_tokens or tr.max_new_tokens,
-                                   desc=f"stage {k} ({stage.task.name})", progress=accelerator.is_main_process)
+                                   desc=f"stage {k} ({stage.task.name})", progress=accelerator.is_main_process,
+                                   judge=judge)
         if accelerator.is_main_process:
             label = f"stage-{k}-{stage.task.name}"
             scores[label] = scored.percent
@@ -133,7 +158,7 @@ def evaluate(args) -> dict:
     return {}
 
 
-def rescore(run: Path, metric: str, output: Path | None = None) -> dict:
+def rescore(run: Path, metric: str, output: Path | None = None, judge=None) -> dict:
     """The run's accuracy matrix again, from the predictions it wrote after every stage (``predictions/``),
     scored with ``metric`` through the evaluation pipeline's scoring: ``metrics.json``, ``report.md`` and
     the heatmaps in ``output`` (default ``<run>/evaluations/rescore-<metric>``). Nothing is generated."""
@@ -144,6 +169,7 @@ def rescore(run: Path, metric: str, output: Path | None = None) -> dict:
 
     _, state = read_run(run)
     tasks = state.tasks
+    questions_of = (lambda rows: [str(r.get("prompt", "")) for r in rows]) if judge is not None else (lambda rows: None)
 
     def row(stage: str) -> tuple[list[float], dict, dict]:
         scores, errors, shares = [], {}, {}
@@ -152,7 +178,8 @@ def rescore(run: Path, metric: str, output: Path | None = None) -> dict:
             if not path.is_file():
                 raise CheckpointError(f"{path}: missing: the run did not write this stage's predictions")
             rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            scored = score_predictions(metric, [str(r["prediction"]) for r in rows], [str(r["answer"]) for r in rows])
+            scored = score_predictions(metric, [str(r["prediction"]) for r in rows], [str(r["answer"]) for r in rows],
+                                       questions=questions_of(rows), judge=judge)
             scores.append(scored.percent)
             errors[task] = round(scored.format_errors, 2)
             shares[task] = None if scored.wrong_format_share is None else round(scored.wrong_format_share, 2)
@@ -181,7 +208,12 @@ def main(argv=None) -> int:
 
     try:
         if args.rescore:
-            rescore(args.run, args.metric, args.output)
+            judge = None
+            if args.metric == "judge":
+                from lvlm_cl.stage import read_run
+
+                judge = judge_settings(args, args.run, read_run(args.run)[0].judge)
+            rescore(args.run, args.metric, args.output, judge)
             return 0
         evaluate(args)
     except user_errors() as e:

@@ -30,12 +30,12 @@ def test_a_corpus_metric_pools_the_test_set():
     assert cider.percent == pytest.approx(corpus_score("cider", predictions, [[a] for a in answers])) and cider.percent > 0
 
 
-def test_the_judge_is_refused_until_it_is_wired():
-    with pytest.raises(ValueError, match="judge"):
+def test_the_judge_needs_its_settings_and_the_questions():
+    with pytest.raises(ValueError, match="needs the judge's settings and each sample's question"):
         score_predictions("judge", ["yes"], ["yes"])
 
 
-def test_a_recipe_task_scored_by_the_judge_is_refused_at_load(tmp_path, colour_tasks):
+def test_a_recipe_task_scored_by_the_judge_without_a_judge_is_refused_at_load(tmp_path, colour_tasks):
     """Not at the first evaluation, after a task has trained."""
     from conftest import write_recipe
     from lvlm_cl.config import ConfigError, load_recipe
@@ -43,7 +43,7 @@ def test_a_recipe_task_scored_by_the_judge_is_refused_at_load(tmp_path, colour_t
     recipe = write_recipe(tmp_path / "r.yaml", colour_tasks, tmp_path / "out")
     recipe.write_text(recipe.read_text().replace("metric: exact_match", "metric: judge", 1))
     assert "metric: judge" in recipe.read_text()
-    with pytest.raises(ConfigError, match=r"tasks\[0\]\.metric': 'judge' is not available in recipes yet"):
+    with pytest.raises(ConfigError, match=r"tasks\[0\]\.metric': 'judge' needs a 'judge' section"):
         load_recipe(recipe)
     recipe.write_text(recipe.read_text().replace("metric: judge", "metric: cider", 1))
     assert load_recipe(recipe).tasks[0].metric == "cider"      # a corpus metric is scored by the pipeline

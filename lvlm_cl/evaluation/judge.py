@@ -45,6 +45,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from lvlm_cl.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 PROMPT_VERSION = "v1"
@@ -54,7 +56,7 @@ _VERDICTS = {"yes": 1.0, "no": 0.0}
 _STRIP = " \t\r\n.,;:!?*\"'`()[]"
 
 
-class JudgeError(ValueError):
+class JudgeError(ValueError, UserError):
     """The judge could not give verdicts: an unreachable endpoint, an answer that is not a chat
     completion, a model directory that does not load, a missing API key."""
 
@@ -99,6 +101,16 @@ class JudgeSettings:
 
 
 # --- prompt, verdict, cache key --------------------------------------------------------------------
+
+def settings_from(section, default_cache: str | os.PathLike) -> JudgeSettings:
+    """``JudgeSettings`` from a recipe's ``judge`` section (``config.JudgeConfig``: model, endpoint or
+    local_model_dir, api_key_env, cache, timeout_s, retries, max_workers, batch_size); an empty ``cache``
+    means ``default_cache``."""
+    return JudgeSettings(model=section.model, cache=section.cache or default_cache, endpoint=section.endpoint,
+                         local_model_dir=section.local_model_dir, api_key_env=section.api_key_env,
+                         timeout_s=section.timeout_s, retries=section.retries, max_workers=section.max_workers,
+                         batch_size=section.batch_size)
+
 
 def load_prompt(version: str = PROMPT_VERSION) -> str:
     """The prompt template ``judge_prompts/{version}.txt`` shipped with lvlm_cl."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from lvlm_cl.data.records import final_answer, user_text
-from lvlm_cl.distributed import shard, unshard, zero_stage
+from lvlm_cl.distributed import from_main, shard, unshard, zero_stage
 from lvlm_cl.evaluation.formats import BINARY_METRICS, format_flags
 from lvlm_cl.evaluation.generate import generate_answers
 from lvlm_cl.evaluation.scorers import corpus_score, is_corpus_metric, is_judge_metric, score_many
@@ -59,10 +59,12 @@ class Scored:
 def score_records(model, processor, records: Sequence[dict], metric: str, *, max_length: int, batch_size: int,
                   max_new_tokens: int, accelerator=None, desc: str = "evaluate", progress: bool = True,
                   num_workers: int = 0, device: torch.device | str | None = None,
-                  observe: Callable[[dict, list[int]], None] | None = None, keep: dict | None = None) -> Scored:
+                  observe: Callable[[dict, list[int]], None] | None = None, keep: dict | None = None,
+                  judge=None) -> Scored:
     """Generate the model's answer to every record's prompt (greedy, batched: ``generate_answers``) and score
     it with ``metric`` against the record's final answer. The caller sets the precision (autocast) and the
-    model's state; ``observe`` and ``keep`` are ``generate_answers``'. Every process gets the whole result."""
+    model's state; ``observe`` and ``keep`` are ``generate_answers``'. ``judge``: the ``JudgeSettings`` of a
+    task scored with ``metric: judge`` (asked by the main process only). Every process gets the whole result."""
     several = accelerator is not None and accelerator.num_processes > 1
     mine = shard(records, accelerator) if several else records
     local = generate_answers(model, processor, mine, max_length=max_length, batch_size=batch_size,
@@ -72,17 +74,28 @@ def score_records(model, processor, records: Sequence[dict], metric: str, *, max
                              num_workers=num_workers, observe=observe, keep=keep)
     predictions = unshard(local, len(records), accelerator) if several else local
     answers = [final_answer(r) for r in records]
+    if is_judge_metric(metric):
+        questions = [user_text(r) for r in records]
+        return from_main(lambda: score_predictions(metric, predictions, answers, questions=questions, judge=judge),
+                         accelerator)
     return score_predictions(metric, predictions, answers)
 
 
-def score_predictions(metric: str, predictions: list[str], answers: list[str]) -> Scored:
+def score_predictions(metric: str, predictions: list[str], answers: list[str], *,
+                      questions: Sequence[str] | None = None, judge=None) -> Scored:
     """Each sample's score and the task's value: the mean of the samples' scores, or, for a corpus metric
     (``bleu``, ``cider``: statistics pooled over the test set), ``scorers.corpus_score``, a sample's
-    references being its answer's ``|``-separated alternatives (a test file's several reference captions)."""
-    if is_judge_metric(metric):
-        raise ValueError("metric 'judge' is not wired into the evaluation pipeline yet: score a run's predictions "
-                         "with lvlm_cl.evaluation.scorers.corpus_score(..., judge=JudgeSettings(...))")
+    references being its answer's ``|``-separated alternatives (a test file's several reference captions).
+    ``judge`` (``metric: judge``): the ``JudgeSettings`` that give each sample's verdict, from its question."""
     kind, formats = format_flags(metric, predictions, answers)
+    if is_judge_metric(metric):
+        if judge is None or questions is None:
+            raise ValueError("metric 'judge' needs the judge's settings and each sample's question")
+        from lvlm_cl.evaluation.judge import judge_many
+
+        verdicts = judge_many(judge, questions, predictions, answers)
+        return Scored(predictions, answers, verdicts, 100.0 * sum(verdicts) / len(verdicts) if verdicts else 0.0,
+                      kind, formats, True)
     binary = metric in BINARY_METRICS
     if not is_corpus_metric(metric):
         scores = score_many(metric, predictions, answers)
