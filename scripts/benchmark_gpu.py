@@ -425,7 +425,8 @@ def run(args, device: torch.device, out_dir: str) -> dict:
     total = args.warmup + args.steps
     configs = {(b, ck): setting_config(b, ck, total, out_dir) for ck in checkpointing for b in args.batch_sizes}
     accelerator = make_accelerator(next(iter(configs.values())), out_dir)
-    if accelerator.device != device:
+    mine, theirs = torch.device(accelerator.device), torch.device(device)     # "cuda" is "cuda:0"
+    if mine.type != theirs.type or (mine.index or 0) != (theirs.index or 0):
         sys.exit(f"benchmark_gpu: lvlm-cl's loop runs on accelerate's device ({accelerator.device}), not on "
                  f"{device}; choose the device with CUDA_VISIBLE_DEVICES (empty for the CPU) instead")
     size = SIZES[args.size]
