@@ -21,7 +21,7 @@ LAYERS = [
     ["lvlm_cl.models.*", "lvlm_cl.benchmarks.*", "lvlm_cl.evaluation.*"],
     ["lvlm_cl.stream", "lvlm_cl.checkpoint"],
     ["lvlm_cl.methods.*"],
-    ["lvlm_cl.config", "lvlm_cl.pretrained"],
+    ["lvlm_cl.config", "lvlm_cl.recipe_checks", "lvlm_cl.pretrained"],
     ["lvlm_cl.train", "lvlm_cl.loop", "lvlm_cl.build"],
     ["lvlm_cl.stage", "lvlm_cl.pretrain"],
     ["lvlm_cl.evaluate", "lvlm_cl.chat"],
