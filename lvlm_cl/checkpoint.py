@@ -105,14 +105,16 @@ def is_run_dir(run_dir: Path) -> bool:
     return isinstance(cfg, dict) and {"model", "trainer", "output_dir"} <= set(cfg)
 
 
-def prepare_run_dir(run_dir: Path, resolved_config: dict, *, overwrite: bool) -> None:
+def prepare_run_dir(run_dir: Path, resolved_config: dict, *, overwrite: bool, normalize=None) -> None:
     """Create the output folder, refusing one that holds a different run (the same recipe resumes;
     ``output_dir`` itself may differ: a run folder moved or copied elsewhere resumes there). ``overwrite``
     starts over: it removes the run's own files (``RUN_ENTRIES``) and only from a folder that is a run of
     this project (``is_run_dir``), never from ``.``, an empty path, the home folder, the file system's root
     or the working folder and its parents; anything else in the folder is left alone. The config is written
     later, once the inputs are checked (``write_run_config``): a run stopped by bad data leaves none, so the
-    fixed recipe starts there."""
+    fixed recipe starts there. ``normalize(old config) -> dict`` reads the folder's config as the current
+    schema would (a key added to the schema since the run started takes its default), so a run started by an
+    earlier version of lvlm-cl resumes; where it cannot be read so, it is compared as written."""
     cfg_path = run_dir / "config.json"
     if overwrite and run_dir.exists() and any(e.name != LOCK_FILE for e in run_dir.iterdir()):
         why = _protected(run_dir)
@@ -136,6 +138,11 @@ def prepare_run_dir(run_dir: Path, resolved_config: dict, *, overwrite: bool) ->
             old = json.loads(cfg_path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{cfg_path} is unreadable ({e}); pass --overwrite to start over") from None
+        if normalize is not None:
+            try:
+                old = normalize(old)
+            except ValueError:          # a key the schema no longer has: compared as written, and refused
+                pass
         keys = (set(old) | set(resolved_config)) - {"output_dir"}
         changed = sorted(k for k in keys if old.get(k) != resolved_config.get(k))
         if changed:

@@ -29,7 +29,7 @@ import torch
 from lvlm_cl.build import build, check_samples, eval_records, task_paths, with_lengths
 from lvlm_cl.checkpoint import (JUDGE_CACHE, CheckpointError, RunState, checkpoint_state, lock_run_dir, prepare_run_dir,
                                 remove_step_checkpoint, resume_after_last_task, save_task_checkpoint, write_run_config)
-from lvlm_cl.config import ConfigError, RunConfig, cache_dir, load_recipe, to_dict
+from lvlm_cl.config import ConfigError, RunConfig, cache_dir, from_dict, load_recipe, to_dict
 from lvlm_cl.data.dataset import Collator
 from lvlm_cl.data.lengths import TokenCounter
 from lvlm_cl.distributed import gathered, make_accelerator, zero3_init_disabled, zero_stage
@@ -114,7 +114,8 @@ def _run(cfg: RunConfig, accelerator, run_dir: Path, overwrite: bool, progress: 
 
     log = _logger(accelerator)
     if accelerator.is_main_process:
-        prepare_run_dir(run_dir, to_dict(cfg), overwrite=overwrite)
+        prepare_run_dir(run_dir, to_dict(cfg), overwrite=overwrite,
+                        normalize=lambda old: to_dict(from_dict(RunConfig, old, where=str(run_dir / "config.json"))))
         atomic_write_json(run_dir / "versions.json", _versions())
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)

@@ -126,3 +126,23 @@ def test_the_run_records_trainable_parameters_and_memory_per_task(tmp_path, colo
     assert metrics["memory_records"] == {"colour": 5, "warmth": 10}
     meta = json.loads((out / "checkpoints" / "task-01-warmth" / "meta.json").read_text())
     assert meta["task_records"] == 48 and meta["train_samples"] > 48    # replayed records come on top
+
+
+def test_a_run_started_before_a_schema_key_existed_resumes(tmp_path, colour_tasks):
+    """A run folder written by an earlier lvlm-cl (its config.json lacks keys added to the schema since, at their
+    defaults) resumes without retraining; a key that really differs is still refused."""
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", colour_tasks, out, steps_per_task=2)
+    assert main([str(recipe), *SMALL_MODEL]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert "min_pixels" in config["model"] and "judge" in config
+    del config["model"]["min_pixels"], config["model"]["max_pixels"], config["judge"]
+    (out / "config.json").write_text(json.dumps(config))
+    first = (out / "metrics.json").read_text()
+    stamp = (out / "checkpoints" / "task-01-warmth" / "meta.json").stat().st_mtime_ns
+    assert main([str(recipe), *SMALL_MODEL]) == 0
+    assert (out / "metrics.json").read_text() == first
+    assert (out / "checkpoints" / "task-01-warmth" / "meta.json").stat().st_mtime_ns == stamp
+    config["model"]["max_length"] = 999
+    (out / "config.json").write_text(json.dumps(config))
+    assert main([str(recipe), *SMALL_MODEL]) == 2
