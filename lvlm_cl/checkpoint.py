@@ -17,7 +17,7 @@
           methods-rank<r>.*     each method's state_dict on process r (mid-task state is per process)
           meta.json             written last: task, step, loss curve so far, and every file's size and
                                 sha256 (a damaged step checkpoint is refused and the task starts over)
-      predictions/<stage>/<task>.jsonl
+      predictions/<stage>/<task>.jsonl   <stage>: before, after-NN-<task> (``prediction_stage``)
       metrics.json, report.md, accuracy_matrix.png, format_matrix.png
 """
 
@@ -207,6 +207,13 @@ def checkpoint_state(model, accelerator) -> dict[str, torch.Tensor] | None:
     names = {n for n, p in model.named_parameters() if p.requires_grad or is_continual(n)}
     with gathered(model, names):
         return trainable_state_dict(model) if accelerator.is_main_process else None
+
+
+def prediction_stage(index: int | None = None, name: str = "") -> str:
+    """The folder of ``predictions/`` for the evaluation before training (no index) or after task ``index``
+    (named ``name``): where the run writes a stage's predictions and ``scripts/evaluate.py --rescore`` reads
+    them."""
+    return "before" if index is None else f"after-{index:02d}-{name}"
 
 
 def task_dir(run_dir: Path, index: int, name: str) -> Path:

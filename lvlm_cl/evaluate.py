@@ -98,10 +98,7 @@ def judge_settings(args, run: Path, section):
     if section is None:
         raise ConfigError("--metric judge: give --judge-model and --judge-endpoint (or --judge-local-model-dir), or "
                           "a run whose recipe has a judge section")
-    if not section.model or (section.endpoint is None) == (section.local_model_dir is None):
-        raise ConfigError("--metric judge: give --judge-model and exactly one of --judge-endpoint and "
-                          "--judge-local-model-dir")
-    return settings_from(section, run / JUDGE_CACHE)
+    return settings_from(section, run / JUDGE_CACHE)      # JudgeSettings checks the model and the one backend
 
 
 def evaluate(args) -> dict:
@@ -162,39 +159,34 @@ def rescore(run: Path, metric: str, output: Path | None = None, judge=None) -> d
     """The run's accuracy matrix again, from the predictions it wrote after every stage (``predictions/``),
     scored with ``metric`` through the evaluation pipeline's scoring: ``metrics.json``, ``report.md`` and
     the heatmaps in ``output`` (default ``<run>/evaluations/rescore-<metric>``). Nothing is generated."""
-    from lvlm_cl.checkpoint import CheckpointError
+    from lvlm_cl.checkpoint import CheckpointError, prediction_stage
     from lvlm_cl.evaluation import write_report
     from lvlm_cl.evaluation.pipeline import score_predictions
     from lvlm_cl.stage import read_run
 
     _, state = read_run(run)
     tasks = state.tasks
-    questions_of = (lambda rows: [str(r.get("prompt", "")) for r in rows]) if judge is not None else (lambda rows: None)
+    formats: dict[str, dict] = {"format_errors": {}, "wrong_format_share": {}}
 
-    def row(stage: str) -> tuple[list[float], dict, dict]:
-        scores, errors, shares = [], {}, {}
+    def row(stage: str, label: str) -> list[float]:
+        """The stage's scores, one per task; its format figures into ``formats`` under ``label``."""
+        scores = []
         for task in tasks:
             path = under(run, "predictions", stage, f"{task}.jsonl")
             if not path.is_file():
                 raise CheckpointError(f"{path}: missing: the run did not write this stage's predictions")
             rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
             scored = score_predictions(metric, [str(r["prediction"]) for r in rows], [str(r["answer"]) for r in rows],
-                                       questions=questions_of(rows), judge=judge)
+                                       questions=[str(r.get("prompt", "")) for r in rows] if judge else None,
+                                       judge=judge)
             scores.append(scored.percent)
-            errors[task] = round(scored.format_errors, 2)
-            shares[task] = None if scored.wrong_format_share is None else round(scored.wrong_format_share, 2)
-        return scores, errors, shares
+            for key, value in scored.format_figures().items():
+                formats[key].setdefault(label, {})[task] = value
+        return scores
 
-    formats: dict[str, dict] = {"format_errors": {}, "wrong_format_share": {}}
-    initial = None
-    if (run / "predictions" / "before").is_dir():
-        initial, formats["format_errors"]["before training"], formats["wrong_format_share"]["before training"] = \
-            row("before")
-    rows = []
-    for i in range(state.trained):
-        scores, formats["format_errors"][tasks[i]], formats["wrong_format_share"][tasks[i]] = \
-            row(f"after-{i:02d}-{tasks[i]}")
-        rows.append(scores)
+    initial = row(prediction_stage(), "before training") if (run / "predictions" / prediction_stage()).is_dir() \
+        else None
+    rows = [row(prediction_stage(i, tasks[i]), tasks[i]) for i in range(state.trained)]
     out = output or under(run, "evaluations", f"rescore-{metric}")
     record = write_report(out, tasks, rows, initial, extra={"metric": metric, **formats})
     print(f"[evaluate] {run} rescored with {metric}: " + " ".join(

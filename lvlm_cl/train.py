@@ -27,8 +27,9 @@ if __package__ in (None, ""):  # run as a script (accelerate launch lvlm_cl/trai
 import torch
 
 from lvlm_cl.build import build, check_samples, eval_records, task_paths, with_lengths
-from lvlm_cl.checkpoint import (JUDGE_CACHE, CheckpointError, RunState, checkpoint_state, lock_run_dir, prepare_run_dir,
-                                remove_step_checkpoint, resume_after_last_task, save_task_checkpoint, write_run_config)
+from lvlm_cl.checkpoint import (JUDGE_CACHE, CheckpointError, RunState, checkpoint_state, lock_run_dir,
+                                prediction_stage, prepare_run_dir, remove_step_checkpoint, resume_after_last_task,
+                                save_task_checkpoint, write_run_config)
 from lvlm_cl.config import ConfigError, RunConfig, cache_dir, from_dict, load_recipe, to_dict
 from lvlm_cl.data.dataset import Collator
 from lvlm_cl.data.lengths import TokenCounter
@@ -174,7 +175,7 @@ def _run(cfg: RunConfig, accelerator, run_dir: Path, overwrite: bool, progress: 
 
     if cfg.eval_before_training and state.initial is None:
         state.initial, _, formats = evaluate_stream(accelerator, model, processor, stream, cfg, run_dir,
-                                                    "before", progress, kept)
+                                                    prediction_stage(), progress, kept)
         keep_formats(state, "before training", formats)
         _save_progress(accelerator, run_dir, state, stream)
 
@@ -215,7 +216,7 @@ def _run(cfg: RunConfig, accelerator, run_dir: Path, overwrite: bool, progress: 
                 remove_step_checkpoint(run_dir)     # the task's own checkpoint supersedes it
         started = time.time()
         row, routing, formats = evaluate_stream(accelerator, model, processor, stream, cfg, run_dir,
-                                                f"after-{task.index:02d}-{task.name}", progress, kept)
+                                                prediction_stage(task.index, task.name), progress, kept)
         if routing:
             state.extra.setdefault("routing_accuracy", {})[task.name] = routing
         keep_formats(state, task.name, formats)
@@ -313,9 +314,8 @@ def evaluate_stream(accelerator, model, processor, stream, cfg, run_dir: Path, s
                 total = accelerator.reduce(hits, "sum") if accelerator.num_processes > 1 else hits
                 routing[task.name] = round(100.0 * int(total[0]) / max(1, int(total[1])), 2)
             row.append(scored.percent)
-            formats["format_errors"][task.name] = round(scored.format_errors, 2)
-            share = scored.wrong_format_share
-            formats["wrong_format_share"][task.name] = None if share is None else round(share, 2)
+            for key, value in scored.format_figures().items():
+                formats[key][task.name] = value
             if accelerator.is_main_process:
                 write_predictions(under(run_dir, "predictions", stage, f"{task.name}.jsonl"), scored.rows(records))
         return row, routing, formats

@@ -57,7 +57,8 @@ _STRIP = " \t\r\n.,;:!?*\"'`()[]"
 
 
 class JudgeError(ValueError, UserError):
-    """The judge could not give verdicts: an unreachable endpoint, an answer that is not a chat
+    """The judge cannot be used or could not give verdicts: settings without a model or with no single
+    backend, an unreachable endpoint, an answer that is not a chat
     completion, a model directory that does not load, a missing API key."""
 
 
@@ -88,16 +89,16 @@ class JudgeSettings:
 
     def __post_init__(self) -> None:
         if (self.endpoint is None) == (self.local_model_dir is None):
-            raise ValueError("JudgeSettings: give exactly one of 'endpoint' (an OpenAI-compatible base URL) "
+            raise JudgeError("JudgeSettings: give exactly one of 'endpoint' (an OpenAI-compatible base URL) "
                              "or 'local_model_dir' (a Hugging Face model directory)")
         if not self.model:
-            raise ValueError("JudgeSettings: 'model' must name the judge model (it is part of the cache key)")
+            raise JudgeError("JudgeSettings: 'model' must name the judge model (it is part of the cache key)")
         for name in ("timeout_s", "backoff_s"):
             if not getattr(self, name) >= 0:
-                raise ValueError(f"JudgeSettings: {name!r} must be >= 0, got {getattr(self, name)!r}")
+                raise JudgeError(f"JudgeSettings: {name!r} must be >= 0, got {getattr(self, name)!r}")
         for name, least in (("retries", 0), ("max_workers", 1), ("batch_size", 1), ("max_new_tokens", 1)):
             if getattr(self, name) < least:
-                raise ValueError(f"JudgeSettings: {name!r} must be >= {least}, got {getattr(self, name)!r}")
+                raise JudgeError(f"JudgeSettings: {name!r} must be >= {least}, got {getattr(self, name)!r}")
 
 
 # --- prompt, verdict, cache key --------------------------------------------------------------------

@@ -49,6 +49,13 @@ class Scored:
         wrong = [ok for ok, s in zip(self.formats, self.scores) if s is not None and s < 1.0]
         return 100.0 * wrong.count(False) / len(wrong) if wrong else None
 
+    def format_figures(self) -> dict[str, float | None]:
+        """What ``metrics.json`` keeps of the formats for one task and stage, rounded to 0.01:
+        ``format_errors`` and ``wrong_format_share``."""
+        share = self.wrong_format_share
+        return {"format_errors": round(self.format_errors, 2),
+                "wrong_format_share": None if share is None else round(share, 2)}
+
     def rows(self, records: Sequence[dict]) -> Iterator[dict]:
         """The predictions file's rows (``write_predictions``): ``id, prompt, prediction, answer, correct``,
         then ``format_ok``."""

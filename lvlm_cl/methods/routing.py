@@ -29,14 +29,12 @@ import torch.nn.functional as F
 from lvlm_cl.data.dataset import TASK_IDS
 from lvlm_cl.distributed import gather_objects, whole
 from lvlm_cl.methods.queries import InstructionEncoder, query_cache_setting
-from lvlm_cl.models.continual import CONTINUAL, Selector, unwrap
+from lvlm_cl.models.continual import Selector, selectors
 from lvlm_cl.settings import Settings, setting
 
 
 def routers(model: torch.nn.Module) -> list["TaskKeyRouter"]:
-    base = unwrap(model)
-    holder = getattr(base, CONTINUAL, None)
-    return [m for m in holder.values() if isinstance(m, TaskKeyRouter)] if holder is not None else []
+    return [s for s in selectors(model) if isinstance(s, TaskKeyRouter)]
 
 
 KeyMode = Literal["prototypes", "learned"]

@@ -46,6 +46,11 @@ def holder(model: torch.nn.Module) -> torch.nn.ModuleDict:
     return getattr(base, CONTINUAL)
 
 
+def _existing_holder(model: torch.nn.Module) -> torch.nn.ModuleDict | None:
+    """The model's ``continual`` holder if a method has made one (``holder`` makes it)."""
+    return getattr(unwrap(model), CONTINUAL, None)
+
+
 def shared(model: torch.nn.Module, key: str, build):
     """One object per model that every method of the run shares and that is not part of the model's state
     (never saved, never moved with it): ``build()`` on first use, kept on the model's holder after that
@@ -58,10 +63,7 @@ def shared(model: torch.nn.Module, key: str, build):
 
 def attach(model: torch.nn.Module, name: str, module: torch.nn.Module) -> torch.nn.Module:
     """Register ``module`` as ``<model>.continual.<name>`` (part of the model's state from now on)."""
-    holder_ = holder(model)
-    holder_[name] = module
-    if isinstance(module, Selector):     # it finds the call held for this model through its holder
-        module.__dict__["_holder"] = weakref.ref(holder_)
+    holder(model)[name] = module
     return module
 
 
@@ -99,8 +101,8 @@ def adapters_disabled(module: torch.nn.Module):
 
 def selectors(model: torch.nn.Module) -> list["Selector"]:
     """The modules of ``<model>.continual`` that select per sample inside the forward (``Selector``)."""
-    holder = getattr(unwrap(model), CONTINUAL, None)
-    return [m for m in holder.values() if isinstance(m, Selector)] if holder is not None else []
+    found = _existing_holder(model)
+    return [m for m in found.values() if isinstance(m, Selector)] if found is not None else []
 
 
 def task_router(model: torch.nn.Module) -> "Selector | None":
@@ -132,8 +134,8 @@ class Call:
 
 def current_call(model: torch.nn.Module) -> Call | None:
     """The call held for ``model`` now (None outside ``held``)."""
-    holder = getattr(unwrap(model), CONTINUAL, None)
-    return None if holder is None else holder.__dict__.get("_call")
+    found = _existing_holder(model)
+    return None if found is None else found.__dict__.get("_call")
 
 
 @contextlib.contextmanager
@@ -147,22 +149,24 @@ def held(model: torch.nn.Module, *, input_ids: torch.Tensor | None = None,
     instructions of ``input_ids`` (the text before the first answer token of ``labels``, when given). A
     ``generate`` call inside the block decodes every token with that choice (``generate`` below). ``model``
     may be wrapped (PEFT, DDP, DeepSpeed). Without selectors there is nothing to hold."""
-    holder = getattr(unwrap(model), CONTINUAL, None)
     found = selectors(model)
     if not found:
         yield
         return
-    if holder.__dict__.get("_call") is not None:
+    box = _existing_holder(model)
+    if box.__dict__.get("_call") is not None:
         raise RuntimeError("routing.held: a routing choice is already held for this model (blocks do not nest)")
     call = Call(prompt_length=0 if input_ids is None else input_ids.shape[1])
-    holder.__dict__["_call"] = call          # a plain attribute, not a submodule: never saved, never moved
+    box.__dict__["_call"] = call          # a plain attribute, not a submodule: never saved, never moved
     try:
         for s in found:
-            s.__dict__["_holder"] = weakref.ref(holder)     # (again: a deep copy of the model has its own holder)
+            # Where the selector reads the call back (``Selector.call``); bound here, at every call, so that a
+            # deep copy of the model reads its own holder.
+            s.__dict__["_holder"] = weakref.ref(box)
             call.choices[id(s)] = s.choose(task_ids, input_ids, attention_mask, labels)
         yield
     finally:
-        holder.__dict__["_call"] = None
+        box.__dict__["_call"] = None
 
 
 @contextlib.contextmanager
@@ -216,9 +220,9 @@ class Selector:
     @property
     def call(self) -> Call | None:
         """The call held for the model this selector is attached to (None outside ``held``)."""
-        holder = self.__dict__.get("_holder")
-        holder = holder() if holder is not None else None
-        return None if holder is None else holder.__dict__.get("_call")
+        ref = self.__dict__.get("_holder")
+        box = ref() if ref is not None else None
+        return None if box is None else box.__dict__.get("_call")
 
     @property
     def held(self) -> bool:
@@ -287,5 +291,5 @@ def _install_selection(base: torch.nn.Module) -> None:
     base.register_forward_hook(after, with_kwargs=True, always_call=True)
 
 
-__all__ = ["CONTINUAL", "Call", "Selector", "current_call", "holder", "shared", "task_router", "adapters_disabled", "attach", "generate", "held", "held_for_batch", "is_continual",
-           "model_inputs", "selectors", "unwrap"]
+__all__ = ["CONTINUAL", "Call", "Selector", "adapters_disabled", "attach", "current_call", "generate", "held",
+           "held_for_batch", "holder", "is_continual", "model_inputs", "selectors", "shared", "task_router", "unwrap"]
