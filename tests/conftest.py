@@ -197,3 +197,36 @@ def prompt_batch(processor, records: list[dict], max_length: int = 512) -> dict:
     from lvlm_cl.data.encoding import collate_prompts, encode_prompt
 
     return collate_prompts([encode_prompt(processor, r, max_length) for r in records], processor.tokenizer.pad_token_id)
+
+
+def write_stand_in_data(cfg, root: Path, question_answer, *, n_train: int, n_test: int) -> None:
+    """Tiny stand-in data at the paths a real recipe names (relative to ``root``, where it runs): plain-colour
+    images (red, green, blue in turn) and, for each task ``t`` of ``cfg``, records whose question and answer
+    ``question_answer(t, colour, i, split)`` gives in the task's style."""
+    colours = {c: COLOURS[c] for c in ("red", "green", "blue")}
+    (root / "img").mkdir(exist_ok=True)
+    for c, rgb in colours.items():
+        Image.new("RGB", (32, 32), rgb).save(root / "img" / f"{c}.png")
+    for t in cfg.tasks:
+        for split, n in (("train", n_train), ("test", n_test)):
+            recs = []
+            for i in range(n):
+                colour = list(colours)[i % 3]
+                q, a = question_answer(t, colour, i, split)
+                recs.append(record(f"{t.name}-{split}-{i}", str(root / "img" / f"{colour}.png"), q, a, t.name))
+            path = root / (t.train if split == "train" else t.eval)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def run_recipe_command(recipe: Path, cwd: Path, out: Path, overrides: list[str]) -> dict:
+    """``python lvlm_cl/train.py RECIPE output_dir=OUT OVERRIDES...`` run from ``cwd``, as a user runs it; it must
+    end with code 0. The run's metrics.json."""
+    import subprocess
+    import sys
+
+    train = Path(__file__).resolve().parent.parent / "lvlm_cl" / "train.py"
+    proc = subprocess.run([sys.executable, str(train), str(recipe), f"output_dir={out}", *overrides], cwd=cwd,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "metrics.json").read_text())

@@ -5,14 +5,11 @@ of the recipe's family, with only sizes overridden and tiny stand-in data writte
 CoIN's converted files."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
-from conftest import SMALL_MODEL, stage_scores
+from conftest import SMALL_MODEL, run_recipe_command, stage_scores, write_stand_in_data
 from lvlm_cl.config import load_recipe
 from lvlm_cl.stage import load_stage
 
@@ -20,12 +17,12 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "coin_llava15_7b.yaml"
 QWEN_RECIPE = ROOT / "recipes" / "coin_qwen25vl_7b.yaml"
 COIN = ["scienceqa", "textvqa", "imagenet", "gqa", "vizwiz", "grounding", "vqav2", "ocrvqa"]
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+COLOURS = ["red", "green", "blue"]           # the stand-in images' colours, in turn
 
 
-def question_answer(task: str, colour: str, i: int) -> tuple[str, str]:
+def question_answer(task_cfg, colour: str, i: int, split: str) -> tuple[str, str]:
     """A question in the task's CoIN style and its answer in the form the task's metric scores."""
-    names = list(COLOURS)
+    task, names = task_cfg.name, COLOURS
     if task == "scienceqa":
         options = " ".join(f"{letter}. {c}" for letter, c in zip("ABC", names))
         return f"Which color is shown?\n{options}\nAnswer with the option's letter from the given choices directly.", \
@@ -47,7 +44,7 @@ def test_the_coin_recipe_runs_its_eight_tasks_on_the_tiny_model(tmp_path):
     assert cfg.model.gradient_checkpointing == "auto" and cfg.model.liger_kernel == "auto" and cfg.trainer.mixed_precision == "bf16"
     assert cfg.trainer.group_by_length and cfg.trainer.num_workers == 4
 
-    write_stand_in_data(cfg, tmp_path)
+    write_stand_in_data(cfg, tmp_path, question_answer, n_train=4, n_test=2)
     out = tmp_path / "run"
     sizes = [*SMALL_MODEL, "model.path=builtin:tiny-llava-random", "model.lora.r=4", "model.lora.alpha=8",
              "trainer.epochs_per_task=null", "trainer.steps_per_task=2", "trainer.batch_size=2",
@@ -73,7 +70,7 @@ def test_the_qwen25vl_coin_recipe_runs_its_eight_tasks_on_the_tiny_qwen(tmp_path
     assert cfg.model.gradient_checkpointing == "auto" and cfg.trainer.mixed_precision == "bf16"
     assert cfg.trainer.group_by_length
 
-    write_stand_in_data(cfg, tmp_path)
+    write_stand_in_data(cfg, tmp_path, question_answer, n_train=4, n_test=2)
     out = tmp_path / "run"
     # The recipe's image-size range stays: the 32 x 32 stand-in images are grown to 64 x 64 (min_pixels).
     sizes = [*SMALL_MODEL, "model.path=builtin:tiny-qwen2.5-vl-random", "model.lora.r=4", "model.lora.alpha=8",
@@ -88,34 +85,9 @@ def test_the_qwen25vl_coin_recipe_runs_its_eight_tasks_on_the_tiny_qwen(tmp_path
     assert_reload_scores_the_same(tmp_path, out, metrics)
 
 
-def write_stand_in_data(cfg, tmp_path: Path) -> None:
-    """Stand-in data at the paths the recipe names (relative to where it runs), in each task's answer style."""
-    (tmp_path / "img").mkdir()
-    for c, rgb in COLOURS.items():
-        Image.new("RGB", (32, 32), rgb).save(tmp_path / "img" / f"{c}.png")
-    for t in cfg.tasks:
-        for split, n in (("train", 4), ("test", 2)):
-            lines = []
-            for i in range(n):
-                colour = list(COLOURS)[i % 3]
-                q, a = question_answer(t.name, colour, i)
-                lines.append(json.dumps({"id": f"{t.name}-{split}-{i}", "task": t.name,
-                                         "images": [str(tmp_path / "img" / f"{colour}.png")],
-                                         "messages": [{"role": "user", "content": [{"type": "image"},
-                                                                                  {"type": "text", "text": q}]},
-                                                      {"role": "assistant", "content": [{"type": "text", "text": a}]}]}))
-            path = tmp_path / getattr(t, "train" if split == "train" else "eval")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("\n".join(lines) + "\n")
-
-
 def run_recipe(recipe: Path, tmp_path: Path, out: Path, sizes: list[str]) -> dict:
     """The recipe run by its command line from ``tmp_path`` with ``sizes`` overridden; its metrics.json."""
-    proc = subprocess.run([sys.executable, str(ROOT / "lvlm_cl" / "train.py"), str(recipe), f"output_dir={out}",
-                           *sizes], cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = run_recipe_command(recipe, tmp_path, out, sizes)
     assert metrics["tasks"] == COIN and metrics["num_completed"] == 8
     assert len(metrics["matrix"]) == 8 and all(len(row) == 8 for row in metrics["matrix"])
     assert metrics["initial"] is not None and metrics["metrics"]["FWT"] is not None

@@ -4,18 +4,15 @@ LoRA with the projector, bf16) runs end to end on the tiny model, with only size
 data, in each task's answer style, written where the recipe expects the converted files."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
-from conftest import SMALL_MODEL
+from conftest import SMALL_MODEL, run_recipe_command, write_stand_in_data
 from lvlm_cl.config import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+COLOURS = ["red", "green", "blue"]           # the stand-in images' colours, in turn
 RECIPES = {
     "ucit_llava15_7b.yaml": [("imagenet_r", "contains"), ("arxivqa", "multiple_choice"),
                              ("vizwiz_caption", "cider"), ("iconqa", "vqa"), ("clevr_math", "numeric"),
@@ -25,10 +22,10 @@ RECIPES = {
 }
 
 
-def question_answer(metric: str, colour: str, i: int, split: str) -> tuple[str, str]:
-    """A question in the task's style and its answer in the form the task's metric scores (a test caption
-    carries two references, ``|``-separated)."""
-    names = list(COLOURS)
+def question_answer(task, colour: str, i: int, split: str) -> tuple[str, str]:
+    """A question in the style of the task's metric and its answer in the form that metric scores (a test
+    caption carries two references, ``|``-separated)."""
+    metric, names = task.metric, COLOURS
     if metric == "multiple_choice":
         options = " ".join(f"{letter}. {c}" for letter, c in zip("ABC", names))
         return f"Which color is shown?\n{options}\nAnswer with the option's letter.", "ABC"[names.index(colour)]
@@ -48,33 +45,12 @@ def test_the_recipe_runs_its_tasks_on_the_tiny_model(tmp_path, recipe_name):
     assert [(t.name, t.metric) for t in cfg.tasks] == RECIPES[recipe_name]
     assert cfg.model.lora.modules_to_save == ["multi_modal_projector"] and cfg.trainer.mixed_precision == "bf16"
 
-    (tmp_path / "img").mkdir()
-    for c, rgb in COLOURS.items():
-        Image.new("RGB", (32, 32), rgb).save(tmp_path / "img" / f"{c}.png")
-    for t in cfg.tasks:
-        for split, n in (("train", 3), ("test", 3)):
-            lines = []
-            for i in range(n):
-                colour = list(COLOURS)[i % 3]
-                q, a = question_answer(t.metric, colour, i, split)
-                lines.append(json.dumps({"id": f"{t.name}-{split}-{i}", "task": t.name,
-                                         "images": [str(tmp_path / "img" / f"{colour}.png")],
-                                         "messages": [{"role": "user", "content": [{"type": "image"},
-                                                                                  {"type": "text", "text": q}]},
-                                                      {"role": "assistant", "content": [{"type": "text", "text": a}]}]}))
-            path = tmp_path / (t.train if split == "train" else t.eval)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("\n".join(lines) + "\n")
-
+    write_stand_in_data(cfg, tmp_path, question_answer, n_train=3, n_test=3)
     out = tmp_path / "run"
     sizes = [*SMALL_MODEL, "model.path=builtin:tiny-llava-random", "model.lora.r=4", "model.lora.alpha=8",
              "trainer.epochs_per_task=null", "trainer.steps_per_task=2", "trainer.batch_size=3",
              "trainer.eval_batch_size=3", "trainer.max_new_tokens=4", "trainer.num_workers=0", "report_to=[]"]
-    proc = subprocess.run([sys.executable, str(ROOT / "lvlm_cl" / "train.py"), str(recipe), f"output_dir={out}",
-                           *sizes], cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = run_recipe_command(recipe, tmp_path, out, sizes)
     names = [name for name, _ in RECIPES[recipe_name]]
     assert metrics["tasks"] == names and metrics["num_completed"] == len(names)
     assert all(len(row) == len(names) for row in metrics["matrix"]) and metrics["initial"] is not None
