@@ -199,6 +199,12 @@ def prompt_batch(processor, records: list[dict], max_length: int = 512) -> dict:
     return collate_prompts([encode_prompt(processor, r, max_length) for r in records], processor.tokenizer.pad_token_id)
 
 
+# A real model's recipe cut down to the tiny model (the model path is the caller's): SMALL_MODEL's sizes, a
+# rank-4 LoRA, two steps a task, four new tokens, no tracker.
+TINY_RUN = ["model.lora.r=4", "model.lora.alpha=8", "trainer.epochs_per_task=null", "trainer.steps_per_task=2",
+            "trainer.max_new_tokens=4", "report_to=[]"]
+
+
 def write_stand_in_data(cfg, root: Path, question_answer, *, n_train: int, n_test: int) -> None:
     """Tiny stand-in data at the paths a real recipe names (relative to ``root``, where it runs): plain-colour
     images (red, green, blue in turn) and, for each task ``t`` of ``cfg``, records whose question and answer

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMALL_MODEL, run_recipe_command, stage_scores, write_stand_in_data
+from conftest import SMALL_MODEL, TINY_RUN, run_recipe_command, stage_scores, write_stand_in_data
 from lvlm_cl.config import load_recipe
 from lvlm_cl.stage import load_stage
 
@@ -46,9 +46,8 @@ def test_the_coin_recipe_runs_its_eight_tasks_on_the_tiny_model(tmp_path):
 
     write_stand_in_data(cfg, tmp_path, question_answer, n_train=4, n_test=2)
     out = tmp_path / "run"
-    sizes = [*SMALL_MODEL, "model.path=builtin:tiny-llava-random", "model.lora.r=4", "model.lora.alpha=8",
-             "trainer.epochs_per_task=null", "trainer.steps_per_task=2", "trainer.batch_size=2",
-             "trainer.eval_batch_size=4", "trainer.max_new_tokens=4", "trainer.save_every=1", "report_to=[]"]
+    sizes = [*SMALL_MODEL, *TINY_RUN, "model.path=builtin:tiny-llava-random", "trainer.batch_size=2",
+             "trainer.eval_batch_size=4", "trainer.save_every=1"]
     metrics = run_recipe(RECIPE, tmp_path, out, sizes)
     from safetensors.torch import load_file
 
@@ -73,9 +72,8 @@ def test_the_qwen25vl_coin_recipe_runs_its_eight_tasks_on_the_tiny_qwen(tmp_path
     write_stand_in_data(cfg, tmp_path, question_answer, n_train=4, n_test=2)
     out = tmp_path / "run"
     # The recipe's image-size range stays: the 32 x 32 stand-in images are grown to 64 x 64 (min_pixels).
-    sizes = [*SMALL_MODEL, "model.path=builtin:tiny-qwen2.5-vl-random", "model.lora.r=4", "model.lora.alpha=8",
-             "trainer.epochs_per_task=null", "trainer.steps_per_task=2", "trainer.batch_size=2",
-             "trainer.eval_batch_size=4", "trainer.max_new_tokens=4", "trainer.save_every=1", "report_to=[]"]
+    sizes = [*SMALL_MODEL, *TINY_RUN, "model.path=builtin:tiny-qwen2.5-vl-random", "trainer.batch_size=2",
+             "trainer.eval_batch_size=4", "trainer.save_every=1"]
     metrics = run_recipe(QWEN_RECIPE, tmp_path, out, sizes)
     from safetensors.torch import load_file
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMALL_MODEL, run_recipe_command, write_stand_in_data
+from conftest import SMALL_MODEL, TINY_RUN, run_recipe_command, write_stand_in_data
 from lvlm_cl.config import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,9 +47,8 @@ def test_the_recipe_runs_its_tasks_on_the_tiny_model(tmp_path, recipe_name):
 
     write_stand_in_data(cfg, tmp_path, question_answer, n_train=3, n_test=3)
     out = tmp_path / "run"
-    sizes = [*SMALL_MODEL, "model.path=builtin:tiny-llava-random", "model.lora.r=4", "model.lora.alpha=8",
-             "trainer.epochs_per_task=null", "trainer.steps_per_task=2", "trainer.batch_size=3",
-             "trainer.eval_batch_size=3", "trainer.max_new_tokens=4", "trainer.num_workers=0", "report_to=[]"]
+    sizes = [*SMALL_MODEL, *TINY_RUN, "model.path=builtin:tiny-llava-random", "trainer.batch_size=3",
+             "trainer.eval_batch_size=3", "trainer.num_workers=0"]
     metrics = run_recipe_command(recipe, tmp_path, out, sizes)
     names = [name for name, _ in RECIPES[recipe_name]]
     assert metrics["tasks"] == names and metrics["num_completed"] == len(names)
