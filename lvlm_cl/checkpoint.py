@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lvlm_cl.distributed import gathered, uses_deepspeed
+from lvlm_cl.distributed import gathered, uses_deepspeed, whole
 from lvlm_cl.errors import UserError
 from lvlm_cl.io import atomic_replace_dir, atomic_write_json, complete_dir, under
 from lvlm_cl.models import trainable_state_dict
@@ -353,10 +353,14 @@ def restore_trainable(model, tensors: dict[str, torch.Tensor], where: str) -> No
     if missing:
         raise CheckpointError(f"{where}: parameters {missing[:3]} are not in the model (was the recipe's model "
                               "or method list changed?)")
-    with torch.no_grad():
+    # Under DeepSpeed ZeRO-3 a parameter built partitioned holds an empty shard here: it is gathered whole,
+    # written (the same file on every process; the main one's values are given to all) and partitioned again.
+    # Collective: every process restores the same names.
+    partitioned = [params[n] for n in tensors if hasattr(params[n], "ds_id")]
+    with torch.no_grad(), whole(partitioned, modifier_rank=0):
         for n, t in tensors.items():
             p = params[n]
-            if p.is_floating_point() and t.is_floating_point() and p.dtype != t.dtype:
+            if p.is_floating_point() and t.is_floating_point() and p.dtype != t.dtype and not hasattr(p, "ds_id"):
                 p.data = t.to(p.device)       # saved in the precision it trained in (float32 over a bf16 base)
             else:
                 p.copy_(t)
