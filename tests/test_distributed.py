@@ -264,18 +264,20 @@ def test_a_zero3_run_stopped_after_a_task_resumes_with_its_partitioned_weights_r
         want.pop(key), got.pop(key)
     assert got == want
 
+
 def test_zero3_trains_the_seed_method_over_three_tasks_with_a_memory_bank(tmp_path):
     """Issue 17: with replayed records of several tasks and instructions of many phrasings, the processes'
     query caches differ; every collective must still be the same on both (a cache hit used to skip the query
     encoder's ZeRO-3 forward on one process only: the run hung or gloo aborted). The built-in model is also
-    built whole under a ZeRO-3 launch (it used to be written to the cache with empty, partitioned weights)."""
+    built whole under a ZeRO-3 launch (it used to be written to the cache with empty, partitioned weights).
+    The recipe's own methods: each task's prompt and LoRA adapter, the new adapter copied from the previous
+    one's partitioned parameters, replayed records through the task in training's."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "LVLM_CL_CACHE": str(tmp_path / "cache")}          # a fresh cache: the built-in model is built here
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file",
            "recipes/accelerate/zero3.yaml", "--main_process_port", _free_port(), "lvlm_cl/train.py",
-           "recipes/seq5.yaml", f"output_dir={out}", *SMALL_MODEL, "model.lora={r: 4, alpha: 8}",
-           "model.freeze_language_model=true",
+           "recipes/seq5.yaml", f"output_dir={out}", *SMALL_MODEL, "model.freeze_language_model=true",
            "benchmark={name: seq5, tasks: [digits, scienceqa, vqa], train_size: 96, test_size: 8}",
            "trainer.steps_per_task=12", "trainer.epochs_per_task=null", "trainer.batch_size=8",
            "trainer.eval_batch_size=8", "report_to=[]"]

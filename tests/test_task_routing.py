@@ -95,6 +95,7 @@ def test_instruction_tokens_are_the_same_in_training_and_at_inference(tiny, stre
 
 
 @pytest.mark.parametrize("cls, kwargs", [(TaskPrompts, {"length": 4}), (TaskLoRA, {"r": 4}),
+                                         (TaskPrompts, {"length": 4, "adapter_r": 4}),
                                          (TaskPrompts, {"length": 4, "key_mode": "learned"}),
                                          (TaskLoRA, {"r": 4, "key_mode": "learned"})])
 def test_routes_each_instruction_to_its_task(tiny_any, stream, cls, kwargs):
@@ -109,7 +110,9 @@ def test_routes_each_instruction_to_its_task(tiny_any, stream, cls, kwargs):
         assert bool((sims[:, 1 - task.index] < sims[:, task.index]).all())
 
 
-@pytest.mark.parametrize("cls, kwargs", [(TaskPrompts, {"length": 4}), (TaskLoRA, {"r": 4})])
+@pytest.mark.parametrize("cls, kwargs", [(TaskPrompts, {"length": 4}), (TaskLoRA, {"r": 4}),
+                                         (TaskPrompts, {"length": 4, "adapter_r": 4}),
+                                         (TaskPrompts, {"length": 0, "adapter_r": 4})])
 def test_generation_routes_by_itself_and_equals_unbatched_and_uncached(tiny_any, stream, cls, kwargs):
     model = copy.deepcopy(tiny_any[0]).eval()
     processor = tiny_any[1]
@@ -205,6 +208,59 @@ def test_task_prompts_keeps_sequence_length_and_trains_only_the_current_task(tin
     assert any(n.endswith("continual.task_prompts.known") for n in names)
 
 
+def test_task_prompts_adapters_start_from_the_previous_task_and_only_the_current_one_trains(tiny, stream):
+    """With ``adapter_r`` each task owns a LoRA adapter beside its prompt: the new task's starts as a copy of
+    the previous one's (``init: previous``), and only it (and its prompt) receives gradients."""
+    model = copy.deepcopy(tiny[0]).train()
+    processor = tiny[1]
+    method = TaskPrompts(length=3, adapter_r=4)
+    method.setup(model, stream)
+    method.before_task(stream[0], model, [])
+    params = dict(model.named_parameters())
+    first = {n: p for n, p in params.items() if ".cl_task_prompts_00." in n}
+    second = {n.replace("_00.", "_01."): p for n, p in first.items()}
+    assert first and all(n in params for n in second)
+    assert any("vision_tower" in n for n in first) and any("language_model" in n for n in first)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in first.values():
+            p.copy_(torch.randn(p.shape, generator=g))         # what task 0 "learnt"
+    method.before_task(stream[1], model, [])
+    for n, p in first.items():
+        assert torch.equal(params[n.replace("_00.", "_01.")], p), n
+        assert not p.requires_grad and params[n.replace("_00.", "_01.")].requires_grad
+    batch = _train_batch(processor, stream[1].train_records[:2] + stream[0].train_records[:2], 1)
+    batch[TASK_IDS] = torch.tensor([1, 1, 0, 0])
+    out, _ = language_modelling_loss(model, batch, full=True)
+    out.loss.backward()
+    assert all(p.grad is None for p in first.values())
+    assert sum(float(params[n].grad.abs().sum()) for n in second if params[n].grad is not None) > 0
+
+
+@pytest.mark.parametrize("adapter_r", [0, 4])
+def test_replay_route_current_runs_replayed_records_through_the_task_in_training(tiny, stream, adapter_r):
+    """``replay_route: current``: a replayed record of task 0 trains task 1's prompt (and adapter): its loss is
+    the one it has when labelled task 1, and task 1's prompt gets its gradient; ``own`` keeps its own route."""
+    processor = tiny[1]
+    records = stream[1].train_records[:2] + stream[0].train_records[:2]
+    losses = {}
+    for route, ids in [("current", [1, 1, 0, 0]), ("own", [1, 1, 1, 1]), ("own", [1, 1, 0, 0])]:
+        torch.manual_seed(0)
+        model = copy.deepcopy(tiny[0]).train()
+        method = TaskPrompts(length=3, adapter_r=adapter_r, replay_route=route, init="random")
+        method.setup(model, stream)
+        method.before_task(stream[0], model, [])
+        with torch.no_grad():      # task 0's prompt and task 1's differ
+            method.pool.slots[0].prompt.mul_(3.0)
+        method.before_task(stream[1], model, [])
+        batch = _train_batch(processor, records, 1)
+        batch[TASK_IDS] = torch.tensor(ids)
+        out, _ = language_modelling_loss(model, batch, full=True)
+        losses[(route, tuple(ids))] = out.loss.detach()
+    assert torch.allclose(losses[("current", (1, 1, 0, 0))], losses[("own", (1, 1, 1, 1))])
+    assert not torch.allclose(losses[("own", (1, 1, 0, 0))], losses[("own", (1, 1, 1, 1))])
+
+
 def test_task_lora_refuses_the_recipe_lora(tiny, stream):
     from lvlm_cl.config import LoraSettings, ModelConfig
     from lvlm_cl.models import apply_training_setup
@@ -235,7 +291,11 @@ def test_prototype_keys_give_each_phrasing_of_a_task_its_own_key(tiny, tmp_path)
 
 @pytest.mark.parametrize("bad, match", [({"length": 0}, "length"), ({"init": "zeros"}, "init"),
                                         ({"key_mode": "random"}, "key_mode"), ({"keys_per_task": 0}, "keys_per_task"),
-                                        ({"key_weight": -1}, "key_weight"), ({"top_k": 1.5}, "top_k")])
+                                        ({"key_weight": -1}, "key_weight"), ({"top_k": 1.5}, "top_k"),
+                                        ({"adapter_r": -1}, "adapter_r"), ({"adapter_r": 2, "top_k": 2}, "top_k"),
+                                        ({"adapter_r": 2, "adapter_language": False, "adapter_vision": False},
+                                         "adapter_language"), ({"replay_route": "mixed"}, "replay_route"),
+                                        ({"length": -1, "adapter_r": 2}, "length")])
 def test_task_prompts_settings_are_checked(bad, match):
     with pytest.raises(ValueError, match=match):
         TaskPrompts(**bad)

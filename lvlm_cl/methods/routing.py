@@ -92,6 +92,9 @@ class TaskKeyRouter(Selector, torch.nn.Module):
     """
 
     routes_tasks = True
+    # In training (the batch's task ids given): each sample through its own task's slot ("own"), or every
+    # sample through the task in training's, the last known one ("current"; task_prompts' replay_route).
+    train_route: str = "own"
 
     def __init__(self, num_tasks: int, dim: int, prompts: list[torch.Tensor] | None = None, *,
                  key_mode: str = "prototypes", keys_per_task: int = 8, seed: int = 0):
@@ -146,6 +149,8 @@ class TaskKeyRouter(Selector, torch.nn.Module):
         if task_ids is not None:
             if int(task_ids.max()) >= known:
                 raise ValueError(f"a training sample of task {int(task_ids.max())}, but only {known} tasks are known")
+            if self.train_route == "current":      # replayed records too run through the task in training's slot
+                return TaskChoice(torch.full_like(task_ids, known - 1).long(), None, counts)
             return TaskChoice(task_ids.long(), None, counts)
         if input_ids is None:
             raise ValueError("task routing needs input_ids; inputs_embeds alone cannot be routed")

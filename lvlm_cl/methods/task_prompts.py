@@ -6,8 +6,13 @@ Each task owns ``length`` learnable prompt vectors, prepended to the language mo
 instruction (``queries.InstructionEncoder``: the base language model's mean-pooled hidden states).
 
 - Training on task t: every sample uses the prompt of the task it comes from (the current task's, or an
-  earlier task's for records a memory bank replays). Earlier tasks' prompts are frozen; the new task's
-  prompt starts as a copy of the previous one (``init: previous``) or at random.
+  earlier task's for records a memory bank replays), or with ``replay_route: current`` task t's for every
+  sample, so the bank trains the new task's prompt (and adapter) on the earlier tasks too. Earlier tasks'
+  prompts are frozen; the new task's prompt starts as a copy of the previous one (``init: previous``) or at
+  random.
+- Per-task adapters (``adapter_r`` > 0): each task also owns a LoRA adapter on the language model and the
+  vision tower, taken on the prompt's route (``task_lora``'s hooks, with this pool as the router). Only the
+  task in training's adapter moves; with ``init: previous`` it starts as a copy of the previous task's.
 - Keys (``routing.TaskKeyRouter``): by default the k-means prototypes of the task's training queries,
   fitted when the task ends (``key_mode: prototypes``); or L2P's learned key, pulled towards the task's
   queries by ``term = key_weight * mean(1 - cos(q, k_t))`` (``key_mode: learned``).
@@ -17,9 +22,10 @@ instruction (``queries.InstructionEncoder``: the base language model's mean-pool
 - The prompts, keys and the count of known tasks live in the model (``<model>.continual.task_prompts``) and
   are saved with every task checkpoint.
 
+    model: {freeze_vision_tower: true, freeze_projector: true, freeze_language_model: true}
     methods:
-      - {name: task_prompts, length: 8, key_weight: 1.0}
-      - {name: replay, memory_fraction: 0.05, selection: task_balanced}
+      - {name: task_prompts, length: 8, adapter_r: 64, adapter_alpha: 128, replay_route: current}
+      - {name: replay, memory_fraction: 0.05, selection: task_balanced, replay_ratio: 0.2}
 
 How the prompts enter the model: each sample's task is chosen once per call (``continual.held``: from the
 training batch's ``cl_task_ids``, or by routing the prompt of a ``continual.generate`` call), a pre-hook on
@@ -42,9 +48,11 @@ from typing import Literal
 import torch
 
 from lvlm_cl.distributed import whole
+from lvlm_cl.methods.adapters import adapter_params, inject_lora, refuse_recipe_lora, set_trainable_adapter, targets
 from lvlm_cl.methods.base import Method, Task
 from lvlm_cl.methods.queries import query_encoder
 from lvlm_cl.methods.routing import RouterState, RoutingSettings, TaskKeyRouter, key_term_on_batch
+from lvlm_cl.methods.task_lora import install_adapter_hooks
 from lvlm_cl.models import parts
 from lvlm_cl.models.continual import attach
 from lvlm_cl.settings import seed_setting, setting
@@ -62,7 +70,26 @@ class PromptSettings(RoutingSettings):
 
 @dataclass(frozen=True)
 class TaskPromptsSettings(PromptSettings):
+    length: int = setting(8, low=0, help="prompt vectors per task (0: none, the per-task adapters alone)")
     top_k: int = setting(1, low=1, help="at inference, the similarity-weighted mean of the k best tasks' prompts")
+    adapter_r: int = setting(0, low=0, help="rank of the LoRA adapter each task owns beside its prompt, on the "
+                                            "prompt's route (0: prompts only)")
+    adapter_alpha: float = setting(16.0, low=0, help="LoRA scaling (alpha / r) of the per-task adapters")
+    adapter_language: bool = setting(True, help="the per-task adapters cover the language model")
+    adapter_vision: bool = setting(True, help="the per-task adapters cover the vision tower")
+    replay_route: Literal["own", "current"] = setting(
+        "own", help="in training, a replayed record runs through its own task's prompt and adapter (frozen) or "
+                    "through the task in training's, which then also learns the earlier tasks from the bank")
+
+    def resolve(self, given: frozenset[str]) -> TaskPromptsSettings:
+        if self.length == 0 and not self.adapter_r:
+            raise ValueError("length 0 (no prompts) needs per-task adapters: set adapter_r > 0, or length >= 1")
+        if self.adapter_r and self.top_k > 1:
+            raise ValueError("top_k > 1 blends prompts, but a sample runs through one task's adapter: with "
+                             "adapter_r > 0 set top_k to 1")
+        if self.adapter_r and not (self.adapter_language or self.adapter_vision):
+            raise ValueError("with adapter_r > 0 at least one of adapter_language and adapter_vision must be true")
+        return self
 
 
 class TaskPromptPool(TaskKeyRouter):
@@ -101,16 +128,32 @@ class TaskPrompts(RouterState, Method):
     def __init__(self, **args):
         super().__init__(**args)
         self.pool: TaskPromptPool | None = None
+        self.names: list[str] = []          # the per-task adapters (adapter_r > 0)
 
     @property
     def router(self) -> TaskPromptPool | None:
         return self.pool
 
     def setup(self, model, stream: list[Task]) -> None:
-        self.pool = attach_prompt_pool(model, self.name, len(stream), self.settings, self.settings.top_k)
-        install_prompt_hooks(parts(model)["language_model"], self.pool)
+        s = self.settings
+        self.pool = attach_prompt_pool(model, self.name, len(stream), s, s.top_k)   # before any adapter
+        self.pool.train_route = s.replay_route
+        if s.adapter_r:
+            refuse_recipe_lora(model, self.name)
+            self.names = [f"cl_{self.name}_{i:02d}" for i in range(len(stream))]
+            layers: list[str] = []
+            for name in self.names:
+                layers = inject_lora(model, name, r=s.adapter_r, alpha=s.adapter_alpha, dropout=0.0,
+                                     target_modules=targets(language=s.adapter_language, vision=s.adapter_vision))
+            install_adapter_hooks(model, layers, self.pool, self.names)
+        if s.length:
+            install_prompt_hooks(parts(model)["language_model"], self.pool)
 
     def before_task(self, task: Task, model, train_data: list) -> list:
+        if self.names:
+            if task.index > 0 and self.settings.init == "previous" and not bool(self.pool.key_ready[task.index]):
+                copy_adapter(model, self.names[task.index - 1], self.names[task.index])
+            set_trainable_adapter(model, self.names, self.names[task.index])
         begin_task_prompt(self.pool, task.index, self.settings.init)
         return train_data
 
@@ -145,6 +188,16 @@ def begin_task_prompt(pool: TaskPromptPool, index: int, init: str) -> None:
         with torch.no_grad(), whole([new, old], modifier_rank=0):
             new.copy_(old)
     pool.train_only(index)
+
+
+def copy_adapter(model, source: str, target: str) -> None:
+    """Adapter ``target`` starts as a copy of adapter ``source`` (``init: previous``: the new task's adapter
+    starts from what the previous task learnt, as its prompt does)."""
+    src, dst = adapter_params(model, source), adapter_params(model, target)
+    pairs = [(dst[n.replace(f".{source}.", f".{target}.")], p) for n, p in src.items()]
+    with torch.no_grad(), whole([p for pair in pairs for p in pair], modifier_rank=0):
+        for new, old in pairs:
+            new.copy_(old)
 
 
 def install_prompt_hooks(language_model, pool: TaskPromptPool) -> None:
