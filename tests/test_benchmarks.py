@@ -25,7 +25,7 @@ SEQ5_TASKS = ["digits", "scienceqa", "vqa", "ocr", "grounding"]
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    """Both benchmarks at a small size, generated once for the module: {name: {task: TaskSpec}}."""
+    """Every benchmark at a small size, generated once for the module: {name: {task: TaskSpec}}."""
     root = tmp_path_factory.mktemp("benchmarks")
     return {name: {s.name: s for s in materialize(name, root, **SMALL)} for name in available()}
 
@@ -52,12 +52,12 @@ def occupied_cells(image: np.ndarray, grid: int = GRID) -> list[tuple[int, int]]
 
 # --- API ------------------------------------------------------------------------------------------
 
-def test_available_lists_both_benchmarks():
-    assert available() == ["pretrain", "seq5"]
+def test_available_lists_the_benchmarks():
+    assert available() == ["heldout5", "pretrain", "seq5"]
 
 
 def test_unknown_name_lists_available(tmp_path):
-    with pytest.raises(ValueError, match="pretrain, seq5"):
+    with pytest.raises(ValueError, match="heldout5, pretrain, seq5"):
         materialize("nope", tmp_path)
 
 
@@ -370,7 +370,7 @@ def test_default_sizes(tmp_path, monkeypatch):
     for name in available():
         with pytest.raises(RuntimeError, match="stop"):
             materialize(name, tmp_path, progress=False)
-    assert seen == {"seq5": (1200, 250), "pretrain": (4000, 200)}
+    assert seen == {"seq5": (1200, 250), "heldout5": (1200, 250), "pretrain": (4000, 200)}
     assert list(tmp_path.iterdir()) == []
 
 
