@@ -208,12 +208,13 @@ def test_task_prompts_keeps_sequence_length_and_trains_only_the_current_task(tin
     assert any(n.endswith("continual.task_prompts.known") for n in names)
 
 
-def test_task_prompts_adapters_start_from_the_previous_task_and_only_the_current_one_trains(tiny, stream):
-    """With ``adapter_r`` each task owns a LoRA adapter beside its prompt: the new task's starts as a copy of
-    the previous one's (``init: previous``), and only it (and its prompt) receives gradients."""
+def test_task_prompts_adapters_start_fresh_or_from_the_previous_task_and_only_the_current_one_trains(tiny, stream):
+    """With ``adapter_r`` each task owns a LoRA adapter beside its prompt: with ``adapter_init: previous`` the
+    new task's starts as a copy of the previous one's (fresh by default: PEFT's zero B), and only it (and its
+    prompt) receives gradients."""
     model = copy.deepcopy(tiny[0]).train()
     processor = tiny[1]
-    method = TaskPrompts(length=3, adapter_r=4)
+    method = TaskPrompts(length=3, adapter_r=4, adapter_init="previous")
     method.setup(model, stream)
     method.before_task(stream[0], model, [])
     params = dict(model.named_parameters())
@@ -235,6 +236,19 @@ def test_task_prompts_adapters_start_from_the_previous_task_and_only_the_current
     out.loss.backward()
     assert all(p.grad is None for p in first.values())
     assert sum(float(params[n].grad.abs().sum()) for n in second if params[n].grad is not None) > 0
+
+    # By default (adapter_init: fresh) a new task's adapter is the base model's: PEFT's zero B.
+    model = copy.deepcopy(tiny[0]).train()
+    method = TaskPrompts(length=3, adapter_r=4)
+    method.setup(model, stream)
+    method.before_task(stream[0], model, [])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".cl_task_prompts_00." in n:
+                p.copy_(torch.randn(p.shape, generator=g))
+    method.before_task(stream[1], model, [])
+    second_b = [p for n, p in model.named_parameters() if ".cl_task_prompts_01." in n and "lora_B" in n]
+    assert second_b and all(not p.any() for p in second_b)
 
 
 @pytest.mark.parametrize("adapter_r", [0, 4])

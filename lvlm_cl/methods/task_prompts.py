@@ -12,7 +12,8 @@ instruction (``queries.InstructionEncoder``: the base language model's mean-pool
   random.
 - Per-task adapters (``adapter_r`` > 0): each task also owns a LoRA adapter on the language model and the
   vision tower, taken on the prompt's route (``task_lora``'s hooks, with this pool as the router). Only the
-  task in training's adapter moves; with ``init: previous`` it starts as a copy of the previous task's.
+  task in training's adapter moves; it starts at PEFT's initialisation (the base model: ``adapter_init:
+  fresh``) or as a copy of the previous task's (``previous``).
 - Keys (``routing.TaskKeyRouter``): by default the k-means prototypes of the task's training queries,
   fitted when the task ends (``key_mode: prototypes``); or L2P's learned key, pulled towards the task's
   queries by ``term = key_weight * mean(1 - cos(q, k_t))`` (``key_mode: learned``).
@@ -77,6 +78,9 @@ class TaskPromptsSettings(PromptSettings):
     adapter_alpha: float = setting(16.0, low=0, help="LoRA scaling (alpha / r) of the per-task adapters")
     adapter_language: bool = setting(True, help="the per-task adapters cover the language model")
     adapter_vision: bool = setting(True, help="the per-task adapters cover the vision tower")
+    adapter_init: Literal["fresh", "previous"] = setting(
+        "fresh", help="a new task's adapter: fresh (PEFT's initialisation: the base model) or previous (a copy of "
+                      "the previous task's)")
     replay_route: Literal["own", "current"] = setting(
         "own", help="in training, a replayed record runs through its own task's prompt and adapter (frozen) or "
                     "through the task in training's, which then also learns the earlier tasks from the bank")
@@ -151,7 +155,7 @@ class TaskPrompts(RouterState, Method):
 
     def before_task(self, task: Task, model, train_data: list) -> list:
         if self.names:
-            if task.index > 0 and self.settings.init == "previous" and not bool(self.pool.key_ready[task.index]):
+            if task.index > 0 and self.settings.adapter_init == "previous" and not bool(self.pool.key_ready[task.index]):
                 copy_adapter(model, self.names[task.index - 1], self.names[task.index])
             set_trainable_adapter(model, self.names, self.names[task.index])
         begin_task_prompt(self.pool, task.index, self.settings.init)
