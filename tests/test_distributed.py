@@ -234,9 +234,8 @@ def test_a_zero3_run_stopped_after_a_task_resumes_with_its_partitioned_weights_r
     root, recipe, _ = setup
     extra = ["model.lora=null", "trainer.steps_per_task=2", "model.freeze_language_model=true",
              "methods=[task_lora]", "trainer.save_every=0"]          # no step checkpoint: resume after the task
-    whole_run = root / "zero3-task_lora"
-    if not (whole_run / "metrics.json").is_file():      # this test run alone
-        assert _launch("zero3", recipe, whole_run, extra).returncode == 0
+    whole_run = root / "zero3-task_lora-whole"          # the same settings, never stopped
+    assert _launch("zero3", recipe, whole_run, extra).returncode == 0
     out = root / "zero3-task_lora-stopped"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file",
