@@ -173,33 +173,23 @@ def test_ewc_runs_under_ddp_and_a_run_evaluates_sharded(setup, tmp_path):
     assert scores == {"stage-1-warmth": metrics["matrix"][1][1]}
 
 
-# Mid-task resume under ZeRO: a two-process run killed (every process, as a power cut would) after a step
-# checkpoint of the second task starts again and ends exactly as a run that never stopped (the run of
-# test_deepspeed_two_processes_train_save_and_evaluate_in_one: LoRA + task_prompts, the same settings).
-
-
-@pytest.mark.parametrize("config", ["zero2", "zero3"])
-def test_a_killed_zero_run_resumes_mid_task_to_the_same_metrics(setup, config):
+def _kill_when(config: str, recipe: Path, out: Path, extra: list[str], file: str, ready) -> None:
+    """Launch a two-process run and kill it (every process, as a power cut would) as soon as ``ready`` holds
+    for the JSON in ``out / file``."""
     import signal
     import time
 
     import psutil
 
-    root, recipe, _ = setup
-    extra = ["trainer.save_every=1"]           # how often step checkpoints are taken changes no result
-    if not (root / config / "metrics.json").is_file():    # this test run alone
-        assert _launch(config, recipe, root / config).returncode == 0
-    out = root / f"{config}-killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file", f"recipes/accelerate/{config}.yaml",
-           "--main_process_port", _free_port(), "lvlm_cl/train.py", str(recipe), f"output_dir={out}", *OVERRIDES,
-           "trainer.batch_size=4", *extra]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file",
+           f"recipes/accelerate/{config}.yaml", "--main_process_port", _free_port(), "lvlm_cl/train.py", str(recipe),
+           f"output_dir={out}", *OVERRIDES, "trainer.batch_size=4", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    meta_path = out / "checkpoints" / "step" / "meta.json"
     deadline = time.time() + 600
     while proc.poll() is None and time.time() < deadline:
         try:
-            if json.loads(meta_path.read_text())["task_index"] == 1:
+            if ready(json.loads((out / file).read_text())):
                 break
         except (OSError, json.JSONDecodeError):
             pass
@@ -208,6 +198,20 @@ def test_a_killed_zero_run_resumes_mid_task_to_the_same_metrics(setup, config):
     for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
         p.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+# Mid-task resume under ZeRO: a two-process run killed (every process, as a power cut would) after a step
+# checkpoint of the second task starts again and ends exactly as a run that never stopped (the run of
+# test_deepspeed_two_processes_train_save_and_evaluate_in_one: LoRA + task_prompts, the same settings).
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
+def test_a_killed_zero_run_resumes_mid_task_to_the_same_metrics(setup, config):
+    root, recipe, _ = setup
+    extra = ["trainer.save_every=1"]           # how often step checkpoints are taken changes no result
+    if not (root / config / "metrics.json").is_file():    # this test run alone
+        assert _launch(config, recipe, root / config).returncode == 0
+    out = root / f"{config}-killed"
+    meta_path = out / "checkpoints" / "step" / "meta.json"
+    _kill_when(config, recipe, out, extra, "checkpoints/step/meta.json", lambda meta: meta["task_index"] == 1)
     meta = json.loads(meta_path.read_text())
     assert meta["task"] == "warmth" and meta["step"] < STEPS and meta["processes"] == 2
 
@@ -220,39 +224,18 @@ def test_a_killed_zero_run_resumes_mid_task_to_the_same_metrics(setup, config):
     assert got == want
 
 
-
 def test_a_zero3_run_stopped_after_a_task_resumes_with_its_partitioned_weights_restored(setup):
     """Resuming after a finished task writes the task checkpoint's tensors back into the model. Under ZeRO-3
     the model is built partitioned, and task_lora trains the projector, whose parameters hold an empty shard
     on each process: they are gathered to be written (the copy into an empty shard failed; CI met it when a
     gloo abort made a run resume). The resumed run ends as the run that never stopped."""
-    import signal
-    import time
-
-    import psutil
-
     root, recipe, _ = setup
     extra = ["model.lora=null", "trainer.steps_per_task=2", "model.freeze_language_model=true",
              "methods=[task_lora]", "trainer.save_every=0"]          # no step checkpoint: resume after the task
     whole_run = root / "zero3-task_lora-whole"          # the same settings, never stopped
     assert _launch("zero3", recipe, whole_run, extra).returncode == 0
     out = root / "zero3-task_lora-stopped"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file",
-           "recipes/accelerate/zero3.yaml", "--main_process_port", _free_port(), "lvlm_cl/train.py", str(recipe),
-           f"output_dir={out}", *OVERRIDES, "trainer.batch_size=4", *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while proc.poll() is None and time.time() < deadline:
-        try:
-            if json.loads((out / "run_state.json").read_text())["trained"] == 1:
-                break
-        except (OSError, json.JSONDecodeError):
-            pass
-        time.sleep(0.005)
-    for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
-        p.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill_when("zero3", recipe, out, extra, "run_state.json", lambda state: state["trained"] == 1)
     assert json.loads((out / "run_state.json").read_text())["trained"] == 1
 
     resumed = _launch("zero3", recipe, out, extra)

@@ -37,7 +37,7 @@ from lvlm_cl.benchmarks import GenerationRequest, Sample, TaskDef, per_split
 from lvlm_cl.benchmarks.pretrain import WORDS, word_font_sizes
 from lvlm_cl.benchmarks.render import (GRID, SHAPES, TEXT_COLOURS, render_scene, render_sklearn_digit, render_text,
                                        sample_scene)
-from lvlm_cl.benchmarks.seq5 import MULTIPLE_CHOICE_SUFFIX, stratified_order
+from lvlm_cl.benchmarks.seq5 import MULTIPLE_CHOICE_SUFFIX, digit_splits
 
 DEFAULT_TRAIN_SIZE = 1200
 DEFAULT_TEST_SIZE = 250
@@ -128,18 +128,7 @@ def counting_sample(rng: np.random.Generator, image_size: int) -> Sample:
 
 def generate_parity(request: GenerationRequest) -> dict[str, Iterator[Sample]]:
     """scikit-learn's handwritten digits, split stratified by digit (so by parity too), as seq5's digits."""
-    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
-
-    data = load_digits()
-    if request.test_size >= len(data.target):
-        raise ValueError(f"parity has {len(data.target)} images; test_size {request.test_size} leaves "
-                         "none for training")
-    partition = request.rng(PARITY_PARTITION_STREAM)
-    order = stratified_order(data.target, partition)
-    split_indices = {
-        "test": order[:request.test_size],
-        "train": partition.permutation(order[request.test_size:request.test_size + request.train_size]),
-    }
+    data, split_indices = digit_splits(request, "parity", PARITY_PARTITION_STREAM)
     return {split: _parity_samples(data, idx, request.image_size, request.split_rng(split))
             for split, idx in split_indices.items()}
 

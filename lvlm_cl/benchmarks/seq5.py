@@ -116,21 +116,28 @@ def stratified_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return np.array([int(p[r]) for r in range(longest) for p in per_class if r < len(p)])
 
 
-def generate_digits(request: GenerationRequest) -> dict[str, Iterator[Sample]]:
-    """scikit-learn's 1797 real handwritten digits, split stratified; train capped by what is left."""
+def digit_splits(request: GenerationRequest, task: str, stream: int) -> tuple[object, dict[str, np.ndarray]]:
+    """scikit-learn's 1797 real handwritten digits and each split's indices into them, stratified by digit
+    (from the partition generator ``stream``); train capped by what is left. Used by seq5's digits and
+    heldout5's parity."""
     from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
 
     data = load_digits()
     if request.test_size >= len(data.target):
-        raise ValueError(f"digits has {len(data.target)} images; test_size {request.test_size} leaves "
+        raise ValueError(f"{task} has {len(data.target)} images; test_size {request.test_size} leaves "
                          "none for training")
-    partition = request.rng(DIGITS_PARTITION_STREAM)
+    partition = request.rng(stream)
     order = stratified_order(data.target, partition)
-    split_indices = {
+    return data, {
         "test": order[:request.test_size],
         # A prefix of the interleaved order is stratified; shuffle it so classes do not come round-robin.
         "train": partition.permutation(order[request.test_size:request.test_size + request.train_size]),
     }
+
+
+def generate_digits(request: GenerationRequest) -> dict[str, Iterator[Sample]]:
+    """scikit-learn's 1797 real handwritten digits, split stratified; train capped by what is left."""
+    data, split_indices = digit_splits(request, "digits", DIGITS_PARTITION_STREAM)
     return {split: _digit_samples(data, idx, request.image_size, request.split_rng(split))
             for split, idx in split_indices.items()}
 
