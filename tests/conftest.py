@@ -139,6 +139,21 @@ def stage_scores(stage) -> list[float]:
     return row
 
 
+def assert_reloads_as_trained(model, state, out: Path):
+    """The run in ``out`` reloads (its last stage) to exactly the parameters that trained, and the reload scores
+    what the run scored after its last task. Returns the stage."""
+    import torch
+
+    from lvlm_cl.stage import load_stage
+
+    stage = load_stage(out)
+    trained = dict(model.named_parameters())
+    for n, p in stage.model.named_parameters():
+        assert torch.equal(p, trained[n]), n                      # the checkpoint restores what trained
+    assert stage_scores(stage) == state.rows[-1]                   # evaluating the reload = the run's numbers
+    return stage
+
+
 @pytest.fixture(scope="module")
 def tiny_left(tiny_small):
     """``tiny_small`` with a processor of its own that pads on the left (generation); tests deep-copy the
@@ -165,8 +180,8 @@ def task_batch(processor, records: list[dict], task_ids, max_length: int = 512) 
     """A training batch of ``records`` carrying each sample's task index (an int: all the same)."""
     import torch
 
-    from lvlm_cl.data.encoding import collate_train, encode_record
     from lvlm_cl.data.dataset import TASK_IDS
+    from lvlm_cl.data.encoding import collate_train, encode_record
 
     batch = collate_train([encode_record(processor, r, max_length) for r in records], processor.tokenizer.pad_token_id)
     ids = [task_ids] * len(records) if isinstance(task_ids, int) else list(task_ids)

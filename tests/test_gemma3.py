@@ -4,11 +4,9 @@ that route inside the forward; each run reloads from its checkpoint and evaluate
 (Routing, cached generation and forced routes on Gemma 3: tests/test_task_routing.py's `tiny_any`.)"""
 
 import pytest
-import torch
+from conftest import SMALL_MODEL, assert_reloads_as_trained, write_recipe
 
-from conftest import SMALL_MODEL, stage_scores, write_recipe
 from lvlm_cl.config import load_recipe
-from lvlm_cl.stage import load_stage
 from lvlm_cl.train import run
 
 GEMMA3 = [*SMALL_MODEL, "model.path=builtin:tiny-gemma3-random"]
@@ -31,8 +29,4 @@ def test_gemma3_trains_saves_reloads_and_evaluates(tmp_path, colour_tasks, setti
     assert len(state.rows) == 2
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     assert isinstance(base, Gemma3ForConditionalGeneration)
-    stage = load_stage(out)
-    trained = dict(model.named_parameters())
-    for n, p in stage.model.named_parameters():
-        assert torch.equal(p, trained[n]), n
-    assert stage_scores(stage) == state.rows[-1]                   # evaluating the reload = the run's numbers
+    assert_reloads_as_trained(model, state, out)

@@ -2,9 +2,8 @@
 same as the run did."""
 
 import pytest
-import torch
+from conftest import SMALL_MODEL, assert_reloads_as_trained, write_recipe
 
-from conftest import SMALL_MODEL, stage_scores, write_recipe
 from lvlm_cl.checkpoint import CheckpointError
 from lvlm_cl.config import load_recipe
 from lvlm_cl.methods import available
@@ -20,14 +19,8 @@ def test_method_trains_saves_reloads_and_evaluates(tmp_path, colour_tasks, name)
     model, _, state = run(load_recipe(recipe, [*SMALL_MODEL, f"methods=[{name}]"]), progress=False)
     assert len(state.rows) == 2
 
-    stage = load_stage(out)
+    stage = assert_reloads_as_trained(model, state, out)
     assert stage.index == 1 and stage.task.name == "warmth" and [m.name for m in stage.methods] == [name]
-    trained = dict(model.named_parameters())
-    for n, p in stage.model.named_parameters():
-        assert torch.equal(p, trained[n]), n                      # the checkpoint restores what trained
-
-    row = stage_scores(stage)
-    assert row == state.rows[-1]                                     # evaluating the reload = the run's numbers
 
 
 def test_load_stage_errors_name_the_problem(tmp_path):

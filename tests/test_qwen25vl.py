@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import (SMALL_MODEL, assert_reloads_as_trained, colour_stream, forward, prompt_batch, record,
+                      stage_scores, task_batch, write_recipe)
 from PIL import Image
 
-from conftest import SMALL_MODEL, colour_stream, forward, prompt_batch, record, stage_scores, task_batch, write_recipe
 from lvlm_cl.config import ModelConfig, load_recipe
 from lvlm_cl.data.encoding import (IGNORE_INDEX, collate_prompts, collate_train, encode_many, encode_prompt,
                                    encode_record, image_token_id)
@@ -327,7 +328,6 @@ def _methods():
 def test_every_method_trains_reloads_and_evaluates_on_qwen_or_is_refused(tmp_path, colour_tasks, settings):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from lvlm_cl.stage import load_stage
     from lvlm_cl.train import run
 
     name = settings[-1].removeprefix("methods=[").rstrip("]")
@@ -342,11 +342,7 @@ def test_every_method_trains_reloads_and_evaluates_on_qwen_or_is_refused(tmp_pat
     assert len(state.rows) == 2
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     assert isinstance(base, Qwen2_5_VLForConditionalGeneration)
-    stage = load_stage(out)
-    trained = dict(model.named_parameters())
-    for n, p in stage.model.named_parameters():
-        assert torch.equal(p, trained[n]), n
-    assert stage_scores(stage) == state.rows[-1]                   # evaluating the reload = the run's numbers
+    assert_reloads_as_trained(model, state, out)
 
 
 def _bitsandbytes_repacks_4bit_weights_for_cpu_inference() -> bool:

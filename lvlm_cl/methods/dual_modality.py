@@ -65,11 +65,11 @@ import torch
 import torch.nn.functional as F
 
 from lvlm_cl.data.dataset import TASK_IDS
-from lvlm_cl.methods.adapters import inject_lora, refuse_recipe_lora, set_trainable_adapter, targets
+from lvlm_cl.methods.adapters import refuse_recipe_lora, set_trainable_adapter, targets
 from lvlm_cl.methods.base import Method, Task
 from lvlm_cl.methods.routing import RouterState, key_term_on_batch
 # Both halves are exactly task_lora's and task_prompts' mechanisms.
-from lvlm_cl.methods.task_lora import install_adapter_hooks
+from lvlm_cl.methods.task_lora import add_task_adapters
 from lvlm_cl.methods.task_prompts import (PromptSettings, TaskPromptPool, attach_prompt_pool, begin_task_prompt,
                                           install_prompt_hooks)
 from lvlm_cl.models import parts
@@ -118,12 +118,8 @@ class DualModality(RouterState, Method):
         refuse_recipe_lora(model, self.name)
         s = self.settings
         self.pool = attach_prompt_pool(model, self.name, len(stream), s)   # before any adapter: the base's queries
-        self.names = [f"cl_{self.name}_{i:02d}" for i in range(len(stream))]
-        layers: list[str] = []
-        for name in self.names:
-            layers = inject_lora(model, name, r=s.r, alpha=s.alpha, dropout=s.dropout,
-                                 target_modules=targets(language=s.language, vision=True))
-        install_adapter_hooks(model, layers, self.pool, self.names)
+        self.names = add_task_adapters(model, self.name, len(stream), self.pool, r=s.r, alpha=s.alpha,
+                                       dropout=s.dropout, target_modules=targets(language=s.language, vision=True))
         install_prompt_hooks(parts(model)["language_model"], self.pool)
         self._install_capture(parts(model)["projector"])
 

@@ -71,12 +71,8 @@ class TaskLoRA(RouterState, Method):
                                                              keys_per_task=s.keys_per_task))
         self.router.to(next(model.parameters()).device).requires_grad_(False)
         self.router.encoder = encoder
-        self.names = [f"cl_task_lora_{i:02d}" for i in range(len(stream))]
-        layers: list[str] = []
-        for name in self.names:
-            layers = inject_lora(model, name, r=s.r, alpha=s.alpha, dropout=s.dropout,
-                                 target_modules=targets(language=s.language, vision=s.vision))
-        install_adapter_hooks(model, layers, self.router, self.names)
+        self.names = add_task_adapters(model, self.name, len(stream), self.router, r=s.r, alpha=s.alpha,
+                                       dropout=s.dropout, target_modules=targets(language=s.language, vision=s.vision))
 
     def before_task(self, task: Task, model, train_data: list) -> list:
         set_trainable_adapter(model, self.names, self.names[task.index])
@@ -88,6 +84,19 @@ class TaskLoRA(RouterState, Method):
 
     def after_task(self, task: Task, model, train_data: list) -> None:
         self.router.finish_task(task.index)
+
+
+def add_task_adapters(model, method: str, num_tasks: int, router: TaskKeyRouter, *, r: int, alpha: float,
+                      dropout: float, target_modules: str) -> list[str]:
+    """One LoRA adapter per task of the stream (``cl_<method>_00``, ``cl_<method>_01``, ...) on every module
+    matching ``target_modules``, each sample's (and each image's) adapter the one ``router`` chose for it
+    (``install_adapter_hooks``). Returns the adapters' names, in task order."""
+    names = [f"cl_{method}_{i:02d}" for i in range(num_tasks)]
+    layers: list[str] = []
+    for name in names:
+        layers = inject_lora(model, name, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules)
+    install_adapter_hooks(model, layers, router, names)
+    return names
 
 
 def install_adapter_hooks(model, layer_paths: list[str], router: TaskKeyRouter, names: list[str]) -> None:

@@ -49,11 +49,11 @@ from typing import Literal
 import torch
 
 from lvlm_cl.distributed import whole
-from lvlm_cl.methods.adapters import adapter_params, inject_lora, refuse_recipe_lora, set_trainable_adapter, targets
+from lvlm_cl.methods.adapters import adapter_params, refuse_recipe_lora, set_trainable_adapter, targets
 from lvlm_cl.methods.base import Method, Task
 from lvlm_cl.methods.queries import query_encoder
 from lvlm_cl.methods.routing import RouterState, RoutingSettings, TaskKeyRouter, key_term_on_batch
-from lvlm_cl.methods.task_lora import install_adapter_hooks
+from lvlm_cl.methods.task_lora import add_task_adapters
 from lvlm_cl.models import parts
 from lvlm_cl.models.continual import attach
 from lvlm_cl.settings import seed_setting, setting
@@ -144,12 +144,10 @@ class TaskPrompts(RouterState, Method):
         self.pool.train_route = s.replay_route
         if s.adapter_r:
             refuse_recipe_lora(model, self.name)
-            self.names = [f"cl_{self.name}_{i:02d}" for i in range(len(stream))]
-            layers: list[str] = []
-            for name in self.names:
-                layers = inject_lora(model, name, r=s.adapter_r, alpha=s.adapter_alpha, dropout=0.0,
-                                     target_modules=targets(language=s.adapter_language, vision=s.adapter_vision))
-            install_adapter_hooks(model, layers, self.pool, self.names)
+            self.names = add_task_adapters(model, self.name, len(stream), self.pool, r=s.adapter_r,
+                                           alpha=s.adapter_alpha, dropout=0.0,
+                                           target_modules=targets(language=s.adapter_language,
+                                                                  vision=s.adapter_vision))
         if s.length:
             install_prompt_hooks(parts(model)["language_model"], self.pool)
 
