@@ -112,7 +112,8 @@ def test_routes_each_instruction_to_its_task(tiny_any, stream, cls, kwargs):
 
 @pytest.mark.parametrize("cls, kwargs", [(TaskPrompts, {"length": 4}), (TaskLoRA, {"r": 4}),
                                          (TaskPrompts, {"length": 4, "adapter_r": 4}),
-                                         (TaskPrompts, {"length": 0, "adapter_r": 4})])
+                                         (TaskPrompts, {"length": 0, "adapter_r": 4}),
+                                         (TaskPrompts, {"length": 4, "adapter_r": 4, "adapter_head": True})])
 def test_generation_routes_by_itself_and_equals_unbatched_and_uncached(tiny_any, stream, cls, kwargs):
     model = copy.deepcopy(tiny_any[0]).eval()
     processor = tiny_any[1]
@@ -251,6 +252,49 @@ def test_task_prompts_adapters_start_fresh_or_from_the_previous_task_and_only_th
     assert second_b and all(not p.any() for p in second_b)
 
 
+def test_task_prompts_head_adapters_start_as_the_base_model_and_only_the_current_one_trains(tiny, stream):
+    """``adapter_head``: each task's residual on the language model's last hidden state starts at zero (the
+    model is unchanged), is copied with ``adapter_init: previous``, is saved with the stage, and only the task
+    in training's receives gradients; a sample routed to a task gets that task's residual and no other."""
+    model = copy.deepcopy(tiny[0]).train()
+    processor = tiny[1]
+    records = stream[1].train_records[:2] + stream[0].train_records[:2]
+    batch = _train_batch(processor, records, 1)
+    batch[TASK_IDS] = torch.tensor([1, 1, 0, 0])
+    plain = copy.deepcopy(tiny[0]).train()
+    plain_method = TaskPrompts(length=3, adapter_r=4, init="random")
+    plain_method.setup(plain, stream)
+    method = TaskPrompts(length=3, adapter_r=4, init="random", adapter_head=True, adapter_init="previous")
+    method.setup(model, stream)
+    heads = method.heads.tasks
+    for m, mod in [(plain_method, plain), (method, model)]:
+        m.before_task(stream[0], mod, [])
+    first = dict(batch, **{TASK_IDS: torch.tensor([0, 0, 0, 0])})
+    with torch.no_grad():
+        want = language_modelling_loss(plain, first, full=True)[0].logits
+        got = language_modelling_loss(model, first, full=True)[0].logits
+    assert torch.allclose(got, want, atol=1e-6)                    # zero B: the base model's outputs
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in heads[0].parameters():
+            p.copy_(torch.randn(p.shape, generator=g))              # what task 0 "learnt"
+    method.before_task(stream[1], model, [])
+    assert all(torch.equal(a, b) for a, b in zip(heads[1].parameters(), heads[0].parameters()))
+    assert all(p.requires_grad for p in heads[1].parameters()) and not any(p.requires_grad for p in heads[0].parameters())
+    with torch.no_grad():
+        heads[1].lora_B.mul_(-1.0)                                   # task 1's residual differs from task 0's
+        both = language_modelling_loss(model, batch, full=True)[0].logits
+        batch_own = dict(batch, **{TASK_IDS: torch.tensor([1, 1, 1, 1])})
+        ones = language_modelling_loss(model, batch_own, full=True)[0].logits
+    assert torch.allclose(both[:2], ones[:2], atol=1e-5) and not torch.allclose(both[2:], ones[2:], atol=1e-3)
+    out, _ = language_modelling_loss(model, batch, full=True)
+    out.loss.backward()
+    assert all(p.grad is None for p in heads[0].parameters())
+    assert float(heads[1].lora_A.grad.abs().sum()) > 0 and float(heads[1].lora_B.grad.abs().sum()) > 0
+    names = trainable_state_dict(model)
+    assert any("continual.task_prompts_head.tasks.0.lora_B" in n for n in names)   # saved although frozen
+
+
 @pytest.mark.parametrize("adapter_r", [0, 4])
 def test_replay_route_current_runs_replayed_records_through_the_task_in_training(tiny, stream, adapter_r):
     """``replay_route: current``: a replayed record of task 0 trains task 1's prompt (and adapter): its loss is
@@ -309,7 +353,8 @@ def test_prototype_keys_give_each_phrasing_of_a_task_its_own_key(tiny, tmp_path)
                                         ({"adapter_r": -1}, "adapter_r"), ({"adapter_r": 2, "top_k": 2}, "top_k"),
                                         ({"adapter_r": 2, "adapter_language": False, "adapter_vision": False},
                                          "adapter_language"), ({"replay_route": "mixed"}, "replay_route"),
-                                        ({"length": -1, "adapter_r": 2}, "length")])
+                                        ({"length": -1, "adapter_r": 2}, "length"),
+                                        ({"adapter_head": True}, "adapter_head")])
 def test_task_prompts_settings_are_checked(bad, match):
     with pytest.raises(ValueError, match=match):
         TaskPrompts(**bad)

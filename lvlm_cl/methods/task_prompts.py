@@ -78,6 +78,9 @@ class TaskPromptsSettings(PromptSettings):
     adapter_alpha: float = setting(16.0, low=0, help="LoRA scaling (alpha / r) of the per-task adapters")
     adapter_language: bool = setting(True, help="the per-task adapters cover the language model")
     adapter_vision: bool = setting(True, help="the per-task adapters cover the vision tower")
+    adapter_head: bool = setting(False, help="the per-task adapters also cover the output: a low-rank residual on "
+                                             "the language model's last hidden state, before the vocabulary "
+                                             "projection")
     adapter_init: Literal["fresh", "previous"] = setting(
         "fresh", help="a new task's adapter: fresh (PEFT's initialisation: the base model) or previous (a copy of "
                       "the previous task's)")
@@ -93,6 +96,8 @@ class TaskPromptsSettings(PromptSettings):
                              "adapter_r > 0 set top_k to 1")
         if self.adapter_r and not (self.adapter_language or self.adapter_vision):
             raise ValueError("with adapter_r > 0 at least one of adapter_language and adapter_vision must be true")
+        if self.adapter_head and not self.adapter_r:
+            raise ValueError("adapter_head adds to the per-task adapters: set adapter_r > 0")
         return self
 
 
@@ -133,6 +138,7 @@ class TaskPrompts(RouterState, Method):
         super().__init__(**args)
         self.pool: TaskPromptPool | None = None
         self.names: list[str] = []          # the per-task adapters (adapter_r > 0)
+        self.heads: HeadAdapters | None = None   # their output residuals (adapter_head)
 
     @property
     def router(self) -> TaskPromptPool | None:
@@ -150,12 +156,19 @@ class TaskPrompts(RouterState, Method):
                                                                   vision=s.adapter_vision))
         if s.length:
             install_prompt_hooks(parts(model)["language_model"], self.pool)
+        if s.adapter_head:
+            self.heads = attach_head_adapters(model, f"{self.name}_head", self.pool, r=s.adapter_r,
+                                              alpha=s.adapter_alpha, seed=s.seed)
 
     def before_task(self, task: Task, model, train_data: list) -> list:
         if self.names:
             if task.index > 0 and self.settings.adapter_init == "previous" and not bool(self.pool.key_ready[task.index]):
                 copy_adapter(model, self.names[task.index - 1], self.names[task.index])
+                if self.heads is not None:
+                    self.heads.copy(task.index - 1, task.index)
             set_trainable_adapter(model, self.names, self.names[task.index])
+            if self.heads is not None:
+                self.heads.train_only(task.index)
         begin_task_prompt(self.pool, task.index, self.settings.init)
         return train_data
 
@@ -253,3 +266,76 @@ def install_prompt_hooks(language_model, pool: TaskPromptPool) -> None:
 
     language_model.register_forward_pre_hook(prepend, with_kwargs=True)
     language_model.register_forward_hook(strip)
+
+
+class HeadAdapter(torch.nn.Module):
+    """One task's output residual: ``h + (alpha / r) · B A h`` on the language model's last hidden state
+    ``h``, a LoRA of the vocabulary projection's input (``lm_head(h + ΔW h)``). ``B`` starts at zero, so a
+    new one is the base model, and ``A`` as PEFT's (Kaiming-uniform)."""
+
+    def __init__(self, dim: int, r: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        bound = 1 / dim ** 0.5
+        self.lora_A = torch.nn.Parameter(torch.empty(r, dim).uniform_(-bound, bound, generator=generator))
+        self.lora_B = torch.nn.Parameter(torch.zeros(dim, r))
+        self.scale = alpha / r
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The residual for ``hidden`` (..., D), in its dtype."""
+        A, B = self.lora_A, self.lora_B
+        return ((hidden.to(A.dtype) @ A.t()) @ B.t() * self.scale).to(hidden.dtype)
+
+
+class HeadAdapters(torch.nn.Module):
+    """A ``HeadAdapter`` per task of the stream; each sample gets its routed task's (``pool.selected``)."""
+
+    def __init__(self, num_tasks: int, dim: int, r: int, alpha: float, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed + 1)     # not the prompts' stream
+        self.tasks = torch.nn.ModuleList([HeadAdapter(dim, r, alpha, g) for _ in range(num_tasks)])
+
+    def train_only(self, index: int) -> None:
+        self.requires_grad_(False)
+        self.tasks[index].requires_grad_(True)
+
+    def copy(self, source: int, target: int) -> None:
+        new, old = list(self.tasks[target].parameters()), list(self.tasks[source].parameters())
+        with torch.no_grad(), whole(new + old, modifier_rank=0):
+            for a, b in zip(new, old):
+                a.copy_(b)
+
+    def residual(self, hidden: torch.Tensor, selected: torch.Tensor, known: int) -> torch.Tensor:
+        """``hidden`` (B, L, D) plus each sample's task's residual. Every known task's adapter is called, with
+        the rows routed to it (none: an empty batch), so every process of a ZeRO-3 run gathers the same
+        parameters in the same order; a loop over tasks, not samples."""
+        selected = selected.to(hidden.device)
+        out = hidden
+        for t in range(known):
+            rows = (selected == t).nonzero().flatten()
+            out = out.index_add(0, rows, self.tasks[t](hidden.index_select(0, rows)))
+        return out
+
+
+def attach_head_adapters(model, name: str, pool: TaskPromptPool, *, r: int, alpha: float, seed: int) -> HeadAdapters:
+    """Frozen ``HeadAdapters`` under ``<model>.continual.<name>``, and the forward hook on the language model
+    that adds each sample's routed residual to its last hidden state (after the prompts' positions are
+    dropped: the hook is registered after theirs). The query encoder's runs and a model with no task known
+    yet see the base model."""
+    lm = parts(model)["language_model"]
+    embed = lm.get_input_embeddings().weight
+    with whole([embed]):
+        dim, device = embed.shape[1], embed.device
+    heads = attach(model, name, HeadAdapters(len(pool.slots), dim, r, alpha, seed))
+    heads.to(device).requires_grad_(False)
+
+    def add_residual(module, args, output):
+        if pool.encoder.running or not pool.needs_route:
+            return output
+        if pool.selected is None:
+            raise ValueError("task_prompts: the language model ran with no routing choice; generate with "
+                             "lvlm_cl.models.continual.generate(model, ...) or inside lvlm_cl.models.continual.held(...)")
+        output.last_hidden_state = heads.residual(output.last_hidden_state, pool.selected, pool.num_known)
+        return output
+
+    lm.register_forward_hook(add_residual)
+    return heads
