@@ -4,6 +4,8 @@ Nobody tunes on it. Methods, their settings and seq5 itself were chosen by looki
 that a continual-learning method tuned there still works on a sequence of new instruction formats it was
 never tuned on. Never use it to choose a method or a hyper-parameter (that would make it one more tuning
 set); docs/results.md reports the methods on it next to seq5.
+Its ``position`` task was used once to diagnose why the seed method learned less here (issue 23; see
+docs/benchmarks.md#heldout5-a-held-out-user-sequence): heldout5 is no longer untouched.
 
 In training order (``TASKS``), each as metric: example question -> answer:
 

@@ -14,6 +14,12 @@ instruction (``queries.InstructionEncoder``: the base language model's mean-pool
   vision tower, taken on the prompt's route (``task_lora``'s hooks, with this pool as the router). Only the
   task in training's adapter moves; it starts at PEFT's initialisation (the base model: ``adapter_init:
   fresh``) or as a copy of the previous task's (``previous``).
+- Output residuals (``adapter_head``, with the adapters): each task's adapter also adds a low-rank residual
+  to the language model's last hidden state, before the vocabulary projection (``lm_head(h + ΔW h)``, a
+  LoRA of the projection's input, so its cost does not grow with the vocabulary). A frozen output layer
+  cannot make a word likely that the base model never had to say (its embedding stayed small, and the
+  final norm bounds the hidden state): the adapters then learn the argmax but not the probability, and the
+  loss stays high (docs/methods.md#task_prompts).
 - Keys (``routing.TaskKeyRouter``): by default the k-means prototypes of the task's training queries,
   fitted when the task ends (``key_mode: prototypes``); or L2P's learned key, pulled towards the task's
   queries by ``term = key_weight * mean(1 - cos(q, k_t))`` (``key_mode: learned``).
@@ -25,7 +31,8 @@ instruction (``queries.InstructionEncoder``: the base language model's mean-pool
 
     model: {freeze_vision_tower: true, freeze_projector: true, freeze_language_model: true}
     methods:
-      - {name: task_prompts, length: 8, adapter_r: 64, adapter_alpha: 128, replay_route: current}
+      - {name: task_prompts, length: 8, adapter_r: 64, adapter_alpha: 128, adapter_head: true,
+         replay_route: current}
       - {name: replay, memory_fraction: 0.05, selection: task_balanced, replay_ratio: 0.2}
 
 How the prompts enter the model: each sample's task is chosen once per call (``continual.held``: from the
