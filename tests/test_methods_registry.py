@@ -23,6 +23,19 @@ def test_method_trains_saves_reloads_and_evaluates(tmp_path, colour_tasks, name)
     assert stage.index == 1 and stage.task.name == "warmth" and [m.name for m in stage.methods] == [name]
 
 
+@pytest.mark.slow
+def test_the_seed_method_with_adapters_and_output_residuals_reloads_as_trained(tmp_path, colour_tasks):
+    """task_prompts' per-task adapters and output residuals (adapter_head) are saved with every task and
+    restored by load_stage: the reloaded run has the trained parameters and scores the same."""
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", colour_tasks, out, steps_per_task=3)
+    methods = "methods=[{name: task_prompts, length: 2, adapter_r: 2, adapter_head: true}]"
+    model, _, state = run(load_recipe(recipe, [*SMALL_MODEL, methods, "trainer.lr=1e-2"]), progress=False)
+    heads = [p for n, p in model.named_parameters() if "task_prompts_head.tasks." in n and n.endswith("lora_B")]
+    assert len(heads) == 2 and all(bool(p.any()) for p in heads)      # both tasks' residuals trained
+    assert_reloads_as_trained(model, state, out)
+
+
 def test_load_stage_errors_name_the_problem(tmp_path):
     with pytest.raises(CheckpointError, match="not a run folder"):
         load_stage(tmp_path)
