@@ -315,6 +315,8 @@ class HeadAdapters(torch.nn.Module):
         """``hidden`` (B, L, D) plus each sample's task's residual. Every known task's adapter is called, with
         the rows routed to it (none: an empty batch), so every process of a ZeRO-3 run gathers the same
         parameters in the same order; a loop over tasks, not samples."""
+        if selected.shape[0] != hidden.shape[0]:
+            raise ValueError(f"task_prompts: {selected.shape[0]} routed samples for a batch of {hidden.shape[0]}")
         selected = selected.to(hidden.device)
         out = hidden
         for t in range(known):
