@@ -3,6 +3,9 @@ workers), never kept; and the order of the batches, a pure function of the seed 
 
 from __future__ import annotations
 
+import signal
+import sys
+
 import numpy as np
 import torch
 
@@ -79,7 +82,24 @@ def loader(records, collate: Collator, batch_sampler, *, num_workers: int, devic
         num_workers = 0
     return torch.utils.data.DataLoader(records, batch_sampler=batch_sampler, collate_fn=collate,
                                        num_workers=num_workers, pin_memory=device.type == "cuda",
-                                       prefetch_factor=2 if num_workers else None)
+                                       prefetch_factor=2 if num_workers else None,
+                                       worker_init_fn=quiet_worker if num_workers else None)
+
+
+def quiet_worker(worker_id: int) -> None:
+    """A DataLoader worker ends without a traceback when its training process stops (SIGTERM, Ctrl-C): the
+    worker takes SIGTERM's default action instead of the training process's handler it inherited (which
+    raises, for the run's one-line exit), and a thread of the worker that loses its connection to the
+    training process (``multiprocessing.resource_sharer`` handing over a batch's shared memory while the
+    training process exits) does not print one either. Any other error keeps its traceback."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    default = sys.excepthook
+
+    def hook(kind, value, tb):
+        if not issubclass(kind, (ConnectionError, EOFError)):
+            default(kind, value, tb)
+
+    sys.excepthook = hook
 
 
 # How many global batches ``StepBatchOrder`` sorts together when it groups by length: as transformers'
