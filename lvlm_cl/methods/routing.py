@@ -101,7 +101,7 @@ class TaskKeyRouter(Selector, torch.nn.Module):
         super().__init__()
         if key_mode not in KEY_MODES:
             raise ValueError(f"key_mode must be one of {list(KEY_MODES)}, got {key_mode!r}")
-        self.key_mode, self.seed = key_mode, seed
+        self.key_mode, self.seed, self.dim = key_mode, seed, dim
         self.num_keys = k = keys_per_task if key_mode == "prototypes" else 1
         self.slots = torch.nn.ModuleList([TaskSlot(dim, k, prompts[i] if prompts else None) for i in range(num_tasks)])
         self.register_buffer("known", torch.zeros((), dtype=torch.long))

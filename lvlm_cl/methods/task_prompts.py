@@ -206,9 +206,7 @@ def begin_task_prompt(pool: TaskPromptPool, index: int, init: str) -> None:
     """Task ``index``'s prompt trains from now on, the others frozen; with ``init: previous`` it starts as a
     copy of the previous task's (not when a resumed run had already started it)."""
     if index > 0 and init == "previous" and not bool(pool.key_ready[index]):
-        new, old = pool.slots[index].prompt, pool.slots[index - 1].prompt
-        with torch.no_grad(), whole([new, old], modifier_rank=0):
-            new.copy_(old)
+        copy_parameters([(pool.slots[index].prompt, pool.slots[index - 1].prompt)])
     pool.train_only(index)
 
 
@@ -216,7 +214,12 @@ def copy_adapter(model, source: str, target: str) -> None:
     """Adapter ``target`` starts as a copy of adapter ``source`` (``init: previous``: the new task's adapter
     starts from what the previous task learnt, as its prompt does)."""
     src, dst = adapter_params(model, source), adapter_params(model, target)
-    pairs = [(dst[n.replace(f".{source}.", f".{target}.")], p) for n, p in src.items()]
+    copy_parameters([(dst[n.replace(f".{source}.", f".{target}.")], p) for n, p in src.items()])
+
+
+def copy_parameters(pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]]) -> None:
+    """Each ``(new, old)`` pair: ``new`` becomes a copy of ``old``, ZeRO-3-partitioned parameters gathered whole
+    for it (written by rank 0 and partitioned again)."""
     with torch.no_grad(), whole([p for pair in pairs for p in pair], modifier_rank=0):
         for new, old in pairs:
             new.copy_(old)
@@ -306,10 +309,7 @@ class HeadAdapters(torch.nn.Module):
         self.tasks[index].requires_grad_(True)
 
     def copy(self, source: int, target: int) -> None:
-        new, old = list(self.tasks[target].parameters()), list(self.tasks[source].parameters())
-        with torch.no_grad(), whole(new + old, modifier_rank=0):
-            for a, b in zip(new, old):
-                a.copy_(b)
+        copy_parameters(list(zip(self.tasks[target].parameters(), self.tasks[source].parameters())))
 
     def residual(self, hidden: torch.Tensor, selected: torch.Tensor, known: int) -> torch.Tensor:
         """``hidden`` (B, L, D) plus each sample's task's residual. Every known task's adapter is called, with
@@ -330,19 +330,17 @@ def attach_head_adapters(model, name: str, pool: TaskPromptPool, *, r: int, alph
     that adds each sample's routed residual to its last hidden state (after the prompts' positions are
     dropped: the hook is registered after theirs). The query encoder's runs and a model with no task known
     yet see the base model."""
+    heads = attach(model, name, HeadAdapters(len(pool.slots), pool.dim, r, alpha, seed))   # dim: the embeddings'
+    heads.to(pool.known.device).requires_grad_(False)
     lm = parts(model)["language_model"]
-    embed = lm.get_input_embeddings().weight
-    with whole([embed]):
-        dim, device = embed.shape[1], embed.device
-    heads = attach(model, name, HeadAdapters(len(pool.slots), dim, r, alpha, seed))
-    heads.to(device).requires_grad_(False)
 
     def add_residual(module, args, output):
         if pool.encoder.running or not pool.needs_route:
             return output
         if pool.selected is None:
             raise ValueError("task_prompts: the language model ran with no routing choice; generate with "
-                             "lvlm_cl.models.continual.generate(model, ...) or inside lvlm_cl.models.continual.held(...)")
+                             "lvlm_cl.models.continual.generate(model, ...) or inside "
+                             "lvlm_cl.models.continual.held(...)")
         output.last_hidden_state = heads.residual(output.last_hidden_state, pool.selected, pool.num_known)
         return output
 
