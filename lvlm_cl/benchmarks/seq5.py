@@ -118,8 +118,8 @@ def stratified_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray
 
 def digit_splits(request: GenerationRequest, task: str, stream: int) -> tuple[object, dict[str, np.ndarray]]:
     """scikit-learn's 1797 real handwritten digits and each split's indices into them, stratified by digit
-    (from the partition generator ``stream``); train capped by what is left. Used by seq5's digits and
-    heldout5's parity."""
+    (from the partition generator ``stream``); train capped by what is left. Used by seq5's digits,
+    heldout5's parity and heldout5b's digit_size."""
     from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
 
     data = load_digits()

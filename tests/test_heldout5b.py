@@ -1,0 +1,321 @@
+"""heldout5b, the second held-out user sequence: valid records, correct and balanced answers, determinism, recipe.
+
+Only data and the recipe are checked here: nothing trains on heldout5b (it is kept aside for a final check).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lvlm_cl import benchmarks
+from lvlm_cl.benchmarks import GenerationRequest, available, heldout5, heldout5b, materialize, pretrain, seq5
+from lvlm_cl.benchmarks.render import BACKGROUND, GRID, PALETTE, SHAPES, SceneObject, render_scene
+from lvlm_cl.config import load_recipe
+from lvlm_cl.data.records import final_answer, load_records, user_text
+from lvlm_cl.evaluation.scorers import SCORERS, score
+
+ROOT = Path(__file__).resolve().parent.parent
+N_TRAIN, N_TEST = 40, 20
+SMALL = dict(train_size=N_TRAIN, test_size=N_TEST, progress=False)
+TASKS = ["colour", "row", "last_letter", "digit_size", "exists"]
+METRICS = {"colour": "exact_match", "row": "multiple_choice", "last_letter": "exact_match", "digit_size": "vqa",
+           "exists": "exact_match"}
+ANSWERS = {
+    "colour": set(PALETTE),
+    "row": {"A", "B"},
+    "last_letter": set(heldout5b.LAST_LETTERS),
+    "digit_size": {"yes", "no"},
+    "exists": {"yes", "no"},
+}
+
+
+@pytest.fixture(scope="module")
+def specs(tmp_path_factory):
+    """heldout5b at a small size, generated once for the module: {task: TaskSpec}."""
+    return {s.name: s for s in materialize("heldout5b", tmp_path_factory.mktemp("benchmarks"), **SMALL)}
+
+
+def records(spec, split="train"):
+    return load_records(getattr(spec, split), check_images=True)
+
+
+def both_splits(spec):
+    return records(spec, "train") + records(spec, "test")
+
+
+def pixels(record) -> np.ndarray:
+    with Image.open(record["images"][0]) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def draw(task: str, n: int, seed: int = 0, split: str = "train") -> list:
+    """``n`` samples of one task straight from its generator (no files)."""
+    task_def = next(t for t in heldout5b.TASKS if t.name == task)
+    request = GenerationRequest(seed, task_def.task_id, 32, n, n)
+    return list(task_def.generate(request)[split])
+
+
+def cell_objects(image: np.ndarray) -> dict[tuple[int, int], tuple[str, str]]:
+    """{(row, col): (shape, colour)} of every drawn cell, found by redrawing each candidate alone."""
+    cell = image.shape[0] // GRID
+    found = {}
+    for r in range(GRID):
+        for c in range(GRID):
+            patch = image[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell]
+            if (patch == BACKGROUND).all():
+                continue
+            hits = [(s, col) for s in SHAPES for col in PALETTE
+                    if np.array_equal(np.asarray(render_scene([SceneObject(r, c, s, col)], image.shape[0]))
+                                      [r * cell:(r + 1) * cell, c * cell:(c + 1) * cell], patch)]
+            assert len(hits) == 1, (r, c, hits)
+            found[(r, c)] = hits[0]
+    return found
+
+
+def template_regex(template: str) -> re.Pattern:
+    """A question template (``str.format`` fields) as a regex matching its instances."""
+    return re.compile(re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[a-z0-9 ]+)", re.escape(template)))
+
+
+def fields(templates, question: str) -> dict[str, str]:
+    """The ``str.format`` fields of ``question``, read back through whichever template produced it."""
+    for template in templates:
+        match = template_regex(template).fullmatch(question)
+        if match:
+            return match.groupdict()
+    raise AssertionError(f"no template produced {question!r}")
+
+
+# --- registry, layout ------------------------------------------------------------------------------
+
+def test_registered_with_seq5_sizes():
+    assert "heldout5b" in available()
+    assert (heldout5b.DEFAULT_TRAIN_SIZE, heldout5b.DEFAULT_TEST_SIZE) == (1200, 250)
+    assert (heldout5b.DEFAULT_TRAIN_SIZE, heldout5b.DEFAULT_TEST_SIZE) == (seq5.DEFAULT_TRAIN_SIZE,
+                                                                           seq5.DEFAULT_TEST_SIZE)
+    doc = heldout5b.__doc__
+    assert "held-out" in doc and "docs/results.md" in doc and "issue 23" in doc
+
+
+def test_task_ids_and_names_are_new():
+    ids = [t.task_id for t in heldout5b.TASKS]
+    assert ids == [30, 31, 32, 33, 34]
+    others = seq5.TASKS + pretrain.TASKS + heldout5.TASKS
+    assert not set(ids) & {t.task_id for t in others}
+    assert not set(TASKS) & {t.name for t in others}
+
+
+def test_five_tasks_in_order_with_their_metrics(specs):
+    assert list(specs) == TASKS
+    assert {n: s.metric for n, s in specs.items()} == METRICS
+    assert all(m in SCORERS and m in benchmarks.METRICS for m in METRICS.values())
+    folder = specs["colour"].train.parent.parent
+    assert folder.name == f"heldout5b-v{benchmarks.GENERATOR_VERSION}-seed0-img32-n{N_TRAIN}x{N_TEST}"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["benchmark"] == "heldout5b"
+    assert all(t["counts"] == {"train": N_TRAIN, "test": N_TEST} for t in manifest["tasks"])
+    assert all(s.description for s in specs.values())
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_records_validate_and_answers_are_in_the_answer_space(specs, task):
+    for split, n in (("train", N_TRAIN), ("test", N_TEST)):
+        recs = records(specs[task], split)
+        assert len(recs) == n
+        assert [r["id"] for r in recs] == [f"{task}-{split}-{k:05d}" for k in range(n)]
+        for r in recs:
+            assert r["task"] == task and final_answer(r) in ANSWERS[task], r["id"]
+            with Image.open(r["images"][0]) as im:
+                assert (im.mode, im.size) == ("RGB", (32, 32))
+            assert score(METRICS[task], final_answer(r), final_answer(r)) == 1.0
+
+
+def test_answers_are_not_confused_by_the_metrics():
+    """Each metric scores every other answer of its task 0 (vqa's normalisation merges none of them)."""
+    for task, metric in METRICS.items():
+        for a in ANSWERS[task]:
+            for b in ANSWERS[task] - {a}:
+                assert score(metric, b, a) == 0.0, (task, a, b)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_answer_class_appears_and_classes_are_balanced(task):
+    answers = Counter(s.answer for s in draw(task, 800))
+    assert set(answers) == ANSWERS[task]
+    share = 800 / len(ANSWERS[task])
+    assert min(answers.values()) >= 0.6 * share and max(answers.values()) <= 1.4 * share, answers
+
+
+def test_paraphrases_vary_and_are_new_instructions(specs):
+    """Each task has several phrasings, none a seq5, heldout5 or pretrain instruction ("colour" = "color")."""
+    others = (list(seq5.DIGIT_QUESTIONS) + list(seq5.OCR_QUESTIONS) + list(seq5.GROUNDING_QUESTIONS)
+              + [t for ts in seq5.SCIENCEQA_QUESTIONS.values() for t in ts]
+              + [t for ts in seq5.VQA_QUESTIONS.values() for t in ts]
+              + [t for ts in pretrain.INSTRUCT_QUESTIONS.values() for t in ts] + list(pretrain.CAPTION_QUESTIONS)
+              + list(heldout5.POSITION_QUESTIONS) + list(heldout5.COUNTING_QUESTIONS)
+              + list(heldout5.PARITY_QUESTIONS) + list(heldout5.SPELLING_QUESTIONS)
+              + list(heldout5.RELATION_QUESTIONS))
+
+    def plain(text: str) -> str:
+        return text.lower().replace("colour", "color")
+
+    patterns = [template_regex(plain(t)) for t in others]
+    for task in TASKS:
+        firsts = {plain(user_text(r).splitlines()[0]) for r in both_splits(specs[task])}
+        assert len(firsts) >= 3, task
+        clash = [q for q in firsts if any(p.fullmatch(q) for p in patterns)]
+        assert not clash, (task, clash)
+
+
+# --- answers match the images ----------------------------------------------------------------------
+
+def test_colour_names_the_colour_of_the_one_shape_of_that_kind(specs):
+    for r in both_splits(specs["colour"]):
+        objects = cell_objects(pixels(r))
+        shapes = [s for s, _ in objects.values()]
+        colours = [c for _, c in objects.values()]
+        assert 2 <= len(objects) <= 3 and len(set(shapes)) == len(shapes) and len(set(colours)) == len(colours)
+        shape = fields(heldout5b.COLOUR_QUESTIONS, user_text(r))["shape"]
+        [colour] = [c for s, c in objects.values() if s == shape]
+        assert final_answer(r) == colour, r["id"]
+
+
+def test_row_letter_names_the_half_of_the_named_colour(specs):
+    for r in both_splits(specs["row"]):
+        [((row, _), (_, colour))] = cell_objects(pixels(r)).items()
+        lines = user_text(r).split("\n")
+        assert lines[1:] == ["A. top", "B. bottom", seq5.MULTIPLE_CHOICE_SUFFIX]
+        assert fields(heldout5b.ROW_QUESTIONS, lines[0])["colour"] == colour, r["id"]
+        assert final_answer(r) == ("A" if row < GRID // 2 else "B"), r["id"]
+
+
+def test_row_uses_every_cell(monkeypatch):
+    """The half is drawn first, but the shape can still be in any of the 16 cells."""
+    seen = []
+    real = heldout5b.render_scene
+
+    def spy(objects, *args, **kwargs):
+        seen.extend(objects)
+        return real(objects, *args, **kwargs)
+
+    monkeypatch.setattr(heldout5b, "render_scene", spy)
+    draw("row", 400)
+    assert {(o.row, o.col) for o in seen} == {(r, c) for r in range(GRID) for c in range(GRID)}
+
+
+def test_last_letter_word_fits_and_answer_is_a_last_letter(specs):
+    for r in both_splits(specs["last_letter"]):
+        assert user_text(r) in heldout5b.LAST_LETTER_QUESTIONS
+        assert any(w[-1] == final_answer(r) for w in pretrain.WORDS)
+        ink = (pixels(r) < 200).any(axis=-1)
+        assert ink.any() and not (ink[0].any() or ink[-1].any() or ink[:, 0].any() or ink[:, -1].any())
+
+
+def test_last_letter_answer_is_the_last_letter_of_the_drawn_word(monkeypatch):
+    drawn = []
+    real = heldout5b.render_text
+
+    def spy(text, *args, **kwargs):
+        drawn.append(text)
+        return real(text, *args, **kwargs)
+
+    monkeypatch.setattr(heldout5b, "render_text", spy)
+    answers = [s.answer for s in draw("last_letter", 60)]
+    assert all(len(a) == 1 and a.islower() for a in answers)
+    assert [w[-1] for w in drawn] == answers
+    assert set(drawn) <= set(pretrain.WORDS)
+
+
+def test_digit_size_matches_the_sklearn_digit(specs):
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    flat = data.images.reshape(len(data.images), -1)
+    for r in both_splits(specs["digit_size"]):
+        assert user_text(r) in heldout5b.DIGIT_SIZE_QUESTIONS
+        small8 = pixels(r)[::4, ::4, 0].astype(float)  # nearest-neighbour 8 -> 32: one pixel per block
+        values = np.round((255 - small8) * 16 / 255).reshape(-1)
+        matches = np.flatnonzero((flat == values).all(axis=1))
+        assert len(matches) > 0, r["id"]
+        assert final_answer(r) in {"yes" if data.target[i] > 4 else "no" for i in matches}, r["id"]
+
+
+def test_digit_size_default_split_is_stratified_and_not_another_tasks():
+    request = GenerationRequest(0, 33, 8, heldout5b.DEFAULT_TRAIN_SIZE, heldout5b.DEFAULT_TEST_SIZE)
+    _, ours = seq5.digit_splits(request, "digit_size", heldout5b.DIGIT_SIZE_PARTITION_STREAM)
+    for task_id, stream in ((0, seq5.DIGITS_PARTITION_STREAM), (22, heldout5.PARITY_PARTITION_STREAM)):
+        other = dataclasses.replace(request, task_id=task_id)
+        _, theirs = seq5.digit_splits(other, "other", stream)
+        assert not np.array_equal(ours["test"], theirs["test"]), task_id
+    samples = heldout5b.generate_digit_size(request)
+    for split, n in (("train", 1200), ("test", 250)):
+        answers = Counter(s.answer for s in samples[split])
+        assert sum(answers.values()) == n and abs(answers["yes"] - answers["no"]) <= 5, (split, answers)
+
+
+def test_exists_answers_whether_the_named_kind_is_drawn(specs):
+    for r in both_splits(specs["exists"]):
+        objects = cell_objects(pixels(r))
+        assert 1 <= len(objects) <= 3
+        shape = fields(heldout5b.EXISTS_QUESTIONS, user_text(r))["shape"]
+        assert shape in SHAPES
+        expected = "yes" if any(s == shape for s, _ in objects.values()) else "no"
+        assert final_answer(r) == expected, r["id"]
+
+
+# --- determinism ----------------------------------------------------------------------------------
+
+def test_same_seed_identical_bytes_other_seed_differs(tmp_path):
+    a = materialize("heldout5b", tmp_path / "a", seed=3, **SMALL)
+    b = materialize("heldout5b", tmp_path / "b", seed=3, **SMALL)
+    c = materialize("heldout5b", tmp_path / "c", seed=4, **SMALL)
+    assert folder_bytes(a[0].train.parent.parent) == folder_bytes(b[0].train.parent.parent)
+    for sa, sc in zip(a, c):
+        for split in ("train", "test"):
+            assert getattr(sa, split).read_bytes() != getattr(sc, split).read_bytes(), (sa.name, split)
+
+
+def test_test_split_independent_of_train_size(tmp_path):
+    a = materialize("heldout5b", tmp_path, train_size=5, test_size=6, progress=False)
+    b = materialize("heldout5b", tmp_path, train_size=9, test_size=6, progress=False)
+    for sa, sb in zip(a, b):
+        assert sa.test.read_bytes() == sb.test.read_bytes(), sa.name
+        for k in range(6):
+            name = f"images/test-{k:05d}.png"
+            assert (sa.test.parent / name).read_bytes() == (sb.test.parent / name).read_bytes(), (sa.name, k)
+
+
+def test_splits_are_drawn_from_different_streams():
+    for task in TASKS:
+        train, test = draw(task, 30, split="train"), draw(task, 30, split="test")
+        assert [(s.image.tobytes(), s.question) for s in train] != [(s.image.tobytes(), s.question) for s in test]
+
+
+# --- recipe ---------------------------------------------------------------------------------------
+
+def test_recipe_is_seq5_on_heldout5b():
+    """recipes/heldout5b.yaml is recipes/seq5.yaml but benchmark and output_dir: fails when the two diverge."""
+    cfg = load_recipe(ROOT / "recipes/heldout5b.yaml", [])
+    ref = load_recipe(ROOT / "recipes/seq5.yaml", [])
+    assert cfg.benchmark.name == "heldout5b" and cfg.output_dir == "runs/heldout5b"
+    assert dataclasses.replace(cfg, benchmark=ref.benchmark, output_dir=ref.output_dir) == ref
+    header = (ROOT / "recipes/heldout5b.yaml").read_text().splitlines()[0]
+    assert header == "# accelerate launch lvlm_cl/train.py recipes/heldout5b.yaml"
+
+
+def test_recipe_can_pick_heldout5b_tasks():
+    cfg = load_recipe(ROOT / "recipes/heldout5b.yaml",
+                      ["benchmark={name: heldout5b, tasks: [colour, exists], train_size: 8, test_size: 4}"])
+    assert cfg.benchmark.tasks == ["colour", "exists"] and cfg.benchmark.train_size == 8
