@@ -113,6 +113,9 @@ class TrainerConfig:
     steps_per_task: Union[int, None] = 300   # optimizer steps per task; or set epochs_per_task
     epochs_per_task: Union[float, None] = None
     lr: float = 3e-4
+    # LoRA+ (peft.optimizers.create_loraplus_optimizer): the LoRA adapters' B matrices learn at lr x this ratio
+    # (the paper suggests 16; A, prompts and every other parameter at lr); null: one rate for everything.
+    lora_plus_ratio: Union[float, None] = None
     weight_decay: float = 0.0
     warmup_steps: int = 0
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"

@@ -61,8 +61,7 @@ def train_task(accelerator, model, methods, task, train_data, collate, cfg, log,
     if not params:
         raise ConfigError(f"task {task.name!r}: nothing trains: every part of the model is frozen and no method adds "
                          "trainable parameters (check the recipe's model section and methods)")
-    optimizer = torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay,
-                                  **({"fused": True} if tr.optimizer == "adamw_fused" else {}))
+    optimizer = make_optimizer(model, params, tr)
     scheduler = get_scheduler(tr.lr_schedule, optimizer, num_warmup_steps=tr.warmup_steps, num_training_steps=steps)
     wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     lengths = getattr(train_data, "lengths", None) if tr.group_by_length else None
@@ -243,3 +242,18 @@ def resume_step(accelerator, model, methods, task, run_dir: Path, train_samples:
         m.load_state_dict(states.get(m.name, {}))
     log(f"resuming task {task.name} at step {meta['step']}/{meta['steps']}")
     return meta
+
+
+def make_optimizer(model, params: list, tr) -> torch.optim.Optimizer:
+    """AdamW over ``params`` (the trainable ones) at ``trainer.lr``; with ``trainer.lora_plus_ratio``, PEFT's
+    LoRA+ grouping (``peft.optimizers.create_loraplus_optimizer``): every ``lora_B`` matrix at lr x ratio."""
+    fused = {"fused": True} if tr.optimizer == "adamw_fused" else {}
+    if tr.lora_plus_ratio is None:
+        return torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay, **fused)
+    from peft.optimizers import create_loraplus_optimizer
+
+    if not any("lora_B" in n for n, p in model.named_parameters() if p.requires_grad):
+        raise ConfigError("trainer.lora_plus_ratio: nothing that trains is a LoRA adapter (no lora_B parameter); "
+                          "remove the setting or add LoRA (model.lora, or a method's adapters)")
+    return create_loraplus_optimizer(model, torch.optim.AdamW, lr=tr.lr, loraplus_lr_ratio=tr.lora_plus_ratio,
+                                     weight_decay=tr.weight_decay, loraplus_weight_decay=tr.weight_decay, **fused)
