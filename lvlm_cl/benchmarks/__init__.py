@@ -27,6 +27,7 @@ import os
 import secrets
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import MappingProxyType, ModuleType
 from typing import Callable, Iterable, Iterator, Mapping
@@ -120,6 +121,18 @@ def per_split(request: GenerationRequest,
         for _ in range(request.size(split)):
             yield sample(rng)
     return {split: draw(split) for split in SPLITS}
+
+
+def synthetic(sample: Callable[..., Sample]) -> Callable[[GenerationRequest], dict[str, Iterator[Sample]]]:
+    """A task generator drawing ``sample(rng, image_size)`` independently per split."""
+    def generate(request: GenerationRequest) -> dict[str, Iterator[Sample]]:
+        return per_split(request, partial(sample, image_size=request.image_size))
+    return generate
+
+
+def pick(rng: np.random.Generator, options):
+    """One of ``options``, uniformly (one draw of ``rng``)."""
+    return options[int(rng.integers(len(options)))]
 
 
 def available() -> list[str]:

@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
-from lvlm_cl.benchmarks import GenerationRequest, Sample, TaskDef, per_split
+from lvlm_cl.benchmarks import GenerationRequest, Sample, TaskDef, per_split, pick, synthetic
 from lvlm_cl.benchmarks.pretrain import WORDS, word_font_sizes
 from lvlm_cl.benchmarks.render import (GRID, SHAPES, TEXT_COLOURS, render_scene, render_sklearn_digit, render_text,
                                        sample_scene)
@@ -91,10 +91,6 @@ RELATION_QUESTIONS = (
 )
 
 
-def _pick(rng: np.random.Generator, options):
-    return options[int(rng.integers(len(options)))]
-
-
 def quadrant(row: int, col: int) -> str:
     """The quadrant name of a 4 × 4 grid cell (``GRID`` is even, so every cell is in exactly one)."""
     half = GRID // 2
@@ -106,7 +102,7 @@ def quadrant(row: int, col: int) -> str:
 def position_sample(rng: np.random.Generator, image_size: int) -> Sample:
     """One shape in a random cell of the 4 × 4 grid (4 cells per quadrant: balanced); answer = quadrant."""
     obj = sample_scene(rng, 1)[0]
-    question = _pick(rng, POSITION_QUESTIONS).format(colour=obj.colour)
+    question = pick(rng, POSITION_QUESTIONS).format(colour=obj.colour)
     return Sample(render_scene([obj], image_size), question, quadrant(obj.row, obj.col))
 
 
@@ -114,15 +110,15 @@ def position_sample(rng: np.random.Generator, image_size: int) -> Sample:
 
 def counting_sample(rng: np.random.Generator, image_size: int) -> Sample:
     """1–4 shapes; exactly ``count`` of them (uniform in ``COUNTS``) have the asked shape, the rest others."""
-    count = _pick(rng, COUNTS)
-    target = _pick(rng, SHAPES)
+    count = pick(rng, COUNTS)
+    target = pick(rng, SHAPES)
     others = tuple(s for s in SHAPES if s != target)
     n = int(rng.integers(max(1, count), MAX_OBJECTS + 1))
     objects = sample_scene(rng, n)
     chosen = set(int(i) for i in rng.choice(n, size=count, replace=False))
-    objects = [dataclasses.replace(o, shape=target if i in chosen else _pick(rng, others))
+    objects = [dataclasses.replace(o, shape=target if i in chosen else pick(rng, others))
                for i, o in enumerate(objects)]
-    question = _pick(rng, COUNTING_QUESTIONS).format(shapes=PLURALS[target])
+    question = pick(rng, COUNTING_QUESTIONS).format(shapes=PLURALS[target])
     return Sample(render_scene(objects, image_size), question, str(count))
 
 
@@ -136,7 +132,7 @@ def generate_parity(request: GenerationRequest) -> dict[str, Iterator[Sample]]:
 
 
 def parity_question(rng: np.random.Generator) -> str:
-    lines = [_pick(rng, PARITY_QUESTIONS)]
+    lines = [pick(rng, PARITY_QUESTIONS)]
     lines += [f"{letter}. {value}" for letter, value in zip(OPTION_LETTERS, PARITY_OPTIONS)]
     lines.append(MULTIPLE_CHOICE_SUFFIX)
     return "\n".join(lines)
@@ -153,11 +149,11 @@ def _parity_samples(data, indices: np.ndarray, image_size: int,
 
 def spelling_sample(rng: np.random.Generator, image_size: int, word_sizes: dict[str, int]) -> Sample:
     """A word of ``pretrain.WORDS`` at its largest fitting size, slightly jittered; answer = first letter."""
-    letter = _pick(rng, FIRST_LETTERS)
-    word = _pick(rng, tuple(w for w in WORDS if w[0] == letter))
+    letter = pick(rng, FIRST_LETTERS)
+    word = pick(rng, tuple(w for w in WORDS if w[0] == letter))
     jitter = max(1, round(image_size * SPELLING_MAX_JITTER_FRACTION))
-    image = render_text(word, image_size, word_sizes[word], _pick(rng, TEXT_COLOURS), rng, max_jitter=jitter)
-    return Sample(image, _pick(rng, SPELLING_QUESTIONS), letter)
+    image = render_text(word, image_size, word_sizes[word], pick(rng, TEXT_COLOURS), rng, max_jitter=jitter)
+    return Sample(image, pick(rng, SPELLING_QUESTIONS), letter)
 
 
 def generate_spelling(request: GenerationRequest) -> dict[str, Iterator[Sample]]:
@@ -169,33 +165,25 @@ def generate_spelling(request: GenerationRequest) -> dict[str, Iterator[Sample]]
 
 def relation_sample(rng: np.random.Generator, image_size: int) -> Sample:
     """Two shapes of distinct colours in different columns; is the first named one left or right of the other?"""
-    answer = _pick(rng, RELATIONS)
+    answer = pick(rng, RELATIONS)
     while True:  # same column: neither left nor right; redraw (a quarter of the draws)
         objects = sample_scene(rng, 2)
         if objects[0].col != objects[1].col:
             break
     left, right = sorted(objects, key=lambda o: o.col)
     subject, reference = (left, right) if answer == "left" else (right, left)
-    question = _pick(rng, RELATION_QUESTIONS).format(a=subject.colour, b=reference.colour)
+    question = pick(rng, RELATION_QUESTIONS).format(a=subject.colour, b=reference.colour)
     return Sample(render_scene(objects, image_size), question, answer)
-
-
-def _synthetic(sample: Callable[..., Sample]
-               ) -> Callable[[GenerationRequest], dict[str, Iterator[Sample]]]:
-    """A task generator drawing ``sample(rng, image_size)`` independently per split."""
-    def generate(request: GenerationRequest) -> dict[str, Iterator[Sample]]:
-        return per_split(request, partial(sample, image_size=request.image_size))
-    return generate
 
 
 TASKS: tuple[TaskDef, ...] = (
     TaskDef("position", 20, "exact_match", "Name the quadrant (top left ... bottom right) of the one shape of "
-            "a named colour on the 4x4 grid.", _synthetic(position_sample)),
+            "a named colour on the 4x4 grid.", synthetic(position_sample)),
     TaskDef("counting", 21, "vqa", "Count the shapes of a named kind (0-3) in a scene of 1-4 shapes.",
-            _synthetic(counting_sample)),
+            synthetic(counting_sample)),
     TaskDef("parity", 22, "multiple_choice", "Two-option question: is a real handwritten digit (scikit-learn, "
             "8x8 upscaled) even or odd; answer the letter.", generate_parity),
     TaskDef("spelling", 23, "exact_match", "Give the first letter of one printed word.", generate_spelling),
     TaskDef("relation", 24, "exact_match", "Say whether the shape of one named colour is left or right of the "
-            "shape of another.", _synthetic(relation_sample)),
+            "shape of another.", synthetic(relation_sample)),
 )

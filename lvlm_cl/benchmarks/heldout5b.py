@@ -37,11 +37,11 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
-from lvlm_cl.benchmarks import GenerationRequest, Sample, TaskDef, per_split
+from lvlm_cl.benchmarks import GenerationRequest, Sample, TaskDef, per_split, pick, synthetic
 from lvlm_cl.benchmarks.pretrain import WORDS, word_font_sizes
 from lvlm_cl.benchmarks.render import (GRID, PALETTE, SHAPES, TEXT_COLOURS, SceneObject, render_scene,
                                        render_sklearn_digit, render_text, sample_scene)
@@ -97,10 +97,6 @@ EXISTS_QUESTIONS = (
 )
 
 
-def _pick(rng: np.random.Generator, options):
-    return options[int(rng.integers(len(options)))]
-
-
 def half(row: int) -> str:
     """``"top"`` for rows 0–1 of the 4 × 4 grid, ``"bottom"`` for rows 2–3 (``GRID`` is even)."""
     return "top" if row < GRID // 2 else "bottom"
@@ -110,8 +106,8 @@ def half(row: int) -> str:
 
 def colour_sample(rng: np.random.Generator, image_size: int) -> Sample:
     """2–3 shapes of distinct kinds and colours; the asked one has the answer colour (uniform in ``COLOURS``)."""
-    answer = _pick(rng, COLOURS)
-    n = _pick(rng, COLOUR_OBJECT_COUNTS)
+    answer = pick(rng, COLOURS)
+    n = pick(rng, COLOUR_OBJECT_COUNTS)
     cells = sorted(int(c) for c in rng.choice(GRID * GRID, size=n, replace=False))
     shapes = [SHAPES[int(i)] for i in rng.choice(len(SHAPES), size=n, replace=False)]
     others = [c for c in COLOURS if c != answer]
@@ -119,14 +115,14 @@ def colour_sample(rng: np.random.Generator, image_size: int) -> Sample:
     target = int(rng.integers(n))
     colours[target] = answer
     objects = [SceneObject(c // GRID, c % GRID, s, col) for c, s, col in zip(cells, shapes, colours)]
-    question = _pick(rng, COLOUR_QUESTIONS).format(shape=shapes[target])
+    question = pick(rng, COLOUR_QUESTIONS).format(shape=shapes[target])
     return Sample(render_scene(objects, image_size), question, answer)
 
 
 # --- row -----------------------------------------------------------------------------------------
 
 def row_question(rng: np.random.Generator, colour: str) -> str:
-    lines = [_pick(rng, ROW_QUESTIONS).format(colour=colour)]
+    lines = [pick(rng, ROW_QUESTIONS).format(colour=colour)]
     lines += [f"{letter}. {value}" for letter, value in zip(OPTION_LETTERS, HALVES)]
     lines.append(MULTIPLE_CHOICE_SUFFIX)
     return "\n".join(lines)
@@ -134,7 +130,7 @@ def row_question(rng: np.random.Generator, colour: str) -> str:
 
 def row_sample(rng: np.random.Generator, image_size: int) -> Sample:
     """One shape; the half (uniform) is drawn first, then a row in it; answer = the half's option letter."""
-    answer = _pick(rng, HALVES)
+    answer = pick(rng, HALVES)
     rows_in_half = GRID // 2
     row = int(rng.integers(rows_in_half)) + (0 if answer == "top" else rows_in_half)
     obj = dataclasses.replace(sample_scene(rng, 1)[0], row=row)
@@ -146,11 +142,11 @@ def row_sample(rng: np.random.Generator, image_size: int) -> Sample:
 
 def last_letter_sample(rng: np.random.Generator, image_size: int, word_sizes: dict[str, int]) -> Sample:
     """A word of ``pretrain.WORDS`` at its largest fitting size, slightly jittered; answer = last letter."""
-    letter = _pick(rng, LAST_LETTERS)
-    word = _pick(rng, tuple(w for w in WORDS if w[-1] == letter))
+    letter = pick(rng, LAST_LETTERS)
+    word = pick(rng, tuple(w for w in WORDS if w[-1] == letter))
     jitter = max(1, round(image_size * LAST_LETTER_MAX_JITTER_FRACTION))
-    image = render_text(word, image_size, word_sizes[word], _pick(rng, TEXT_COLOURS), rng, max_jitter=jitter)
-    return Sample(image, _pick(rng, LAST_LETTER_QUESTIONS), letter)
+    image = render_text(word, image_size, word_sizes[word], pick(rng, TEXT_COLOURS), rng, max_jitter=jitter)
+    return Sample(image, pick(rng, LAST_LETTER_QUESTIONS), letter)
 
 
 def generate_last_letter(request: GenerationRequest) -> dict[str, Iterator[Sample]]:
@@ -171,42 +167,34 @@ def _digit_size_samples(data, indices: np.ndarray, image_size: int,
                         rng: np.random.Generator) -> Iterator[Sample]:
     for i in indices:
         answer = "yes" if int(data.target[i]) > SIZE_THRESHOLD else "no"
-        yield Sample(render_sklearn_digit(data.images[i], image_size), _pick(rng, DIGIT_SIZE_QUESTIONS), answer)
+        yield Sample(render_sklearn_digit(data.images[i], image_size), pick(rng, DIGIT_SIZE_QUESTIONS), answer)
 
 
 # --- exists --------------------------------------------------------------------------------------
 
 def exists_sample(rng: np.random.Generator, image_size: int) -> Sample:
     """1–3 shapes; yes: at least one is the asked kind; no: none is. The answer is drawn uniformly first."""
-    answer = _pick(rng, YES_NO)
-    target = _pick(rng, SHAPES)
+    answer = pick(rng, YES_NO)
+    target = pick(rng, SHAPES)
     others = tuple(s for s in SHAPES if s != target)
-    objects = sample_scene(rng, _pick(rng, EXISTS_OBJECT_COUNTS))
+    objects = sample_scene(rng, pick(rng, EXISTS_OBJECT_COUNTS))
     if answer == "yes":
         forced = int(rng.integers(len(objects)))  # the others keep their uniformly drawn kind
         objects = [dataclasses.replace(o, shape=target) if i == forced else o for i, o in enumerate(objects)]
     else:
-        objects = [dataclasses.replace(o, shape=_pick(rng, others)) for o in objects]
-    question = _pick(rng, EXISTS_QUESTIONS).format(shape=target)
+        objects = [dataclasses.replace(o, shape=pick(rng, others)) for o in objects]
+    question = pick(rng, EXISTS_QUESTIONS).format(shape=target)
     return Sample(render_scene(objects, image_size), question, answer)
-
-
-def _synthetic(sample: Callable[..., Sample]
-               ) -> Callable[[GenerationRequest], dict[str, Iterator[Sample]]]:
-    """A task generator drawing ``sample(rng, image_size)`` independently per split."""
-    def generate(request: GenerationRequest) -> dict[str, Iterator[Sample]]:
-        return per_split(request, partial(sample, image_size=request.image_size))
-    return generate
 
 
 TASKS: tuple[TaskDef, ...] = (
     TaskDef("colour", 30, "exact_match", "Name the colour of the shape of a named kind in a scene of 2-3 "
-            "shapes of distinct kinds and colours.", _synthetic(colour_sample)),
+            "shapes of distinct kinds and colours.", synthetic(colour_sample)),
     TaskDef("row", 31, "multiple_choice", "Two-option question: is the one shape of a named colour in the "
-            "top or the bottom half of the 4x4 grid; answer the letter.", _synthetic(row_sample)),
+            "top or the bottom half of the 4x4 grid; answer the letter.", synthetic(row_sample)),
     TaskDef("last_letter", 32, "exact_match", "Give the last letter of one printed word.", generate_last_letter),
     TaskDef("digit_size", 33, "vqa", "Say yes or no: is a real handwritten digit (scikit-learn, 8x8 upscaled) "
             "greater than four.", generate_digit_size),
     TaskDef("exists", 34, "exact_match", "Say yes or no: is a shape of a named kind among the 1-3 shapes of a "
-            "scene.", _synthetic(exists_sample)),
+            "scene.", synthetic(exists_sample)),
 )

@@ -26,10 +26,9 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from lvlm_cl.benchmarks import GenerationRequest, Sample, TaskDef, per_split
-from lvlm_cl.benchmarks.render import (CORNER_NAMES, GRID, MIN_FONT_SIZE, PALETTE, SHAPES, TEXT_COLOURS,
-                                       SceneObject, fit_font_size, indefinite_article, render_scene,
-                                       render_text, sample_scene)
+from lvlm_cl.benchmarks import GenerationRequest, Sample, TaskDef, per_split, pick
+from lvlm_cl.benchmarks.render import (CORNER_NAMES, GRID, MIN_FONT_SIZE, PALETTE, SHAPES, TEXT_COLOURS, SceneObject,
+                                       fit_font_size, indefinite_article, render_scene, render_text, sample_scene)
 
 DEFAULT_TRAIN_SIZE = 4000
 DEFAULT_TEST_SIZE = 200
@@ -97,10 +96,6 @@ class Picture:
     word: str | None = None
 
 
-def _pick(rng: np.random.Generator, options):
-    return options[int(rng.integers(len(options)))]
-
-
 def word_font_sizes(image_size: int) -> dict[str, int]:
     """The largest fitting font size per word at this image size (computed once per generation)."""
     cap = round(image_size * WORD_MAX_FONT_FRACTION)
@@ -111,15 +106,15 @@ def sample_picture(rng: np.random.Generator, image_size: int, word_sizes: dict[s
     """A scene, a printed digit or a rendered word, in ``IMAGE_KIND_WEIGHTS`` proportions."""
     kind = IMAGE_KINDS[int(rng.choice(len(IMAGE_KINDS), p=IMAGE_KIND_WEIGHTS))]
     if kind == "scene":
-        objects = tuple(sample_scene(rng, _pick(rng, SCENE_OBJECT_COUNTS)))
+        objects = tuple(sample_scene(rng, pick(rng, SCENE_OBJECT_COUNTS)))
         return Picture(render_scene(objects, image_size), kind, objects=objects)
-    colour = _pick(rng, TEXT_COLOURS)
+    colour = pick(rng, TEXT_COLOURS)
     if kind == "digit":
         digit = int(rng.integers(10))
         lo, hi = (round(image_size * f) for f in DIGIT_FONT_FRACTION)
         size = int(rng.integers(lo, hi + 1))
         return Picture(render_text(str(digit), image_size, size, colour, rng), kind, digit=digit)
-    word = _pick(rng, WORDS)
+    word = pick(rng, WORDS)
     fit = word_sizes[word]
     size = int(rng.integers(max(MIN_FONT_SIZE, fit - WORD_FONT_SHRINK), fit + 1))
     return Picture(render_text(word, image_size, size, colour, rng), kind, word=word)
@@ -141,7 +136,7 @@ def caption(picture: Picture) -> str:
 
 def caption_sample(rng: np.random.Generator, image_size: int, word_sizes: dict[str, int]) -> Sample:
     picture = sample_picture(rng, image_size, word_sizes)
-    return Sample(picture.image, _pick(rng, CAPTION_QUESTIONS), caption(picture))
+    return Sample(picture.image, pick(rng, CAPTION_QUESTIONS), caption(picture))
 
 
 def instruct_sample(rng: np.random.Generator, image_size: int, word_sizes: dict[str, int]) -> Sample:
@@ -158,15 +153,15 @@ def _yes_no(flag: bool) -> str:
 
 
 def _ask(rng: np.random.Generator, kind: str, **fields) -> str:
-    return _pick(rng, INSTRUCT_QUESTIONS[kind]).format(**fields)
+    return pick(rng, INSTRUCT_QUESTIONS[kind]).format(**fields)
 
 
 def _present_or_absent(rng: np.random.Generator, present: list, universe) -> tuple[object, bool]:
     """Half the time a value that is present (when any), else one that is absent: balanced yes/no."""
     absent = [v for v in universe if v not in present]
     if present and (not absent or rng.random() < 0.5):
-        return _pick(rng, present), True
-    return _pick(rng, absent), False
+        return pick(rng, present), True
+    return pick(rng, absent), False
 
 
 def _has_colour(rng, picture):

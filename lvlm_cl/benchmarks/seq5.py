@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
-from lvlm_cl.benchmarks import GenerationRequest, Sample, TaskDef, per_split
-from lvlm_cl.benchmarks.render import (PALETTE, SHAPES, TEXT_COLOURS, cell_box, fit_font_size,
-                                       format_box, render_scene, render_sklearn_digit, render_text,
-                                       sample_scene)
+from lvlm_cl.benchmarks import GenerationRequest, Sample, TaskDef, per_split, pick, synthetic
+from lvlm_cl.benchmarks.render import (PALETTE, SHAPES, TEXT_COLOURS, cell_box, fit_font_size, format_box, render_scene,
+                                       render_sklearn_digit, render_text, sample_scene)
 
 DEFAULT_TRAIN_SIZE = 1200
 DEFAULT_TEST_SIZE = 250
@@ -103,10 +102,6 @@ GROUNDING_QUESTIONS = (
 )
 
 
-def _pick(rng: np.random.Generator, options):
-    return options[int(rng.integers(len(options)))]
-
-
 # --- digits -------------------------------------------------------------------------------------
 
 def stratified_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -145,7 +140,7 @@ def generate_digits(request: GenerationRequest) -> dict[str, Iterator[Sample]]:
 def _digit_samples(data, indices: np.ndarray, image_size: int,
                    rng: np.random.Generator) -> Iterator[Sample]:
     for i in indices:
-        yield Sample(render_sklearn_digit(data.images[i], image_size), _pick(rng, DIGIT_QUESTIONS),
+        yield Sample(render_sklearn_digit(data.images[i], image_size), pick(rng, DIGIT_QUESTIONS),
                      str(int(data.target[i])))
 
 
@@ -159,12 +154,12 @@ def scienceqa_sample(rng: np.random.Generator, image_size: int) -> Sample:
     need the model to look the image's value up among the option lines: measured, the tiny model stays at
     chance on that after 600 steps at 2 and 4 layers, so it would only measure the model's size.
     """
-    attribute = _pick(rng, ("colour", "shape"))
+    attribute = pick(rng, ("colour", "shape"))
     options = SCIENCEQA_OPTIONS[attribute]
-    correct = _pick(rng, options)
+    correct = pick(rng, options)
     obj = sample_scene(rng, 1)[0]
     obj = dataclasses.replace(obj, **{attribute: correct})
-    lines = [_pick(rng, SCIENCEQA_QUESTIONS[attribute])]
+    lines = [pick(rng, SCIENCEQA_QUESTIONS[attribute])]
     lines += [f"{letter}. {value}" for letter, value in zip(OPTION_LETTERS, options)]
     lines.append(MULTIPLE_CHOICE_SUFFIX)
     return Sample(render_scene([obj], image_size), "\n".join(lines), OPTION_LETTERS[options.index(correct)])
@@ -174,21 +169,21 @@ def scienceqa_sample(rng: np.random.Generator, image_size: int) -> Sample:
 
 def vqa_sample(rng: np.random.Generator, image_size: int) -> Sample:
     """A scene of 1–4 shapes; a count, colour-of-shape or shape-of-colour question (uniformly)."""
-    kind = _pick(rng, tuple(VQA_QUESTIONS))
+    kind = pick(rng, tuple(VQA_QUESTIONS))
     while True:  # a colour-of-shape question needs a shape that occurs once: redraw the rare misses
-        objects = sample_scene(rng, _pick(rng, VQA_OBJECT_COUNTS))
+        objects = sample_scene(rng, pick(rng, VQA_OBJECT_COUNTS))
         if kind == "count":
-            question, answer = _pick(rng, VQA_QUESTIONS[kind]), str(len(objects))
+            question, answer = pick(rng, VQA_QUESTIONS[kind]), str(len(objects))
         elif kind == "colour_of_shape":
             shapes = [o.shape for o in objects]
             unique = [o for o in objects if shapes.count(o.shape) == 1]
             if not unique:
                 continue
-            target = _pick(rng, unique)
-            question, answer = _pick(rng, VQA_QUESTIONS[kind]).format(shape=target.shape), target.colour
+            target = pick(rng, unique)
+            question, answer = pick(rng, VQA_QUESTIONS[kind]).format(shape=target.shape), target.colour
         else:
-            target = _pick(rng, objects)  # colours are distinct within a scene
-            question, answer = _pick(rng, VQA_QUESTIONS[kind]).format(colour=target.colour), target.shape
+            target = pick(rng, objects)  # colours are distinct within a scene
+            question, answer = pick(rng, VQA_QUESTIONS[kind]).format(colour=target.colour), target.shape
         return Sample(render_scene(objects, image_size), f"{question}\n{SHORT_ANSWER_SUFFIX}", answer)
 
 
@@ -201,11 +196,11 @@ def ocr_font_size(image_size: int) -> int:
 
 def ocr_sample(rng: np.random.Generator, image_size: int, font_size: int) -> Sample:
     """One word from ``OCR_WORDS`` in a dark colour, slightly jittered; answer = the word."""
-    word = _pick(rng, OCR_WORDS)
-    colour = _pick(rng, TEXT_COLOURS)
+    word = pick(rng, OCR_WORDS)
+    colour = pick(rng, TEXT_COLOURS)
     jitter = max(1, round(image_size * OCR_MAX_JITTER_FRACTION))
     image = render_text(word, image_size, font_size, colour, rng, max_jitter=jitter)
-    return Sample(image, f"{_pick(rng, OCR_QUESTIONS)}\n{SHORT_ANSWER_SUFFIX}", word)
+    return Sample(image, f"{pick(rng, OCR_QUESTIONS)}\n{SHORT_ANSWER_SUFFIX}", word)
 
 
 def generate_ocr(request: GenerationRequest) -> dict[str, Iterator[Sample]]:
@@ -222,30 +217,22 @@ def grounding_sample(rng: np.random.Generator, image_size: int) -> Sample:
     grid 70.8%; 2–3 shapes of distinct colours on quadrants 36% (34% after 750 steps) and on the 4 × 4
     grid 12%: binding a colour to a position among distractors is beyond it, so the task is localisation.
     """
-    objects = sample_scene(rng, _pick(rng, GROUNDING_OBJECT_COUNTS), grid=GROUNDING_GRID)
-    target = _pick(rng, objects)
-    question = _pick(rng, GROUNDING_QUESTIONS).format(colour=target.colour)
+    objects = sample_scene(rng, pick(rng, GROUNDING_OBJECT_COUNTS), grid=GROUNDING_GRID)
+    target = pick(rng, objects)
+    question = pick(rng, GROUNDING_QUESTIONS).format(colour=target.colour)
     return Sample(render_scene(objects, image_size, grid=GROUNDING_GRID), question,
                   format_box(cell_box(target.row, target.col, grid=GROUNDING_GRID)))
-
-
-def _synthetic(sample: Callable[..., Sample]
-               ) -> Callable[[GenerationRequest], dict[str, Iterator[Sample]]]:
-    """A task generator drawing ``sample(rng, image_size)`` independently per split."""
-    def generate(request: GenerationRequest) -> dict[str, Iterator[Sample]]:
-        return per_split(request, partial(sample, image_size=request.image_size))
-    return generate
 
 
 TASKS: tuple[TaskDef, ...] = (
     TaskDef("digits", 0, "contains", "Classify real handwritten digits (scikit-learn, 8x8 upscaled); "
             "answer the numeral. Modelled on CoIN's ImageNet.", generate_digits),
     TaskDef("scienceqa", 1, "multiple_choice", "Four-option question about the colour or shape of one "
-            "object; answer the letter. Modelled on CoIN's ScienceQA.", _synthetic(scienceqa_sample)),
+            "object; answer the letter. Modelled on CoIN's ScienceQA.", synthetic(scienceqa_sample)),
     TaskDef("vqa", 2, "vqa", "Short-answer questions about a scene of 1-4 shapes: count, colour, shape. "
-            "Modelled on CoIN's VQAv2/GQA.", _synthetic(vqa_sample)),
+            "Modelled on CoIN's VQAv2/GQA.", synthetic(vqa_sample)),
     TaskDef("ocr", 3, "vqa", "Read one printed word; answer it in lower case. Modelled on CoIN's "
             "OCR-VQA/TextVQA.", generate_ocr),
     TaskDef("grounding", 4, "iou", "Output the normalised bounding box of the object of a named colour. "
-            "Modelled on CoIN's Grounding.", _synthetic(grounding_sample)),
+            "Modelled on CoIN's Grounding.", synthetic(grounding_sample)),
 )
