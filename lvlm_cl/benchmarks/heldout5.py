@@ -39,9 +39,8 @@ import numpy as np
 
 from lvlm_cl.benchmarks import GenerationRequest, Sample, TaskDef, per_split, pick, synthetic
 from lvlm_cl.benchmarks.pretrain import WORDS, word_font_sizes
-from lvlm_cl.benchmarks.render import (GRID, SHAPES, TEXT_COLOURS, render_scene, render_sklearn_digit, render_text,
-                                       sample_scene)
-from lvlm_cl.benchmarks.seq5 import MULTIPLE_CHOICE_SUFFIX, digit_splits
+from lvlm_cl.benchmarks.render import GRID, SHAPES, TEXT_COLOURS, render_scene, render_text, sample_scene
+from lvlm_cl.benchmarks.seq5 import MULTIPLE_CHOICE_SUFFIX, digit_task
 
 DEFAULT_TRAIN_SIZE = 1200
 DEFAULT_TEST_SIZE = 250
@@ -128,9 +127,8 @@ def counting_sample(rng: np.random.Generator, image_size: int) -> Sample:
 
 def generate_parity(request: GenerationRequest) -> dict[str, Iterator[Sample]]:
     """scikit-learn's handwritten digits, split stratified by digit (so by parity too), as seq5's digits."""
-    data, split_indices = digit_splits(request, "parity", PARITY_PARTITION_STREAM)
-    return {split: _parity_samples(data, idx, request.image_size, request.split_rng(split))
-            for split, idx in split_indices.items()}
+    return digit_task(request, "parity", PARITY_PARTITION_STREAM, parity_question,
+                      lambda digit: OPTION_LETTERS[digit % 2])   # even -> A, odd -> B
 
 
 def parity_question(rng: np.random.Generator) -> str:
@@ -138,13 +136,6 @@ def parity_question(rng: np.random.Generator) -> str:
     lines += [f"{letter}. {value}" for letter, value in zip(OPTION_LETTERS, PARITY_OPTIONS)]
     lines.append(MULTIPLE_CHOICE_SUFFIX)
     return "\n".join(lines)
-
-
-def _parity_samples(data, indices: np.ndarray, image_size: int,
-                    rng: np.random.Generator) -> Iterator[Sample]:
-    for i in indices:
-        letter = OPTION_LETTERS[int(data.target[i]) % 2]  # even -> A, odd -> B
-        yield Sample(render_sklearn_digit(data.images[i], image_size), parity_question(rng), letter)
 
 
 # --- spelling ------------------------------------------------------------------------------------

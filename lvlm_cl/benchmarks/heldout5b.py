@@ -44,9 +44,9 @@ import numpy as np
 
 from lvlm_cl.benchmarks import GenerationRequest, Sample, TaskDef, per_split, pick, synthetic
 from lvlm_cl.benchmarks.pretrain import WORDS, word_font_sizes
-from lvlm_cl.benchmarks.render import (GRID, PALETTE, SHAPES, TEXT_COLOURS, SceneObject, render_scene,
-                                       render_sklearn_digit, render_text, sample_scene)
-from lvlm_cl.benchmarks.seq5 import MULTIPLE_CHOICE_SUFFIX, digit_splits
+from lvlm_cl.benchmarks.render import (GRID, PALETTE, SHAPES, TEXT_COLOURS, SceneObject, render_scene, render_text,
+                                       sample_scene)
+from lvlm_cl.benchmarks.seq5 import MULTIPLE_CHOICE_SUFFIX, digit_task
 
 DEFAULT_TRAIN_SIZE = 1200
 DEFAULT_TEST_SIZE = 250
@@ -159,16 +159,8 @@ def generate_last_letter(request: GenerationRequest) -> dict[str, Iterator[Sampl
 
 def generate_digit_size(request: GenerationRequest) -> dict[str, Iterator[Sample]]:
     """scikit-learn's handwritten digits, split stratified by digit (so yes/no balanced), as seq5's digits."""
-    data, split_indices = digit_splits(request, "digit_size", DIGIT_SIZE_PARTITION_STREAM)
-    return {split: _digit_size_samples(data, idx, request.image_size, request.split_rng(split))
-            for split, idx in split_indices.items()}
-
-
-def _digit_size_samples(data, indices: np.ndarray, image_size: int,
-                        rng: np.random.Generator) -> Iterator[Sample]:
-    for i in indices:
-        answer = "yes" if int(data.target[i]) > SIZE_THRESHOLD else "no"
-        yield Sample(render_sklearn_digit(data.images[i], image_size), pick(rng, DIGIT_SIZE_QUESTIONS), answer)
+    return digit_task(request, "digit_size", DIGIT_SIZE_PARTITION_STREAM, partial(pick, options=DIGIT_SIZE_QUESTIONS),
+                      lambda digit: "yes" if digit > SIZE_THRESHOLD else "no")
 
 
 # --- exists --------------------------------------------------------------------------------------

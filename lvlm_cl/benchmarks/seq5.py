@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -130,18 +130,22 @@ def digit_splits(request: GenerationRequest, task: str, stream: int) -> tuple[ob
     }
 
 
+def digit_task(request: GenerationRequest, task: str, stream: int, question: Callable[[np.random.Generator], str],
+               answer: Callable[[int], str]) -> dict[str, Iterator[Sample]]:
+    """A task on scikit-learn's handwritten digits (``digit_splits``): per split, each digit's image with
+    ``question(rng)`` (the split's generator) and ``answer(digit)``."""
+    data, split_indices = digit_splits(request, task, stream)
+
+    def draw(indices: np.ndarray, rng: np.random.Generator) -> Iterator[Sample]:
+        for i in indices:
+            yield Sample(render_sklearn_digit(data.images[i], request.image_size), question(rng),
+                         answer(int(data.target[i])))
+    return {split: draw(idx, request.split_rng(split)) for split, idx in split_indices.items()}
+
+
 def generate_digits(request: GenerationRequest) -> dict[str, Iterator[Sample]]:
     """scikit-learn's 1797 real handwritten digits, split stratified; train capped by what is left."""
-    data, split_indices = digit_splits(request, "digits", DIGITS_PARTITION_STREAM)
-    return {split: _digit_samples(data, idx, request.image_size, request.split_rng(split))
-            for split, idx in split_indices.items()}
-
-
-def _digit_samples(data, indices: np.ndarray, image_size: int,
-                   rng: np.random.Generator) -> Iterator[Sample]:
-    for i in indices:
-        yield Sample(render_sklearn_digit(data.images[i], image_size), pick(rng, DIGIT_QUESTIONS),
-                     str(int(data.target[i])))
+    return digit_task(request, "digits", DIGITS_PARTITION_STREAM, partial(pick, options=DIGIT_QUESTIONS), str)
 
 
 # --- scienceqa ----------------------------------------------------------------------------------
