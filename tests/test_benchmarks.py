@@ -53,11 +53,11 @@ def occupied_cells(image: np.ndarray, grid: int = GRID) -> list[tuple[int, int]]
 # --- API ------------------------------------------------------------------------------------------
 
 def test_available_lists_the_benchmarks():
-    assert available() == ["heldout5", "heldout5b", "pretrain", "seq5"]
+    assert available() == ["heldout5", "heldout5b", "heldout5c", "pretrain", "seq5"]
 
 
 def test_unknown_name_lists_available(tmp_path):
-    with pytest.raises(ValueError, match="heldout5, heldout5b, pretrain, seq5"):
+    with pytest.raises(ValueError, match="heldout5, heldout5b, heldout5c, pretrain, seq5"):
         materialize("nope", tmp_path)
 
 
@@ -371,7 +371,7 @@ def test_default_sizes(tmp_path, monkeypatch):
         with pytest.raises(RuntimeError, match="stop"):
             materialize(name, tmp_path, progress=False)
     assert seen == {"seq5": (1200, 250), "heldout5": (1200, 250), "heldout5b": (1200, 250),
-                    "pretrain": (4000, 200)}
+                    "heldout5c": (1200, 250), "pretrain": (4000, 200)}
     assert list(tmp_path.iterdir()) == []
 
 

@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import re
 from collections import Counter
-from pathlib import Path
+from functools import partial
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import benchmark_checks as checks
+from benchmark_checks import both_splits, cell_objects, pixels, records, template_regex
 from lvlm_cl import benchmarks
-from lvlm_cl.benchmarks import GenerationRequest, available, heldout5, materialize, pretrain, seq5
-from lvlm_cl.benchmarks.render import BACKGROUND, GRID, PALETTE, SHAPES, SceneObject, render_scene
-from lvlm_cl.config import load_recipe
-from lvlm_cl.data.records import final_answer, load_records, user_text
+from lvlm_cl.benchmarks import GenerationRequest, available, heldout5, pretrain, seq5
+from lvlm_cl.benchmarks.render import GRID
+from lvlm_cl.data.records import final_answer, user_text
 from lvlm_cl.evaluation.scorers import SCORERS, score
 
-ROOT = Path(__file__).resolve().parent.parent
 N_TRAIN, N_TEST = 40, 20
-SMALL = dict(train_size=N_TRAIN, test_size=N_TEST, progress=False)
+SMALL = dict(train_size=N_TRAIN, test_size=N_TEST)
 TASKS = ["position", "counting", "parity", "spelling", "relation"]
 METRICS = {"position": "exact_match", "counting": "vqa", "parity": "multiple_choice", "spelling": "exact_match",
            "relation": "exact_match"}
@@ -33,52 +31,13 @@ ANSWERS = {
     "relation": {"left", "right"},
 }
 
+draw = partial(checks.draw, heldout5)
+
 
 @pytest.fixture(scope="module")
 def specs(tmp_path_factory):
     """heldout5 at a small size, generated once for the module: {task: TaskSpec}."""
-    return {s.name: s for s in materialize("heldout5", tmp_path_factory.mktemp("benchmarks"), **SMALL)}
-
-
-def records(spec, split="train"):
-    return load_records(getattr(spec, split), check_images=True)
-
-
-def both_splits(spec):
-    return records(spec, "train") + records(spec, "test")
-
-
-def pixels(record) -> np.ndarray:
-    with Image.open(record["images"][0]) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def folder_bytes(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def draw(task: str, n: int, seed: int = 0, split: str = "train") -> list:
-    """``n`` samples of one task straight from its generator (no files)."""
-    task_def = next(t for t in heldout5.TASKS if t.name == task)
-    request = GenerationRequest(seed, task_def.task_id, 32, n, n)
-    return list(task_def.generate(request)[split])
-
-
-def cell_objects(image: np.ndarray) -> dict[tuple[int, int], tuple[str, str]]:
-    """{(row, col): (shape, colour)} of every drawn cell, found by redrawing each candidate alone."""
-    cell = image.shape[0] // GRID
-    found = {}
-    for r in range(GRID):
-        for c in range(GRID):
-            patch = image[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell]
-            if (patch == BACKGROUND).all():
-                continue
-            hits = [(s, col) for s in SHAPES for col in PALETTE
-                    if np.array_equal(np.asarray(render_scene([SceneObject(r, c, s, col)], image.shape[0]))
-                                      [r * cell:(r + 1) * cell, c * cell:(c + 1) * cell], patch)]
-            assert len(hits) == 1, (r, c, hits)
-            found[(r, c)] = hits[0]
-    return found
+    return checks.small_specs("heldout5", tmp_path_factory.mktemp("benchmarks"), **SMALL)
 
 
 # --- registry, layout ------------------------------------------------------------------------------
@@ -129,11 +88,6 @@ def test_every_answer_class_appears_and_classes_are_balanced(task):
     assert set(answers) == ANSWERS[task]
     share = 800 / len(ANSWERS[task])
     assert min(answers.values()) >= 0.6 * share and max(answers.values()) <= 1.4 * share, answers
-
-
-def template_regex(template: str) -> re.Pattern:
-    """A question template (``str.format`` fields) as a regex matching its instances."""
-    return re.compile(re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[a-z0-9 ]+)", re.escape(template)))
 
 
 def test_paraphrases_vary_and_are_new_instructions(specs):
@@ -238,43 +192,22 @@ def test_relation_is_unambiguous_and_correct(specs):
 # --- determinism ----------------------------------------------------------------------------------
 
 def test_same_seed_identical_bytes_other_seed_differs(tmp_path):
-    a = materialize("heldout5", tmp_path / "a", seed=3, **SMALL)
-    b = materialize("heldout5", tmp_path / "b", seed=3, **SMALL)
-    c = materialize("heldout5", tmp_path / "c", seed=4, **SMALL)
-    assert folder_bytes(a[0].train.parent.parent) == folder_bytes(b[0].train.parent.parent)
-    for sa, sc in zip(a, c):
-        for split in ("train", "test"):
-            assert getattr(sa, split).read_bytes() != getattr(sc, split).read_bytes(), (sa.name, split)
+    checks.check_same_seed_identical_bytes_other_seed_differs("heldout5", tmp_path, **SMALL)
 
 
 def test_test_split_independent_of_train_size(tmp_path):
-    a = materialize("heldout5", tmp_path, train_size=5, test_size=6, progress=False)
-    b = materialize("heldout5", tmp_path, train_size=9, test_size=6, progress=False)
-    for sa, sb in zip(a, b):
-        assert sa.test.read_bytes() == sb.test.read_bytes(), sa.name
-        for k in range(6):
-            name = f"images/test-{k:05d}.png"
-            assert (sa.test.parent / name).read_bytes() == (sb.test.parent / name).read_bytes(), (sa.name, k)
+    checks.check_test_split_independent_of_train_size("heldout5", tmp_path)
 
 
 def test_splits_are_drawn_from_different_streams():
-    for task in TASKS:
-        train, test = draw(task, 30, split="train"), draw(task, 30, split="test")
-        assert [(s.image.tobytes(), s.question) for s in train] != [(s.image.tobytes(), s.question) for s in test]
+    checks.check_splits_are_drawn_from_different_streams(heldout5)
 
 
 # --- recipe ---------------------------------------------------------------------------------------
 
 def test_recipe_is_seq5_on_heldout5():
-    cfg = load_recipe(ROOT / "recipes/heldout5.yaml", [])
-    ref = load_recipe(ROOT / "recipes/seq5.yaml", [])
-    assert cfg.benchmark.name == "heldout5" and cfg.output_dir == "runs/heldout5"
-    assert dataclasses.replace(cfg, benchmark=ref.benchmark, output_dir=ref.output_dir) == ref
-    header = (ROOT / "recipes/heldout5.yaml").read_text().splitlines()[0]
-    assert header == "# accelerate launch lvlm_cl/train.py recipes/heldout5.yaml"
+    checks.check_recipe_is_seq5_on("heldout5")
 
 
 def test_recipe_can_pick_heldout5_tasks():
-    cfg = load_recipe(ROOT / "recipes/heldout5.yaml",
-                      ["benchmark={name: heldout5, tasks: [position, relation], train_size: 8, test_size: 4}"])
-    assert cfg.benchmark.tasks == ["position", "relation"] and cfg.benchmark.train_size == 8
+    checks.check_recipe_can_pick_tasks("heldout5", ["position", "relation"])

@@ -1,13 +1,13 @@
 """Built-in offline benchmarks: deterministic task data generated on first use and cached.
 
     from lvlm_cl.benchmarks import available, materialize
-    available()                                   # ["heldout5", "heldout5b", "pretrain", "seq5"]
+    available()                                   # ["heldout5", "heldout5b", "heldout5c", "pretrain", "seq5"]
     for spec in materialize("seq5", "~/.cache/lvlm_cl/benchmarks", seed=0):
         print(spec.name, spec.metric, spec.train, spec.test)
 
-Each benchmark is a module (``seq5.py``, ``heldout5.py``, ``heldout5b.py``, ``pretrain.py``) exposing ``TASKS``
-(a tuple of ``TaskDef``), ``DEFAULT_TRAIN_SIZE`` and ``DEFAULT_TEST_SIZE``. ``materialize`` writes every task as
-canonical JSONL (``lvlm_cl.data.records``) plus PNG images into
+Each benchmark is a module (``seq5.py``, ``heldout5.py``, ``heldout5b.py``, ``heldout5c.py``, ``pretrain.py``)
+exposing ``TASKS`` (a tuple of ``TaskDef``), ``DEFAULT_TRAIN_SIZE`` and ``DEFAULT_TEST_SIZE``. ``materialize``
+writes every task as canonical JSONL (``lvlm_cl.data.records``) plus PNG images into
 ``cache_dir / f"{name}-v{GENERATOR_VERSION}-seed{seed}-img{image_size}-n{train}x{test}"``:
 
     <folder>/manifest.json                 # written last: its presence marks a complete folder
@@ -48,6 +48,7 @@ MANIFEST = "manifest.json"
 _BENCHMARK_MODULES = MappingProxyType({
     "heldout5": "lvlm_cl.benchmarks.heldout5",
     "heldout5b": "lvlm_cl.benchmarks.heldout5b",
+    "heldout5c": "lvlm_cl.benchmarks.heldout5c",
     "pretrain": "lvlm_cl.benchmarks.pretrain",
     "seq5": "lvlm_cl.benchmarks.seq5",
 })

@@ -1,0 +1,155 @@
+"""Helpers shared by the tests of the held-out sequences (tests/test_heldout5*.py): reading generated records and
+images back, telling which shapes a scene holds, reading question templates, and the checks every sequence
+passes the same way (determinism, independent splits, its recipe in step with recipes/seq5.yaml)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+from PIL import Image
+
+from lvlm_cl.benchmarks import GenerationRequest, available, materialize
+from lvlm_cl.benchmarks.render import BACKGROUND, GRID, PALETTE, SHAPES, SceneObject, render_scene
+from lvlm_cl.config import load_recipe
+from lvlm_cl.data.records import load_records
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- generated records and images ------------------------------------------------------------------
+
+def small_specs(name: str, root: Path, **sizes) -> dict:
+    """Benchmark ``name`` generated under ``root`` at the given sizes: {task: TaskSpec}, in training order."""
+    return {s.name: s for s in materialize(name, root, progress=False, **sizes)}
+
+
+def records(spec, split="train"):
+    return load_records(getattr(spec, split), check_images=True)
+
+
+def both_splits(spec):
+    return records(spec, "train") + records(spec, "test")
+
+
+def pixels(record) -> np.ndarray:
+    with Image.open(record["images"][0]) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def draw(module: ModuleType, task: str, n: int, seed: int = 0, split: str = "train") -> list:
+    """``n`` samples of one task of a benchmark ``module`` straight from its generator (no files)."""
+    task_def = next(t for t in module.TASKS if t.name == task)
+    request = GenerationRequest(seed, task_def.task_id, 32, n, n)
+    return list(task_def.generate(request)[split])
+
+
+def cell_objects(image: np.ndarray) -> dict[tuple[int, int], tuple[str, str]]:
+    """{(row, col): (shape, colour)} of every drawn cell, found by redrawing each candidate alone."""
+    cell = image.shape[0] // GRID
+    found = {}
+    for r in range(GRID):
+        for c in range(GRID):
+            patch = image[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell]
+            if (patch == BACKGROUND).all():
+                continue
+            hits = [(s, col) for s in SHAPES for col in PALETTE
+                    if np.array_equal(np.asarray(render_scene([SceneObject(r, c, s, col)], image.shape[0]))
+                                      [r * cell:(r + 1) * cell, c * cell:(c + 1) * cell], patch)]
+            assert len(hits) == 1, (r, c, hits)
+            found[(r, c)] = hits[0]
+    return found
+
+
+# --- question templates ----------------------------------------------------------------------------
+
+def template_regex(template: str) -> re.Pattern:
+    """A question template (``str.format`` fields) as a regex matching its instances."""
+    return re.compile(re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[a-z0-9 ]+)", re.escape(template)))
+
+
+def fields(templates, question: str) -> dict[str, str]:
+    """The ``str.format`` fields of ``question``, read back through whichever template produced it."""
+    for template in templates:
+        match = template_regex(template).fullmatch(question)
+        if match:
+            return match.groupdict()
+    raise AssertionError(f"no template produced {question!r}")
+
+
+def plain(text: str) -> str:
+    """Lower case, "colour" read as "color": two instructions that differ only so are one instruction."""
+    return text.lower().replace("colour", "color")
+
+
+def benchmark_module(name: str) -> ModuleType:
+    """The module of built-in benchmark ``name`` (benchmark names are their module names)."""
+    return importlib.import_module(f"lvlm_cl.benchmarks.{name}")
+
+
+def question_templates(module: ModuleType) -> list[str]:
+    """Every instruction template of a benchmark module: its ``*_QUESTIONS`` constants (tuples, or dicts of
+    tuples), each template once."""
+    found = []
+    for attribute, value in vars(module).items():
+        if attribute.endswith("_QUESTIONS"):
+            groups = value.values() if isinstance(value, dict) else [value]
+            found += [t for group in groups for t in group]
+    return list(dict.fromkeys(found))
+
+
+def other_benchmarks(name: str) -> list[str]:
+    """Every built-in benchmark but ``name``."""
+    return [other for other in available() if other != name]
+
+
+# --- checks every held-out sequence passes the same way --------------------------------------------
+
+def check_same_seed_identical_bytes_other_seed_differs(name: str, tmp_path: Path, **sizes) -> None:
+    a = materialize(name, tmp_path / "a", seed=3, progress=False, **sizes)
+    b = materialize(name, tmp_path / "b", seed=3, progress=False, **sizes)
+    c = materialize(name, tmp_path / "c", seed=4, progress=False, **sizes)
+    assert folder_bytes(a[0].train.parent.parent) == folder_bytes(b[0].train.parent.parent)
+    for sa, sc in zip(a, c):
+        for split in ("train", "test"):
+            assert getattr(sa, split).read_bytes() != getattr(sc, split).read_bytes(), (sa.name, split)
+
+
+def check_test_split_independent_of_train_size(name: str, tmp_path: Path) -> None:
+    a = materialize(name, tmp_path, train_size=5, test_size=6, progress=False)
+    b = materialize(name, tmp_path, train_size=9, test_size=6, progress=False)
+    for sa, sb in zip(a, b):
+        assert sa.test.read_bytes() == sb.test.read_bytes(), sa.name
+        for k in range(6):
+            image = f"images/test-{k:05d}.png"
+            assert (sa.test.parent / image).read_bytes() == (sb.test.parent / image).read_bytes(), (sa.name, k)
+
+
+def check_splits_are_drawn_from_different_streams(module: ModuleType) -> None:
+    for task in (t.name for t in module.TASKS):
+        train, test = draw(module, task, 30, split="train"), draw(module, task, 30, split="test")
+        assert [(s.image.tobytes(), s.question) for s in train] != [(s.image.tobytes(), s.question) for s in test]
+
+
+def check_recipe_is_seq5_on(name: str) -> None:
+    """recipes/<name>.yaml is recipes/seq5.yaml but benchmark and output_dir: fails when the two diverge."""
+    cfg = load_recipe(ROOT / f"recipes/{name}.yaml", [])
+    ref = load_recipe(ROOT / "recipes/seq5.yaml", [])
+    assert cfg.benchmark.name == name and cfg.output_dir == f"runs/{name}"
+    assert dataclasses.replace(cfg, benchmark=ref.benchmark, output_dir=ref.output_dir) == ref
+    header = (ROOT / f"recipes/{name}.yaml").read_text().splitlines()[0]
+    assert header == f"# accelerate launch lvlm_cl/train.py recipes/{name}.yaml"
+
+
+def check_recipe_can_pick_tasks(name: str, tasks: list[str]) -> None:
+    cfg = load_recipe(ROOT / f"recipes/{name}.yaml",
+                      [f"benchmark={{name: {name}, tasks: [{', '.join(tasks)}], train_size: 8, test_size: 4}}"])
+    assert cfg.benchmark.tasks == tasks and cfg.benchmark.train_size == 8
