@@ -1,6 +1,7 @@
-"""heldout5b, the second held-out user sequence: valid records, correct and balanced answers, determinism, recipe.
+"""heldout5b, the second user sequence (a development one now): valid records, balanced answers, determinism, recipe.
 
-Only data and the recipe are checked here: nothing trains on heldout5b (it is kept aside for a final check).
+Only data and the recipe are checked here: training runs on heldout5b are development runs (docs/benchmarks.md),
+not tests.
 """
 
 from __future__ import annotations

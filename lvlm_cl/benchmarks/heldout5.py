@@ -7,7 +7,8 @@ set); docs/results.md reports the methods on it next to seq5.
 Its ``position`` task was used once to diagnose why the seed method learned less here (issue 23; see
 docs/benchmarks.md#heldout5-a-held-out-user-sequence): heldout5 is no longer untouched. Later its ``position``
 and ``counting`` tasks were trained alone over seeds and settings, and 20 epochs per task came from that: it
-is a development sequence now, and ``heldout5b`` is the held-out check.
+is a development sequence now. ``heldout5b`` was the next held-out check and became a development sequence in
+turn; ``heldout5c`` is the held-out check now.
 
 In training order (``TASKS``), each as metric: example question -> answer:
 
