@@ -156,13 +156,13 @@ def test_spelling_word_fits_and_answer_is_a_first_letter(specs):
 
 def test_spelling_answer_is_the_first_letter_of_the_drawn_word(monkeypatch):
     drawn = []
-    real = heldout5.render_text
+    real = pretrain.render_text
 
     def spy(text, *args, **kwargs):
         drawn.append(text)
         return real(text, *args, **kwargs)
 
-    monkeypatch.setattr(heldout5, "render_text", spy)
+    monkeypatch.setattr(pretrain, "render_text", spy)
     answers = [s.answer for s in draw("spelling", 60)]
     assert all(len(a) == 1 and a.islower() for a in answers)
     assert [w[0] for w in drawn] == answers

@@ -172,13 +172,13 @@ def test_last_letter_word_fits_and_answer_is_a_last_letter(specs):
 
 def test_last_letter_answer_is_the_last_letter_of_the_drawn_word(monkeypatch):
     drawn = []
-    real = heldout5b.render_text
+    real = pretrain.render_text
 
     def spy(text, *args, **kwargs):
         drawn.append(text)
         return real(text, *args, **kwargs)
 
-    monkeypatch.setattr(heldout5b, "render_text", spy)
+    monkeypatch.setattr(pretrain, "render_text", spy)
     answers = [s.answer for s in draw("last_letter", 60)]
     assert all(len(a) == 1 and a.islower() for a in answers)
     assert [w[-1] for w in drawn] == answers

@@ -206,13 +206,13 @@ def test_word_length_word_fits(specs):
 
 def test_word_length_answer_is_the_length_of_the_drawn_word(monkeypatch):
     drawn = []
-    real = heldout5c.render_text
+    real = pretrain.render_text
 
     def spy(text, *args, **kwargs):
         drawn.append(text)
         return real(text, *args, **kwargs)
 
-    monkeypatch.setattr(heldout5c, "render_text", spy)
+    monkeypatch.setattr(pretrain, "render_text", spy)
     answers = [s.answer for s in draw("word_length", 60)]
     assert [str(len(w)) for w in drawn] == answers
     assert set(drawn) <= set(pretrain.WORDS) and len(set(drawn)) > 10

@@ -33,14 +33,13 @@ stream with seq5 (0–4) or pretrain (10–11). The default sizes match seq5's: 
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 from typing import Iterator
 
 import numpy as np
 
-from lvlm_cl.benchmarks import GenerationRequest, Sample, TaskDef, per_split, pick, synthetic
-from lvlm_cl.benchmarks.pretrain import WORDS, word_font_sizes
-from lvlm_cl.benchmarks.render import GRID, SHAPES, TEXT_COLOURS, render_scene, render_text, sample_scene
+from lvlm_cl.benchmarks import GenerationRequest, Sample, TaskDef, pick, synthetic
+from lvlm_cl.benchmarks.pretrain import WORDS, word_task
+from lvlm_cl.benchmarks.render import GRID, SHAPES, render_scene, sample_scene
 from lvlm_cl.benchmarks.seq5 import MULTIPLE_CHOICE_SUFFIX, digit_task
 
 DEFAULT_TRAIN_SIZE = 1200
@@ -60,7 +59,6 @@ PARITY_PARTITION_STREAM = 3  # the train/test partition of sklearn's digits has 
 # spelling: pretrain's 40 words (the model learned to spell them letter by letter); the answer is drawn
 # uniformly among their first letters, then a word starting with it.
 FIRST_LETTERS: tuple[str, ...] = tuple(sorted({w[0] for w in WORDS}))
-SPELLING_MAX_JITTER_FRACTION = 1 / 16
 # relation: where the first named shape is, relative to the second.
 RELATIONS: tuple[str, ...] = ("left", "right")
 
@@ -141,18 +139,9 @@ def parity_question(rng: np.random.Generator) -> str:
 
 # --- spelling ------------------------------------------------------------------------------------
 
-def spelling_sample(rng: np.random.Generator, image_size: int, word_sizes: dict[str, int]) -> Sample:
-    """A word of ``pretrain.WORDS`` at its largest fitting size, slightly jittered; answer = first letter."""
-    letter = pick(rng, FIRST_LETTERS)
-    word = pick(rng, tuple(w for w in WORDS if w[0] == letter))
-    jitter = max(1, round(image_size * SPELLING_MAX_JITTER_FRACTION))
-    image = render_text(word, image_size, word_sizes[word], pick(rng, TEXT_COLOURS), rng, max_jitter=jitter)
-    return Sample(image, pick(rng, SPELLING_QUESTIONS), letter)
-
-
 def generate_spelling(request: GenerationRequest) -> dict[str, Iterator[Sample]]:
-    sizes = word_font_sizes(request.image_size)
-    return per_split(request, partial(spelling_sample, image_size=request.image_size, word_sizes=sizes))
+    """A word of ``pretrain.WORDS``; answer = its first letter."""
+    return word_task(request, FIRST_LETTERS, lambda word: word[0], SPELLING_QUESTIONS)
 
 
 # --- relation ------------------------------------------------------------------------------------

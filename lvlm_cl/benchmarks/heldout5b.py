@@ -41,10 +41,9 @@ from typing import Iterator
 
 import numpy as np
 
-from lvlm_cl.benchmarks import GenerationRequest, Sample, TaskDef, per_split, pick, synthetic
-from lvlm_cl.benchmarks.pretrain import WORDS, word_font_sizes
-from lvlm_cl.benchmarks.render import (GRID, PALETTE, SHAPES, TEXT_COLOURS, SceneObject, render_scene, render_text,
-                                       sample_scene)
+from lvlm_cl.benchmarks import GenerationRequest, Sample, TaskDef, pick, synthetic
+from lvlm_cl.benchmarks.pretrain import WORDS, word_task
+from lvlm_cl.benchmarks.render import GRID, PALETTE, SHAPES, SceneObject, render_scene, sample_scene
 from lvlm_cl.benchmarks.seq5 import MULTIPLE_CHOICE_SUFFIX, digit_task
 
 DEFAULT_TRAIN_SIZE = 1200
@@ -60,7 +59,6 @@ OPTION_LETTERS = "AB"
 # last_letter: pretrain's 40 words; the answer is drawn uniformly among their last letters, then a word
 # ending with it.
 LAST_LETTERS: tuple[str, ...] = tuple(sorted({w[-1] for w in WORDS}))
-LAST_LETTER_MAX_JITTER_FRACTION = 1 / 16
 # digit_size: is the handwritten digit greater than SIZE_THRESHOLD (5–9 yes, 0–4 no).
 SIZE_THRESHOLD = 4
 DIGIT_SIZE_PARTITION_STREAM = 3  # the train/test partition of sklearn's digits has its own random stream
@@ -140,18 +138,9 @@ def row_sample(rng: np.random.Generator, image_size: int) -> Sample:
 
 # --- last_letter ---------------------------------------------------------------------------------
 
-def last_letter_sample(rng: np.random.Generator, image_size: int, word_sizes: dict[str, int]) -> Sample:
-    """A word of ``pretrain.WORDS`` at its largest fitting size, slightly jittered; answer = last letter."""
-    letter = pick(rng, LAST_LETTERS)
-    word = pick(rng, tuple(w for w in WORDS if w[-1] == letter))
-    jitter = max(1, round(image_size * LAST_LETTER_MAX_JITTER_FRACTION))
-    image = render_text(word, image_size, word_sizes[word], pick(rng, TEXT_COLOURS), rng, max_jitter=jitter)
-    return Sample(image, pick(rng, LAST_LETTER_QUESTIONS), letter)
-
-
 def generate_last_letter(request: GenerationRequest) -> dict[str, Iterator[Sample]]:
-    sizes = word_font_sizes(request.image_size)
-    return per_split(request, partial(last_letter_sample, image_size=request.image_size, word_sizes=sizes))
+    """A word of ``pretrain.WORDS``; answer = its last letter."""
+    return word_task(request, LAST_LETTERS, lambda word: word[-1], LAST_LETTER_QUESTIONS)
 
 
 # --- digit_size ----------------------------------------------------------------------------------

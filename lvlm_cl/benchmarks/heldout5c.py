@@ -47,10 +47,9 @@ from typing import Iterator
 
 import numpy as np
 
-from lvlm_cl.benchmarks import GenerationRequest, Sample, TaskDef, per_split, pick, synthetic
-from lvlm_cl.benchmarks.pretrain import WORDS, word_font_sizes
-from lvlm_cl.benchmarks.render import (GRID, PALETTE, SHAPES, TEXT_COLOURS, SceneObject, render_scene, render_text,
-                                       sample_scene)
+from lvlm_cl.benchmarks import GenerationRequest, Sample, TaskDef, pick, synthetic
+from lvlm_cl.benchmarks.pretrain import WORDS, word_task
+from lvlm_cl.benchmarks.render import GRID, PALETTE, SHAPES, SceneObject, render_scene, sample_scene
 from lvlm_cl.benchmarks.seq5 import MULTIPLE_CHOICE_SUFFIX, digit_task
 
 DEFAULT_TRAIN_SIZE = 1200
@@ -65,7 +64,6 @@ COLUMN_OPTIONS: tuple[str, ...] = tuple(f"column {c + 1}" for c in range(GRID))
 OPTION_LETTERS = "ABCD"
 # word_length: pretrain's 40 words have 4 or 5 letters; the length is drawn uniformly, then a word of it.
 WORD_LENGTHS: tuple[int, ...] = tuple(sorted({len(w) for w in WORDS}))
-WORD_LENGTH_MAX_JITTER_FRACTION = 1 / 16
 # digit_word: the digit's English name (exact match: vqa's normalisation would read "seven" as "7").
 DIGIT_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGIT_WORD_PARTITION_STREAM = 3  # the train/test partition of sklearn's digits has its own random stream
@@ -136,18 +134,9 @@ def column_sample(rng: np.random.Generator, image_size: int) -> Sample:
 
 # --- word_length ---------------------------------------------------------------------------------
 
-def word_length_sample(rng: np.random.Generator, image_size: int, word_sizes: dict[str, int]) -> Sample:
-    """A word of ``pretrain.WORDS`` at its largest fitting size, slightly jittered; answer = its number of letters."""
-    length = pick(rng, WORD_LENGTHS)
-    word = pick(rng, tuple(w for w in WORDS if len(w) == length))
-    jitter = max(1, round(image_size * WORD_LENGTH_MAX_JITTER_FRACTION))
-    image = render_text(word, image_size, word_sizes[word], pick(rng, TEXT_COLOURS), rng, max_jitter=jitter)
-    return Sample(image, pick(rng, WORD_LENGTH_QUESTIONS), str(length))
-
-
 def generate_word_length(request: GenerationRequest) -> dict[str, Iterator[Sample]]:
-    sizes = word_font_sizes(request.image_size)
-    return per_split(request, partial(word_length_sample, image_size=request.image_size, word_sizes=sizes))
+    """A word of ``pretrain.WORDS``; answer = its number of letters."""
+    return word_task(request, WORD_LENGTHS, len, WORD_LENGTH_QUESTIONS)
 
 
 # --- digit_word ----------------------------------------------------------------------------------

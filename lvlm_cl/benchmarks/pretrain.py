@@ -48,6 +48,8 @@ DIGIT_FONT_FRACTION = (0.4, 0.8)
 # Words: the largest font size that fits each word (≤ this fraction of the image), minus 0–2 points.
 WORD_MAX_FONT_FRACTION = 0.45
 WORD_FONT_SHRINK = 2
+# The word tasks of the held-out sequences (``word_task``): a word is moved by up to this fraction of the image.
+WORD_TASK_MAX_JITTER_FRACTION = 1 / 16
 
 CAPTION_QUESTIONS = ("Describe the image.", "Write a short caption.", "What is in this picture?")
 INSTRUCT_QUESTIONS = {
@@ -100,6 +102,23 @@ def word_font_sizes(image_size: int) -> dict[str, int]:
     """The largest fitting font size per word at this image size (computed once per generation)."""
     cap = round(image_size * WORD_MAX_FONT_FRACTION)
     return {w: fit_font_size([w], image_size, max_size=cap) for w in WORDS}
+
+
+def word_task(request: GenerationRequest, classes: tuple, key: Callable[[str], object], questions: tuple[str, ...],
+              answer: Callable[[object], str] = str) -> dict[str, Iterator[Sample]]:
+    """A task on one printed word of ``WORDS`` (heldout5's spelling, heldout5b's last_letter, heldout5c's
+    word_length): the class is drawn uniformly from ``classes``, then a word whose ``key(word)`` is that class,
+    rendered at its largest fitting size in a random text colour, jittered by up to ``WORD_TASK_MAX_JITTER_FRACTION``
+    of the image; the answer is ``answer(class)``."""
+    sizes = word_font_sizes(request.image_size)
+    jitter = max(1, round(request.image_size * WORD_TASK_MAX_JITTER_FRACTION))
+
+    def sample(rng: np.random.Generator) -> Sample:
+        value = pick(rng, classes)
+        word = pick(rng, tuple(w for w in WORDS if key(w) == value))
+        image = render_text(word, request.image_size, sizes[word], pick(rng, TEXT_COLOURS), rng, max_jitter=jitter)
+        return Sample(image, pick(rng, questions), answer(value))
+    return per_split(request, sample)
 
 
 def sample_picture(rng: np.random.Generator, image_size: int, word_sizes: dict[str, int]) -> Picture:
