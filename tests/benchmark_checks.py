@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import re
+from collections import Counter
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 from PIL import Image
 
+from lvlm_cl import benchmarks
 from lvlm_cl.benchmarks import GenerationRequest, available, materialize
 from lvlm_cl.benchmarks.render import BACKGROUND, GRID, PALETTE, SHAPES, SceneObject, render_scene
 from lvlm_cl.config import load_recipe
-from lvlm_cl.data.records import load_records
+from lvlm_cl.data.records import final_answer, load_records
+from lvlm_cl.evaluation.scorers import SCORERS, score
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,6 +116,50 @@ def other_benchmarks(name: str) -> list[str]:
 
 
 # --- checks every held-out sequence passes the same way --------------------------------------------
+
+def check_tasks_metrics_and_manifest(name: str, specs: dict, tasks: list[str], metrics: dict[str, str],
+                                     n_train: int, n_test: int) -> None:
+    """The generated tasks come in order with their metrics, in a folder named by the generation, with a manifest."""
+    assert list(specs) == tasks
+    assert {n: s.metric for n, s in specs.items()} == metrics
+    assert all(m in SCORERS and m in benchmarks.METRICS for m in metrics.values())
+    folder = specs[tasks[0]].train.parent.parent
+    assert folder.name == f"{name}-v{benchmarks.GENERATOR_VERSION}-seed0-img32-n{n_train}x{n_test}"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["benchmark"] == name
+    assert all(t["counts"] == {"train": n_train, "test": n_test} for t in manifest["tasks"])
+    assert all(s.description for s in specs.values())
+
+
+def check_records_in_answer_space(spec, task: str, answers: set[str], metric: str, n_train: int, n_test: int) -> None:
+    """Every record of both splits validates (images included), is numbered in order, is 32 x 32 RGB, and its
+    answer is one of ``answers`` and scores 1 against itself."""
+    for split, n in (("train", n_train), ("test", n_test)):
+        recs = records(spec, split)
+        assert len(recs) == n
+        assert [r["id"] for r in recs] == [f"{task}-{split}-{k:05d}" for k in range(n)]
+        for r in recs:
+            assert r["task"] == task and final_answer(r) in answers, r["id"]
+            with Image.open(r["images"][0]) as im:
+                assert (im.mode, im.size) == ("RGB", (32, 32))
+            assert score(metric, final_answer(r), final_answer(r)) == 1.0
+
+
+def check_answers_not_confused_by_the_metrics(metrics: dict[str, str], answers: dict[str, set[str]]) -> None:
+    """Each metric scores every other answer of its task 0 (vqa's normalisation merges none of them)."""
+    for task, metric in metrics.items():
+        for a in answers[task]:
+            for b in answers[task] - {a}:
+                assert score(metric, b, a) == 0.0, (task, a, b)
+
+
+def check_answer_classes_balanced(module: ModuleType, task: str, answers: set[str], n: int = 800) -> None:
+    """Every answer class appears in ``n`` drawn samples, each within 0.6–1.4 times its even share."""
+    counts = Counter(s.answer for s in draw(module, task, n))
+    assert set(counts) == answers
+    share = n / len(answers)
+    assert min(counts.values()) >= 0.6 * share and max(counts.values()) <= 1.4 * share, counts
+
 
 def check_same_seed_identical_bytes_other_seed_differs(name: str, tmp_path: Path, **sizes) -> None:
     a = materialize(name, tmp_path / "a", seed=3, progress=False, **sizes)

@@ -6,21 +6,18 @@ Only data and the recipe are checked here: nothing trains on heldout5c (it is ke
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections import Counter
 from functools import partial
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import benchmark_checks as checks
-from benchmark_checks import both_splits, cell_objects, fields, pixels, plain, records, template_regex
-from lvlm_cl import benchmarks
+from benchmark_checks import both_splits, cell_objects, fields, pixels, plain, template_regex
 from lvlm_cl.benchmarks import GenerationRequest, available, heldout5, heldout5b, heldout5c, pretrain, seq5
 from lvlm_cl.benchmarks.render import GRID, PALETTE, SHAPES
 from lvlm_cl.data.records import final_answer, user_text
-from lvlm_cl.evaluation.scorers import SCORERS, score
+from lvlm_cl.evaluation.scorers import score
 
 N_TRAIN, N_TEST = 40, 20
 TASKS = ["twice", "column", "word_length", "digit_word", "same_colour"]
@@ -71,37 +68,18 @@ def test_task_ids_and_names_are_new():
 
 
 def test_five_tasks_in_order_with_their_metrics(specs):
-    assert list(specs) == TASKS
-    assert {n: s.metric for n, s in specs.items()} == METRICS
-    assert all(m in SCORERS and m in benchmarks.METRICS for m in METRICS.values())
+    checks.check_tasks_metrics_and_manifest("heldout5c", specs, TASKS, METRICS, N_TRAIN, N_TEST)
     assert {"yes", "no"} in ANSWERS.values() and "multiple_choice" in METRICS.values()
-    folder = specs["twice"].train.parent.parent
-    assert folder.name == f"heldout5c-v{benchmarks.GENERATOR_VERSION}-seed0-img32-n{N_TRAIN}x{N_TEST}"
-    manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["benchmark"] == "heldout5c"
-    assert all(t["counts"] == {"train": N_TRAIN, "test": N_TEST} for t in manifest["tasks"])
-    assert all(s.description for s in specs.values())
 
 
 @pytest.mark.parametrize("task", TASKS)
 def test_records_validate_and_answers_are_in_the_answer_space(specs, task):
-    for split, n in (("train", N_TRAIN), ("test", N_TEST)):
-        recs = records(specs[task], split)
-        assert len(recs) == n
-        assert [r["id"] for r in recs] == [f"{task}-{split}-{k:05d}" for k in range(n)]
-        for r in recs:
-            assert r["task"] == task and final_answer(r) in ANSWERS[task], r["id"]
-            with Image.open(r["images"][0]) as im:
-                assert (im.mode, im.size) == ("RGB", (32, 32))
-            assert score(METRICS[task], final_answer(r), final_answer(r)) == 1.0
+    checks.check_records_in_answer_space(specs[task], task, ANSWERS[task], METRICS[task], N_TRAIN, N_TEST)
 
 
 def test_answers_are_not_confused_by_the_metrics():
     """Each metric scores every other answer of its task 0 (vqa's normalisation merges none of them)."""
-    for task, metric in METRICS.items():
-        for a in ANSWERS[task]:
-            for b in ANSWERS[task] - {a}:
-                assert score(metric, b, a) == 0.0, (task, a, b)
+    checks.check_answers_not_confused_by_the_metrics(METRICS, ANSWERS)
 
 
 def test_digit_word_wants_the_word_not_the_numeral():
@@ -112,10 +90,7 @@ def test_digit_word_wants_the_word_not_the_numeral():
 
 @pytest.mark.parametrize("task", TASKS)
 def test_every_answer_class_appears_and_classes_are_balanced(task):
-    answers = Counter(s.answer for s in draw(task, 800))
-    assert set(answers) == ANSWERS[task]
-    share = 800 / len(ANSWERS[task])
-    assert min(answers.values()) >= 0.6 * share and max(answers.values()) <= 1.4 * share, answers
+    checks.check_answer_classes_balanced(heldout5c, task, ANSWERS[task])
 
 
 # --- instructions ----------------------------------------------------------------------------------
