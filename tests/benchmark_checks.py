@@ -73,6 +73,37 @@ def cell_objects(image: np.ndarray) -> dict[tuple[int, int], tuple[str, str]]:
     return found
 
 
+def calls_of(monkeypatch, module: ModuleType, function: str) -> list:
+    """Spy on ``module.function``: the returned list receives the first argument of every call from then on."""
+    seen, real = [], getattr(module, function)
+
+    def spy(first, *args, **kwargs):
+        seen.append(first)
+        return real(first, *args, **kwargs)
+    monkeypatch.setattr(module, function, spy)
+    return seen
+
+
+def drawn_words(monkeypatch, module: ModuleType, task: str, n: int) -> tuple[list[str], list[str]]:
+    """(the words rendered, the answers) of ``n`` samples of a word task (``pretrain.word_task``)."""
+    from lvlm_cl.benchmarks import pretrain
+    words = calls_of(monkeypatch, pretrain, "render_text")
+    return words, [s.answer for s in draw(module, task, n)]
+
+
+def drawn_cells(monkeypatch, module: ModuleType, task: str, n: int) -> set[tuple[int, int]]:
+    """The (row, col) cells of every shape ``module.render_scene`` drew for ``n`` samples of ``task``."""
+    scenes = calls_of(monkeypatch, module, "render_scene")
+    draw(module, task, n)
+    return {(o.row, o.col) for objects in scenes for o in objects}
+
+
+def word_fits(record) -> bool:
+    """The record's image has ink, and none of it on the border (a printed word was not cut off)."""
+    ink = (pixels(record) < 200).any(axis=-1)
+    return bool(ink.any() and not (ink[0].any() or ink[-1].any() or ink[:, 0].any() or ink[:, -1].any()))
+
+
 # --- question templates ----------------------------------------------------------------------------
 
 def template_regex(template: str) -> re.Pattern:

@@ -124,36 +124,18 @@ def test_row_letter_names_the_half_of_the_named_colour(specs):
 
 def test_row_uses_every_cell(monkeypatch):
     """The half is drawn first, but the shape can still be in any of the 16 cells."""
-    seen = []
-    real = heldout5b.render_scene
-
-    def spy(objects, *args, **kwargs):
-        seen.extend(objects)
-        return real(objects, *args, **kwargs)
-
-    monkeypatch.setattr(heldout5b, "render_scene", spy)
-    draw("row", 400)
-    assert {(o.row, o.col) for o in seen} == {(r, c) for r in range(GRID) for c in range(GRID)}
+    assert checks.drawn_cells(monkeypatch, heldout5b, "row", 400) == {(r, c) for r in range(GRID) for c in range(GRID)}
 
 
 def test_last_letter_word_fits_and_answer_is_a_last_letter(specs):
     for r in both_splits(specs["last_letter"]):
         assert user_text(r) in heldout5b.LAST_LETTER_QUESTIONS
         assert any(w[-1] == final_answer(r) for w in pretrain.WORDS)
-        ink = (pixels(r) < 200).any(axis=-1)
-        assert ink.any() and not (ink[0].any() or ink[-1].any() or ink[:, 0].any() or ink[:, -1].any())
+        assert checks.word_fits(r), r["id"]
 
 
 def test_last_letter_answer_is_the_last_letter_of_the_drawn_word(monkeypatch):
-    drawn = []
-    real = pretrain.render_text
-
-    def spy(text, *args, **kwargs):
-        drawn.append(text)
-        return real(text, *args, **kwargs)
-
-    monkeypatch.setattr(pretrain, "render_text", spy)
-    answers = [s.answer for s in draw("last_letter", 60)]
+    drawn, answers = checks.drawn_words(monkeypatch, heldout5b, "last_letter", 60)
     assert all(len(a) == 1 and a.islower() for a in answers)
     assert [w[-1] for w in drawn] == answers
     assert set(drawn) <= set(pretrain.WORDS)
