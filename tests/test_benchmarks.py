@@ -384,3 +384,10 @@ def test_defaults_generate_quickly_with_documented_counts(tmp_path):
     for specs, (n_train, n_test) in ((seq, (1200, 250)), (pre, (4000, 200))):
         manifest = json.loads((specs[0].train.parent.parent / "manifest.json").read_text())
         assert all(t["counts"] == {"train": n_train, "test": n_test} for t in manifest["tasks"])
+
+
+def test_multiple_choice_prompt_lines_and_too_many_options():
+    text = seq5.multiple_choice("Which half?", ("top", "bottom"))
+    assert text.split("\n") == ["Which half?", "A. top", "B. bottom", seq5.MULTIPLE_CHOICE_SUFFIX]
+    with pytest.raises(ValueError, match="5 options but only the letters 'ABCD'"):
+        seq5.multiple_choice("Which?", ("a", "b", "c", "d", "e"))

@@ -40,7 +40,7 @@ import numpy as np
 from lvlm_cl.benchmarks import GenerationRequest, Sample, TaskDef, pick, synthetic
 from lvlm_cl.benchmarks.pretrain import WORDS, word_task
 from lvlm_cl.benchmarks.render import GRID, SHAPES, render_scene, sample_scene
-from lvlm_cl.benchmarks.seq5 import MULTIPLE_CHOICE_SUFFIX, digit_task
+from lvlm_cl.benchmarks.seq5 import digit_task, multiple_choice
 
 DEFAULT_TRAIN_SIZE = 1200
 DEFAULT_TEST_SIZE = 250
@@ -131,10 +131,7 @@ def generate_parity(request: GenerationRequest) -> dict[str, Iterator[Sample]]:
 
 
 def parity_question(rng: np.random.Generator) -> str:
-    lines = [pick(rng, PARITY_QUESTIONS)]
-    lines += [f"{letter}. {value}" for letter, value in zip(OPTION_LETTERS, PARITY_OPTIONS)]
-    lines.append(MULTIPLE_CHOICE_SUFFIX)
-    return "\n".join(lines)
+    return multiple_choice(pick(rng, PARITY_QUESTIONS), PARITY_OPTIONS, OPTION_LETTERS)
 
 
 # --- spelling ------------------------------------------------------------------------------------

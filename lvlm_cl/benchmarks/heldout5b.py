@@ -44,7 +44,7 @@ import numpy as np
 from lvlm_cl.benchmarks import GenerationRequest, Sample, TaskDef, pick, synthetic
 from lvlm_cl.benchmarks.pretrain import WORDS, word_task
 from lvlm_cl.benchmarks.render import GRID, PALETTE, SHAPES, SceneObject, render_scene, sample_scene
-from lvlm_cl.benchmarks.seq5 import MULTIPLE_CHOICE_SUFFIX, digit_task
+from lvlm_cl.benchmarks.seq5 import digit_task, multiple_choice
 
 DEFAULT_TRAIN_SIZE = 1200
 DEFAULT_TEST_SIZE = 250
@@ -120,10 +120,7 @@ def colour_sample(rng: np.random.Generator, image_size: int) -> Sample:
 # --- row -----------------------------------------------------------------------------------------
 
 def row_question(rng: np.random.Generator, colour: str) -> str:
-    lines = [pick(rng, ROW_QUESTIONS).format(colour=colour)]
-    lines += [f"{letter}. {value}" for letter, value in zip(OPTION_LETTERS, HALVES)]
-    lines.append(MULTIPLE_CHOICE_SUFFIX)
-    return "\n".join(lines)
+    return multiple_choice(pick(rng, ROW_QUESTIONS).format(colour=colour), HALVES, OPTION_LETTERS)
 
 
 def row_sample(rng: np.random.Generator, image_size: int) -> Sample:

@@ -50,7 +50,7 @@ import numpy as np
 from lvlm_cl.benchmarks import GenerationRequest, Sample, TaskDef, pick, synthetic
 from lvlm_cl.benchmarks.pretrain import WORDS, word_task
 from lvlm_cl.benchmarks.render import GRID, PALETTE, SHAPES, SceneObject, render_scene, sample_scene
-from lvlm_cl.benchmarks.seq5 import MULTIPLE_CHOICE_SUFFIX, digit_task
+from lvlm_cl.benchmarks.seq5 import digit_task, multiple_choice
 
 DEFAULT_TRAIN_SIZE = 1200
 DEFAULT_TEST_SIZE = 250
@@ -119,10 +119,7 @@ def twice_sample(rng: np.random.Generator, image_size: int) -> Sample:
 # --- column --------------------------------------------------------------------------------------
 
 def column_question(rng: np.random.Generator, colour: str) -> str:
-    lines = [pick(rng, COLUMN_QUESTIONS).format(colour=colour)]
-    lines += [f"{letter}. {value}" for letter, value in zip(OPTION_LETTERS, COLUMN_OPTIONS)]
-    lines.append(MULTIPLE_CHOICE_SUFFIX)
-    return "\n".join(lines)
+    return multiple_choice(pick(rng, COLUMN_QUESTIONS).format(colour=colour), COLUMN_OPTIONS, OPTION_LETTERS)
 
 
 def column_sample(rng: np.random.Generator, image_size: int) -> Sample:

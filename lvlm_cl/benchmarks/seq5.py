@@ -36,6 +36,14 @@ DEFAULT_TEST_SIZE = 250
 MULTIPLE_CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
 SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
 OPTION_LETTERS = "ABCD"
+
+
+def multiple_choice(question: str, options: tuple[str, ...], letters: str = OPTION_LETTERS) -> str:
+    """LLaVA's multiple-choice prompt: the question, one "A. option" line per option, then the suffix."""
+    if len(options) > len(letters):
+        raise ValueError(f"{len(options)} options but only the letters {letters!r}")
+    return "\n".join([question, *(f"{letter}. {value}" for letter, value in zip(letters, options)),
+                      MULTIPLE_CHOICE_SUFFIX])
 # The four options of each scienceqa question type, in their fixed order (see scienceqa_sample).
 SCIENCEQA_OPTIONS: dict[str, tuple[str, ...]] = {
     "colour": ("red", "green", "blue", "yellow"),
@@ -163,10 +171,8 @@ def scienceqa_sample(rng: np.random.Generator, image_size: int) -> Sample:
     correct = pick(rng, options)
     obj = sample_scene(rng, 1)[0]
     obj = dataclasses.replace(obj, **{attribute: correct})
-    lines = [pick(rng, SCIENCEQA_QUESTIONS[attribute])]
-    lines += [f"{letter}. {value}" for letter, value in zip(OPTION_LETTERS, options)]
-    lines.append(MULTIPLE_CHOICE_SUFFIX)
-    return Sample(render_scene([obj], image_size), "\n".join(lines), OPTION_LETTERS[options.index(correct)])
+    question = multiple_choice(pick(rng, SCIENCEQA_QUESTIONS[attribute]), options)
+    return Sample(render_scene([obj], image_size), question, OPTION_LETTERS[options.index(correct)])
 
 
 # --- vqa ----------------------------------------------------------------------------------------
