@@ -1,10 +1,12 @@
-"""Helpers shared by the tests of the held-out sequences (tests/test_heldout5*.py): reading generated records and
-images back, telling which shapes a scene holds, reading question templates, and the checks every sequence
-passes the same way (determinism, independent splits, its recipe in step with recipes/seq5.yaml)."""
+"""Helpers shared by the benchmark tests (tests/test_heldout5*.py, tests/test_benchmarks.py): reading generated
+records and images back, telling which scikit-learn digit an image is and which shapes a scene holds, reading
+question templates, and the checks every held-out sequence passes the same way (determinism, independent
+splits, its recipe in step with recipes/seq5.yaml)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import re
@@ -96,6 +98,25 @@ def drawn_cells(monkeypatch, module: ModuleType, task: str, n: int) -> set[tuple
     scenes = calls_of(monkeypatch, module, "render_scene")
     draw(module, task, n)
     return {(o.row, o.col) for objects in scenes for o in objects}
+
+
+@functools.cache
+def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return data.images.reshape(len(data.images), -1), data.target
+
+
+def sklearn_digits_of(record) -> set[int]:
+    """The labels of the scikit-learn digits whose 8 x 8 image the record's 32 x 32 image is (nearest-neighbour
+    upscaling: one pixel per 4 x 4 block); fails, naming the record, when it is none of them."""
+    flat, target = _sklearn_digits()
+    small8 = pixels(record)[::4, ::4, 0].astype(float)
+    values = np.round((255 - small8) * 16 / 255).reshape(-1)
+    matches = np.flatnonzero((flat == values).all(axis=1))
+    assert len(matches) > 0, record["id"]
+    return {int(target[i]) for i in matches}
 
 
 def word_fits(record) -> bool:

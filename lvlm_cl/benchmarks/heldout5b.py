@@ -1,4 +1,4 @@
-"""heldout5b: a second user sequence of five tasks, the same size as seq5, built to be kept aside, now a development one.
+"""heldout5b: a second user sequence of five tasks, the same size as seq5, built to be kept aside, now for development.
 
 It was first run once the seed method's settings of then were fixed (issue 23: 20 epochs per task, scores in
 docs/results.md). heldout5 was built for the same purpose, but its ``position`` task was used to diagnose why the

@@ -4,12 +4,12 @@ Nobody tunes on it, and nobody diagnoses with it; it is first run only once the 
 and nothing is changed from its scores. heldout5b was built for the same purpose and first run once the seed
 method's settings were fixed (issue 23: 20 epochs per task, scores in docs/results.md), but the seed method did
 not learn its ``exists`` task, and heldout5b became a development sequence so that ``exists`` could be diagnosed
-(as heldout5's ``position`` was before; see docs/benchmarks.md, section
-"heldout5b: a second held-out sequence, now a development sequence").
-heldout5c was built then, so that a sequence nobody has looked at remains: it checks that a continual-learning
-method tuned on seq5 (and fixed with heldout5's and heldout5b's help) still works on new instruction formats it
-was never tuned on. Never use it to choose a method or a hyper-parameter, nor to diagnose one (that would make it
-one more tuning set); docs/results.md reports the methods on it once they are measured.
+(as heldout5's ``position`` was before; see docs/benchmarks.md, "heldout5b: a second held-out sequence, now a
+development sequence"). heldout5c was built then, so that a sequence nobody has looked at remains: it checks that
+a continual-learning method tuned on seq5 (and fixed with heldout5's and heldout5b's help) still works on new
+instruction formats it was never tuned on. Never use it to choose a method or a hyper-parameter, nor to diagnose
+one (that would make it one more tuning set). It was first run once the seed method's learning rate was fixed
+(lr 5e-4); docs/results.md reports the methods on it.
 
 In training order (``TASKS``), each as metric: example question -> answer:
 

@@ -37,13 +37,6 @@ MULTIPLE_CHOICE_SUFFIX = "Answer with the option's letter from the given choices
 SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
 OPTION_LETTERS = "ABCD"
 
-
-def multiple_choice(question: str, options: tuple[str, ...], letters: str = OPTION_LETTERS) -> str:
-    """LLaVA's multiple-choice prompt: the question, one "A. option" line per option, then the suffix."""
-    if len(options) > len(letters):
-        raise ValueError(f"{len(options)} options but only the letters {letters!r}")
-    return "\n".join([question, *(f"{letter}. {value}" for letter, value in zip(letters, options)),
-                      MULTIPLE_CHOICE_SUFFIX])
 # The four options of each scienceqa question type, in their fixed order (see scienceqa_sample).
 SCIENCEQA_OPTIONS: dict[str, tuple[str, ...]] = {
     "colour": ("red", "green", "blue", "yellow"),
@@ -157,6 +150,14 @@ def generate_digits(request: GenerationRequest) -> dict[str, Iterator[Sample]]:
 
 
 # --- scienceqa ----------------------------------------------------------------------------------
+
+def multiple_choice(question: str, options: tuple[str, ...], letters: str = OPTION_LETTERS) -> str:
+    """LLaVA's multiple-choice prompt: the question, one "A. option" line per option, then the suffix."""
+    if len(options) > len(letters):
+        raise ValueError(f"{len(options)} options but only the letters {letters!r}")
+    return "\n".join([question, *(f"{letter}. {value}" for letter, value in zip(letters, options)),
+                      MULTIPLE_CHOICE_SUFFIX])
+
 
 def scienceqa_sample(rng: np.random.Generator, image_size: int) -> Sample:
     """One coloured shape; a 4-option question about its colour or its shape; answer = the letter.
